@@ -1,0 +1,872 @@
+"""fsdp-train: fine-tune a Hugging Face causal LM with PyTorch FSDP2, sharded DCP checkpoints and exact resume.
+
+CPU smoke run (2 processes, gloo; what `make demo` runs):
+    torchrun --standalone --nproc_per_node 2 fsdp_train.py -e demo -d outputs/demo/dataset \
+        -m outputs/demo/tiny-llama -s 128 -b 4 --lr 1e-3 --max-steps 40 --ckpt-freq 20
+
+One GPU node (NCCL, bf16 compute with fp32 master weights):
+    torchrun --standalone --nproc_per_node 8 fsdp_train.py -e llama-ft -d /data/my_dataset \
+        -m meta-llama/Llama-3.1-8B -s 4096 -b 1 --lr 2e-5 --warmup-steps 100
+
+Multi-node (run on every node; HF_HOME and --save-dir on shared storage):
+    torchrun --nnodes 4 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint $HEAD:29500 --rdzv-id $JOB \
+        fsdp_train.py -e llama-ft -d /shared/data -m meta-llama/Llama-3.1-8B --save-dir /shared/outputs
+
+Resume: run the very same command again. It continues from the newest complete checkpoint in
+SAVE_DIR/EXP/checkpoints/ with the same samples in the same order; a finished run says so and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import re
+import resource
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("fsdp_train")
+
+# ======================================================================================================================
+# Config
+
+
+class InputError(ValueError):
+    """Bad user input (flags, paths, data). main() prints it as one line from rank 0 and exits 2."""
+
+
+def _opt(default, help: str, short: str | None = None):
+    return field(default=default, metadata={"help": help, "short": short})
+
+
+@dataclass
+class Config:
+    experiment_name: str = _opt("default", "run name; outputs go to SAVE_DIR/EXP", "-e")
+    dataset_name: str = _opt("", "save_to_disk folder with a 'text' column, or a hub dataset id (cache)", "-d")
+    model_name: str = _opt("", "local HF model folder, or a hub id resolved through HF_HOME", "-m")
+    save_dir: str = _opt("outputs", "root folder for runs")
+    seed: int = _opt(0, "seed for data order and RNG")
+    num_epochs: int = _opt(1, "epochs over the packed data; sets the LR schedule's length")
+    max_steps: int = _opt(
+        0,
+        "stop after this many optimizer steps in total (0: epochs decide); never reshapes the "
+        "LR schedule, so a run stopped at N and continued to M equals an M-step run",
+    )
+    lr: float = _opt(1e-4, "peak learning rate")
+    warmup_steps: int = _opt(10, "linear warmup steps, then cosine decay to --min-lr-ratio x lr")
+    min_lr_ratio: float = _opt(0.1, "final LR as a fraction of --lr")
+    weight_decay: float = _opt(0.0, "AdamW weight decay (matrices only, not norms/biases)")
+    max_norm: float = _opt(1.0, "gradient clipping max global L2 norm (0: no clipping, norm still logged)")
+    batch_size: int = _opt(4, "sequences per rank per step", "-b")
+    seq_length: int = _opt(1024, "tokens per packed sequence", "-s")
+    activation_checkpointing: bool = _opt(True, "recompute each block's activations in backward (on|off)")
+    cpu_offload: bool = _opt(False, "keep sharded params, grads and optimizer state in CPU memory (on|off)")
+    log_freq: int = _opt(10, "log metrics every N steps")
+    ckpt_freq: int = _opt(100, "checkpoint every N steps (0: only at the end); always at the end")
+    keep_latest_k: int = _opt(2, "complete checkpoints to keep")
+
+    def validate(self) -> None:
+        for name in ("dataset_name", "model_name"):
+            if not getattr(self, name):
+                raise InputError(f"--{name.replace('_', '-')} is required")
+        if not re.fullmatch(r"[\w.\-]+", self.experiment_name):
+            raise InputError(f"--experiment-name {self.experiment_name!r}: use letters, digits, '.', '_', '-' only")
+        positive = ("batch_size", "seq_length", "num_epochs", "log_freq", "keep_latest_k")
+        non_negative = ("max_steps", "warmup_steps", "ckpt_freq", "max_norm", "weight_decay")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                raise InputError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise InputError(f"--lr must be a positive number, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise InputError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+    @property
+    def exp_dir(self) -> Path:
+        return Path(self.save_dir) / self.experiment_name
+
+
+class _Parser(argparse.ArgumentParser):
+    # argparse prints and exits on every rank; raising lets main() report it once, from rank 0.
+    def error(self, message):
+        raise InputError(message)
+
+
+def _on_off(value: str) -> bool:
+    if value.lower() in ("on", "true", "1", "yes"):
+        return True
+    if value.lower() in ("off", "false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected on or off, got {value!r}")
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    """Build the Config from command-line flags; every flag comes from a Config field."""
+    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(Config):
+        flags = [f"--{f.name.replace('_', '-')}"] + ([f.metadata["short"]] if f.metadata["short"] else [])
+        kind = _on_off if isinstance(f.default, bool) else type(f.default)
+        shown = ("on" if f.default else "off") if isinstance(f.default, bool) else f.default
+        p.add_argument(*flags, type=kind, default=f.default, help=f"{f.metadata['help']} (default: {shown})")
+    cfg = Config(**vars(p.parse_args(argv)))
+    cfg.validate()
+    return cfg
+
+
+# ======================================================================================================================
+# Distributed
+
+
+@dataclass
+class Dist:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed() -> Dist:
+    """Join the torchrun job (or a 1-process group when run directly). NCCL+CUDA if GPUs exist, else gloo+CPU."""
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        # gloo alongside NCCL so small CPU-side agreements (flags, errors) need no device copy.
+        backend = "cpu:gloo,cuda:nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        device_id = device if device.type == "cuda" else None
+        if "RANK" in os.environ:
+            dist.init_process_group(backend, device_id=device_id)
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, device_id=device_id)
+    setup_logging(rank)
+    return Dist(rank, local_rank, world_size, device)
+
+
+def teardown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def setup_logging(rank: int) -> None:
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter(f"%(asctime)s [rank{rank}] %(message)s", "%Y-%m-%d %H:%M:%S"))
+    log.handlers[:] = [handler]
+    log.propagate = False
+    # Rank-0 output only; other ranks still show warnings of their own.
+    log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+
+
+def all_ok(ok: bool) -> bool:
+    """Agree across ranks whether every rank succeeded; a rank that failed alone must not leave others waiting."""
+    flag = torch.tensor([0 if ok else 1], dtype=torch.int32)
+    dist.all_reduce(flag)
+    return flag.item() == 0
+
+
+def raise_if_any_failed(error: BaseException | None) -> None:
+    """Collective: re-raise a rank's error there; other ranks raise a silent InputError so every rank exits."""
+    if not all_ok(error is None):
+        if error is not None:
+            raise error
+        raise InputError("another rank failed (its message is above)")
+
+
+# ======================================================================================================================
+# Model and FSDP
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0]
+
+
+def load_model_config(name: str):
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot load model '{name}': {first_line(e)}") from None
+    config.use_cache = False  # training never reuses the KV cache, and transformers warns on every forward otherwise
+    return config
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot load the tokenizer of '{name}': {first_line(e)}") from None
+    if tokenizer.eos_token_id is None:
+        raise InputError(f"the tokenizer of '{name}' has no EOS token to separate packed documents")
+    return tokenizer
+
+
+def max_positions(config) -> int | None:
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        if isinstance(getattr(config, attr, None), int):
+            return getattr(config, attr)
+    return None
+
+
+_AC_PREFIX = "_checkpoint_wrapped_module."
+
+
+def clean_fqn(name: str) -> str:
+    """Parameter/buffer name without activation-checkpoint wrappers, as in the HF checkpoint."""
+    return name.replace(_AC_PREFIX, "")
+
+
+def find_blocks(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str, torch.nn.Module]]:
+    """(parent, attribute, block) for each module whose class is in the model's `_no_split_modules`.
+
+    A block holding one side of a tied weight (e.g. an embedding tied to lm_head) is left to the root unit,
+    because an FSDP unit that owns only one side of a tie would shard the shared tensor twice.
+    """
+    classes = set(getattr(model, "_no_split_modules", None) or [])
+    if not classes:
+        raise InputError(f"{type(model).__name__} declares no _no_split_modules, so its blocks are unknown")
+    counts: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        counts[id(p)] = counts.get(id(p), 0) + 1
+    blocks = []
+    for parent in model.modules():
+        for attr, child in parent.named_children():
+            if type(child).__name__ not in classes:
+                continue
+            owned = list(child.named_parameters(remove_duplicate=False))
+            if any(counts[id(p)] > sum(q is p for _, q in owned) for _, p in owned):
+                log.warning(f"{type(child).__name__} {attr} shares a tied weight; it stays in the root FSDP unit")
+                continue
+            blocks.append((parent, attr, child))
+    if not blocks:
+        raise InputError(f"no module of class {sorted(classes)} found in {type(model).__name__}")
+    return blocks
+
+
+def shard_model(model: torch.nn.Module, cfg: Config, d: Dist) -> None:
+    """Activation checkpointing around each block, then fully_shard each block and the root (FULL_SHARD)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    mesh = init_device_mesh(d.device.type, (d.world_size,))
+    cuda = d.device.type == "cuda"
+    fsdp_kwargs = dict(
+        mesh=mesh,
+        reshard_after_forward=True,
+        # bf16 compute, fp32 master weights and fp32 gradient reduction on GPUs; plain fp32 on CPU.
+        mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if cuda
+        else MixedPrecisionPolicy(),
+        # Pinned host memory needs a CUDA device; a CPU-only host must not ask for it.
+        offload_policy=CPUOffloadPolicy(pin_memory=cuda) if cfg.cpu_offload else OffloadPolicy(),
+    )
+    for parent, attr, block in find_blocks(model):
+        if cfg.activation_checkpointing:
+            block = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+            parent.register_module(attr, block)
+        fully_shard(block, **fsdp_kwargs)
+    fully_shard(model, **fsdp_kwargs)
+
+
+def nonpersistent_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Buffers missing from state_dict (e.g. rotary inv_freq): garbage after to_empty, so we carry them ourselves."""
+    persistent = set(model.state_dict())
+    return {clean_fqn(n): b for n, b in model.named_buffers() if clean_fqn(n) not in persistent}
+
+
+def build_model(cfg: Config, d: Dist, load_pretrained: bool) -> torch.nn.Module:
+    """Meta-device build, shard, allocate only the local shards, then fill them.
+
+    Fresh run: rank 0 alone reads the pretrained weights and broadcasts them shard by shard, so the node never holds
+    N full copies. Resume: weights come from the DCP checkpoint instead, so nothing is loaded here.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    config = load_model_config(cfg.model_name)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    shard_model(model, cfg, d)
+    model.to_empty(device="cpu" if cfg.cpu_offload else d.device)
+    if cfg.cpu_offload:  # FSDP keeps offloaded params on the host, but buffers are used where compute happens
+        for module in model.modules():
+            for name, buf in module.named_buffers(recurse=False):
+                setattr(module, name, buf.to(d.device))
+
+    if load_pretrained:
+        full_sd, ref_buffers = {}, {}
+        if d.is_main:
+            ref = AutoModelForCausalLM.from_pretrained(cfg.model_name, config=config, dtype=torch.float32)
+            full_sd, ref_buffers = ref.state_dict(), dict(ref.named_buffers())
+        set_model_state_dict(model, full_sd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        for name, buf in nonpersistent_buffers(model).items():
+            if d.is_main:
+                buf.copy_(ref_buffers[name])
+            dist.broadcast(buf, src=0)
+        del full_sd, ref_buffers
+    model.train()
+    return model
+
+
+def count_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())  # DTensor numel is the global size
+
+
+# ======================================================================================================================
+# Data
+
+
+def load_text_dataset(name: str):
+    """A `save_to_disk` folder (or a hub dataset id from the cache) with a non-empty 'text' column."""
+    import datasets
+
+    try:
+        if Path(name).exists():
+            ds = datasets.load_from_disk(name)
+        elif re.fullmatch(r"[\w.\-]+(/[\w.\-]+)?", name) and not name.startswith("."):
+            ds = datasets.load_dataset(name)
+        else:
+            raise FileNotFoundError(f"no such folder: {name}")
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise InputError(f"cannot load dataset '{name}': {first_line(e)}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise InputError(f"dataset '{name}' has splits {sorted(ds)} but no 'train' split")
+        ds = ds["train"]
+    if "text" not in ds.column_names:
+        raise InputError(f"dataset '{name}' has no 'text' column (columns: {', '.join(ds.column_names)})")
+    if len(ds) == 0:
+        raise InputError(f"dataset '{name}' is empty")
+    return ds
+
+
+def pack_sequences(token_lists: list[list[int]], seq_length: int) -> list[list[int]]:
+    """Concatenate documents and cut full `seq_length` blocks; the last partial block is dropped."""
+    flat = [t for tokens in token_lists for t in tokens]
+    return [flat[i : i + seq_length] for i in range(0, len(flat) - seq_length + 1, seq_length)]
+
+
+def tokenize_batch(batch: dict, tokenizer, seq_length: int) -> dict:
+    eos = tokenizer.eos_token_id
+    ids = tokenizer(batch["text"])["input_ids"]
+    docs = [x if x and x[-1] == eos else x + [eos] for x in ids]
+    return {"input_ids": pack_sequences(docs, seq_length)}
+
+
+def data_cache_key(dataset, tokenizer, seq_length: int) -> str:
+    """Names the packed data by what determines it, so any run with the same inputs reuses it."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    tok_id = backend.to_str() if backend is not None else f"{tokenizer.name_or_path}:{len(tokenizer)}"
+    # datasets' fingerprint is private API, but it is the library's own content hash of the source dataset.
+    parts = [dataset._fingerprint, hashlib.sha256(tok_id.encode()).hexdigest(), str(seq_length), "pack-v1"]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def prepare_data(cfg: Config, d: Dist, tokenizer):
+    """Tokenize and pack once (rank 0, batched map), cache under SAVE_DIR/.cache; every rank memory-maps the result."""
+    import datasets
+
+    ds = load_text_dataset(cfg.dataset_name)
+    cache = Path(cfg.save_dir) / ".cache" / "tokenized" / data_cache_key(ds, tokenizer, cfg.seq_length)
+    error = None
+    if d.is_main and not cache.is_dir():
+        t0 = time.perf_counter()
+        tmp = cache.with_name(f"{cache.name}.tmp-{os.getpid()}")
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we parallelise with processes instead
+            num_proc = min(os.cpu_count() or 1, len(ds) // 2000) or None
+            packed = ds.map(
+                partial(tokenize_batch, tokenizer=tokenizer, seq_length=cfg.seq_length),
+                batched=True,
+                batch_size=1000,
+                remove_columns=ds.column_names,
+                num_proc=num_proc,
+                # Keep map's scratch files out of the user's dataset folder, which may be read-only.
+                cache_file_name=str(tmp / "map" / "packed.arrow"),
+                desc="tokenize+pack",
+            )
+            packed.save_to_disk(str(tmp / "data"))
+            del packed
+            shutil.rmtree(tmp / "map")
+            tmp.rename(cache)
+            log.info(f"Tokenized {len(ds):,} documents into {cache} in {time.perf_counter() - t0:.1f}s")
+        except Exception as e:  # noqa: BLE001 - re-raised on this rank after the other ranks are told
+            error = e
+            shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        log.info(f"Using tokenized data cache {cache}")
+    raise_if_any_failed(error)
+    packed = datasets.load_from_disk(str(cache / "data")).with_format("torch")
+    if len(packed) == 0:
+        raise InputError(f"dataset '{cfg.dataset_name}' has fewer than {cfg.seq_length} tokens: no full block")
+    return packed
+
+
+def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
+    g = torch.Generator()
+    g.manual_seed(seed + epoch)
+    return torch.randperm(num_samples, generator=g)
+
+
+def rank_batch_indices(perm: torch.Tensor, offset: int, batch_size: int, rank: int, world_size: int) -> list[int]:
+    """Sample indices of one rank's batch for the global batch that starts at `offset` in this epoch's order.
+
+    Rank r takes the r-th slice of the global batch. The data position is a global sample offset, so a resume
+    continues exactly and, with another world size, without losing or repeating samples (unlike DistributedSampler,
+    which cannot start mid-epoch).
+    """
+    start = offset + rank * batch_size
+    return perm[start : start + batch_size].tolist()
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    offset: int = 0  # samples of this epoch's order already consumed, all ranks together
+
+
+# ======================================================================================================================
+# Optimizer and schedule
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """LR multiplier for the update after `step` finished steps: linear warmup, then cosine decay to min_ratio."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config, d: Dist, total_steps: int):
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    fused = d.device.type == "cuda" and not cfg.cpu_offload
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, fused=fused, foreach=not fused)
+    schedule = partial(lr_factor, warmup_steps=cfg.warmup_steps, total_steps=total_steps, min_ratio=cfg.min_lr_ratio)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Global gradient L2 norm over all shards (one all-reduce), clipped to max_norm when max_norm > 0."""
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+    if isinstance(norm, DTensor):  # each rank holds a partial norm of its shards
+        norm = norm.full_tensor()
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
+    return norm
+
+
+# ======================================================================================================================
+# Checkpoints
+
+STEP_DIR = re.compile(r"step-(\d+)")
+COMPLETE = "COMPLETE"
+
+
+def find_latest_checkpoint(ckpt_root: Path) -> Path | None:
+    """Newest `step-N` folder holding the COMPLETE marker (written last, so a killed save never counts)."""
+    found = []
+    if ckpt_root.is_dir():
+        for p in ckpt_root.iterdir():
+            m = STEP_DIR.fullmatch(p.name)
+            if m and (p / COMPLETE).is_file():
+                found.append((int(m.group(1)), p))
+    return max(found)[1] if found else None
+
+
+def complete_checkpoints(ckpt_root: Path) -> list[Path]:
+    steps = [p for p in ckpt_root.iterdir() if STEP_DIR.fullmatch(p.name) and (p / COMPLETE).is_file()]
+    return sorted(steps, key=lambda p: int(STEP_DIR.fullmatch(p.name).group(1)))
+
+
+def checkpoints_to_prune(ckpt_root: Path, keep_latest_k: int) -> list[Path]:
+    complete = complete_checkpoints(ckpt_root)
+    return complete[: max(0, len(complete) - max(1, keep_latest_k))]
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(cfg: Config, d: Dist, model, optimizer, scheduler, state: TrainState) -> Path:
+    """Write step-N/ atomically: DCP shards + per-rank RNG into a temp folder, then meta, marker, rename, prune."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    t0 = time.perf_counter()
+    root = cfg.exp_dir / "checkpoints"
+    final, tmp = root / f"step-{state.step}", root / f".tmp-step-{state.step}"
+    if d.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd, "buffers": nonpersistent_buffers(model)}, checkpoint_id=tmp)
+    with open(tmp / f"rng-rank{d.rank}.pt", "wb") as f:
+        torch.save(rng_state(), f)
+        f.flush()
+        os.fsync(f.fileno())
+    dist.barrier()  # every rank's files are on disk before rank 0 declares the checkpoint complete
+    if d.is_main:
+        meta = {
+            "global_step": state.step,
+            "epoch": state.epoch,
+            "epoch_offset": state.offset,
+            "world_size": d.world_size,
+            "scheduler": scheduler.state_dict(),
+            "config": dataclasses.asdict(cfg),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        write_json_atomic(tmp / "meta.json", meta)
+        (tmp / COMPLETE).write_text(f"{state.step}\n")
+        fsync_dir(tmp)
+        if final.exists():  # only after a resume from an older checkpoint: replace, never mix
+            trash = root / f".tmp-old-step-{state.step}"
+            final.rename(trash)
+            shutil.rmtree(trash)
+        tmp.rename(final)
+        fsync_dir(root)
+        write_json_atomic(
+            cfg.exp_dir / "state.json",
+            {"global_step": state.step, "epoch": state.epoch, "checkpoint": str(final.relative_to(cfg.exp_dir))},
+        )
+        for old in checkpoints_to_prune(root, cfg.keep_latest_k):
+            shutil.rmtree(old)
+    dist.barrier()
+    log.info(f"Saved checkpoint {final} in {time.perf_counter() - t0:.2f}s")
+    return final
+
+
+def load_checkpoint(path: Path, d: Dist, model, optimizer, scheduler) -> TrainState:
+    """Restore model, optimizer, buffers (DCP reshards to this world size), scheduler, data position and RNG."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    meta = json.loads((path / "meta.json").read_text())
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.load({"model": model_sd, "optim": optim_sd, "buffers": nonpersistent_buffers(model)}, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    scheduler.load_state_dict(meta["scheduler"])
+    rng_file = path / f"rng-rank{d.rank}.pt"
+    if meta["world_size"] == d.world_size and rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=True))
+    else:
+        log.warning(f"Checkpoint was saved by {meta['world_size']} ranks, now {d.world_size}: RNG streams re-seeded")
+    return TrainState(step=meta["global_step"], epoch=meta["epoch"], offset=meta["epoch_offset"])
+
+
+def clean_stale_temp(cfg: Config) -> None:
+    """Remove half-written checkpoint folders left by a job killed mid-save (rank 0, before anything is written)."""
+    root = cfg.exp_dir / "checkpoints"
+    if root.is_dir():
+        for p in root.glob(".tmp-*"):
+            log.info(f"Removing incomplete checkpoint {p}")
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def config_changes(saved: dict, cfg: Config) -> list[str]:
+    """Settings that change the maths of a resumed run (not just when it stops or logs)."""
+    harmless = {"max_steps", "log_freq", "ckpt_freq", "keep_latest_k", "save_dir", "activation_checkpointing"}
+    now = dataclasses.asdict(cfg)
+    return [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in now if k not in harmless and k in saved and saved[k] != now[k]]
+
+
+# ======================================================================================================================
+# Telemetry
+
+
+class PhaseTimer:
+    """Per-phase wall time. On CUDA it records events and reads them only at log time, so steps never sync."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.pending: list[tuple[str, object, object]] = []
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+        else:
+            start = time.perf_counter()
+            yield
+            end = time.perf_counter()
+        self.pending.append((phase, start, end))
+
+    def mean_ms(self, steps: int) -> dict[str, float]:
+        """Mean milliseconds per step of each phase since the last call (synchronises CUDA once)."""
+        if self.cuda:
+            torch.cuda.synchronize()
+        totals: dict[str, float] = {}
+        for phase, start, end in self.pending:
+            ms = start.elapsed_time(end) if self.cuda else (end - start) * 1e3
+            totals[phase] = totals.get(phase, 0.0) + ms
+        self.pending.clear()
+        return {f"time/{k}": v / steps for k, v in totals.items()}
+
+
+def memory_stats(device: torch.device) -> dict[str, float]:
+    gib = 2**30
+    if device.type == "cuda":
+        stats = {
+            "mem/allocated_gib": torch.cuda.memory_allocated(device) / gib,
+            "mem/peak_allocated_gib": torch.cuda.max_memory_allocated(device) / gib,
+            "mem/reserved_gib": torch.cuda.memory_reserved(device) / gib,
+            "mem/peak_reserved_gib": torch.cuda.max_memory_reserved(device) / gib,
+        }
+        torch.cuda.reset_peak_memory_stats(device)
+        return stats
+    with open("/proc/self/statm") as f:
+        rss_pages = int(f.read().split()[1])
+    return {
+        "mem/rss_gib": rss_pages * os.sysconf("SC_PAGE_SIZE") / gib,
+        "mem/peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / gib,  # Linux: KiB
+    }
+
+
+class MetricsLogger:
+    """One dict per log step: a log line on stdout and a JSON line in SAVE_DIR/EXP/metrics.jsonl (rank 0)."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
+
+    def log(self, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(metrics) + "\n")  # json writes floats with full precision (repr)
+        times = " ".join(f"{k[5:]} {v:.1f}ms" for k, v in metrics.items() if k.startswith("time/"))
+        mem = " ".join(f"{k[4:]} {v:.2f}" for k, v in metrics.items() if k.startswith("mem/"))
+        log.info(
+            f"step {metrics['global_step']}/{metrics['total_steps']} | epoch {metrics['epoch']} | "
+            f"loss {metrics['loss']:.4f} | lr {metrics['lr']:.2e} | grad_norm {metrics['grad_norm']:.3f} | "
+            f"tok/s {metrics['tok/s']:,.0f} | {times} | GiB {mem}"
+        )
+
+
+# ======================================================================================================================
+# Training
+
+
+def check_writable(cfg: Config) -> None:
+    try:
+        cfg.exp_dir.mkdir(parents=True, exist_ok=True)
+        probe = cfg.exp_dir / f".write-probe-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise InputError(f"cannot write to --save-dir {cfg.save_dir}: {e.strerror or first_line(e)}") from None
+
+
+def plan_steps(cfg: Config, num_samples: int, world_size: int) -> tuple[int, int]:
+    """(steps per epoch, total steps). The LR schedule spans num_epochs, or max_steps when that is longer."""
+    steps_per_epoch = num_samples // (cfg.batch_size * world_size)
+    if steps_per_epoch == 0:
+        raise InputError(
+            f"{num_samples} packed sequences of {cfg.seq_length} tokens are fewer than one global batch "
+            f"({cfg.batch_size} x {world_size} ranks): lower --batch-size or --seq-length, or add data"
+        )
+    return steps_per_epoch, max(cfg.num_epochs * steps_per_epoch, cfg.max_steps)
+
+
+def train(cfg: Config, d: Dist) -> None:
+    t_start = time.perf_counter()
+    error = None
+    try:
+        check_writable(cfg)
+    except InputError as e:
+        error = e
+    raise_if_any_failed(error)
+
+    model_config = load_model_config(cfg.model_name)
+    limit = max_positions(model_config)
+    if limit is not None and cfg.seq_length > limit:
+        raise InputError(f"--seq-length {cfg.seq_length} exceeds the model's maximum of {limit} positions")
+    tokenizer = load_tokenizer(cfg.model_name)
+    log.info(f"Config {json.dumps(dataclasses.asdict(cfg))}")
+
+    data = prepare_data(cfg, d, tokenizer)
+    steps_per_epoch, total_steps = plan_steps(cfg, len(data), d.world_size)
+    stop_step = min(cfg.max_steps, total_steps) if cfg.max_steps else total_steps
+    ckpt_root = cfg.exp_dir / "checkpoints"
+    latest = find_latest_checkpoint(ckpt_root)
+    dist.barrier()  # every rank has looked for checkpoints before rank 0 cleans anything
+    if d.is_main:
+        clean_stale_temp(cfg)
+        write_json_atomic(cfg.exp_dir / "config.json", dataclasses.asdict(cfg))
+    if latest is not None:
+        meta = json.loads((latest / "meta.json").read_text())
+        if meta["global_step"] >= stop_step:
+            log.info(f"Run already complete at step {meta['global_step']} ({latest}); nothing to do")
+            return
+        for change in config_changes(meta["config"], cfg):
+            log.warning(f"Resuming with a changed setting: {change}")
+
+    model = build_model(cfg, d, load_pretrained=latest is None)
+    optimizer, scheduler = build_optimizer(model, cfg, d, total_steps)
+    state = TrainState()
+    if latest is not None:
+        state = load_checkpoint(latest, d, model, optimizer, scheduler)
+        log.info(f"Resuming from step {state.step} ({latest})")
+    else:
+        torch.manual_seed(cfg.seed + d.rank)  # per-rank streams (dropout) that resume restores exactly
+    log.info(
+        f"{count_params(model):,} params, {len(data):,} sequences x {cfg.seq_length} tokens, world {d.world_size}, "
+        f"{steps_per_epoch} steps/epoch, schedule {total_steps} steps, stopping at {stop_step}, device {d.device}"
+    )
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    timer = PhaseTimer(d.device)
+    metrics = MetricsLogger(cfg.exp_dir / "metrics.jsonl", d.is_main)
+    tokens_per_step = cfg.batch_size * cfg.seq_length * d.world_size
+    window_start, window_steps, last_saved = time.perf_counter(), 0, state.step
+    perm_epoch, perm = -1, None
+    log.info(f"Start-up took {time.perf_counter() - t_start:.1f}s")
+
+    while state.step < stop_step:
+        with timer("data"):
+            if state.offset + cfg.batch_size * d.world_size > len(data):
+                state.epoch, state.offset = state.epoch + 1, 0
+            if perm_epoch != state.epoch:
+                perm_epoch, perm = state.epoch, epoch_permutation(len(data), cfg.seed, state.epoch)
+            idx = rank_batch_indices(perm, state.offset, cfg.batch_size, d.rank, d.world_size)
+            batch = data[idx]["input_ids"].to(d.device, non_blocking=True)
+        with timer("forward"):
+            loss = model(input_ids=batch, labels=batch).loss
+        with timer("backward"):
+            loss.backward()
+        with timer("update"):
+            grad_norm = clip_grad_norm(params, cfg.max_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        state.offset += cfg.batch_size * d.world_size
+        window_steps += 1
+
+        if state.step % cfg.log_freq == 0 or state.step == stop_step:
+            loss_avg = loss.detach().clone()
+            dist.all_reduce(loss_avg)  # SUM: every rank's batch has the same number of tokens
+            loss_avg /= d.world_size
+            phase_ms = timer.mean_ms(window_steps)
+            elapsed = time.perf_counter() - window_start
+            metrics.log(
+                {
+                    "global_step": state.step,
+                    "total_steps": stop_step,
+                    "epoch": state.epoch,
+                    "loss": loss_avg.item(),
+                    "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": grad_norm.item(),
+                    "tok/s": tokens_per_step * window_steps / elapsed,
+                    **phase_ms,
+                    "time/total": elapsed * 1e3 / window_steps,
+                    **memory_stats(d.device),
+                }
+            )
+            window_start, window_steps = time.perf_counter(), 0
+        if (cfg.ckpt_freq and state.step % cfg.ckpt_freq == 0) or state.step == stop_step:
+            save_checkpoint(cfg, d, model, optimizer, scheduler, state)
+            last_saved = state.step
+            window_start = time.perf_counter()  # checkpoint time is not training throughput
+
+    if last_saved != state.step:
+        save_checkpoint(cfg, d, model, optimizer, scheduler, state)
+    log.info(
+        f"Done: {state.step} steps in {time.perf_counter() - t_start:.1f}s. "
+        f"Checkpoints: {ckpt_root}  Metrics: {cfg.exp_dir / 'metrics.jsonl'}"
+    )
+
+
+# ======================================================================================================================
+# Main
+
+
+def main(argv: list[str] | None = None) -> int:
+    rank = int(os.environ.get("RANK", 0))
+    try:
+        cfg = parse_args(argv)
+    except InputError as e:
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    d = setup_distributed()
+    try:
+        train(cfg, d)
+    except InputError as e:
+        if d.is_main:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        teardown_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
