@@ -357,6 +357,8 @@ def load_text_dataset(name: str):
             raise FileNotFoundError(f"no such folder: {name}")
     except (FileNotFoundError, ValueError, OSError) as e:
         raise InputError(f"cannot load dataset '{name}': {first_line(e)}") from None
+    except IndexError:  # datasets saves an empty Dataset with 0 shards, then cannot load it back
+        raise InputError(f"dataset '{name}' is empty") from None
     if isinstance(ds, datasets.DatasetDict):
         if "train" not in ds:
             raise InputError(f"dataset '{name}' has splits {sorted(ds)} but no 'train' split")
@@ -415,6 +417,8 @@ def prepare_data(cfg: Config, d: Dist, tokenizer):
                 cache_file_name=str(tmp / "map" / "packed.arrow"),
                 desc="tokenize+pack",
             )
+            if len(packed) == 0:
+                raise InputError(f"dataset '{cfg.dataset_name}' has fewer than {cfg.seq_length} tokens: no full block")
             packed.save_to_disk(str(tmp / "data"))
             del packed
             shutil.rmtree(tmp / "map")
@@ -426,10 +430,7 @@ def prepare_data(cfg: Config, d: Dist, tokenizer):
     else:
         log.info(f"Using tokenized data cache {cache}")
     raise_if_any_failed(error)
-    packed = datasets.load_from_disk(str(cache / "data")).with_format("torch")
-    if len(packed) == 0:
-        raise InputError(f"dataset '{cfg.dataset_name}' has fewer than {cfg.seq_length} tokens: no full block")
-    return packed
+    return datasets.load_from_disk(str(cache / "data")).with_format("torch")
 
 
 def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
@@ -848,21 +849,26 @@ def train(cfg: Config, d: Dist) -> None:
 # Main
 
 
+def report_input_error(e: InputError, rank: int) -> int:
+    """Rank 0 prints the one line and fails the job. Every rank meets the same InputError (inputs are checked
+    identically, or agreed through raise_if_any_failed), so the others leave with 0: a failing rank would make
+    torchrun SIGTERM rank 0 before it has printed why."""
+    if rank != 0:
+        return 0
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
-    rank = int(os.environ.get("RANK", 0))
     try:
         cfg = parse_args(argv)
     except InputError as e:
-        if rank == 0:
-            print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report_input_error(e, int(os.environ.get("RANK", 0)))
     d = setup_distributed()
     try:
         train(cfg, d)
     except InputError as e:
-        if d.is_main:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
+        return report_input_error(e, d.rank)
     finally:
         teardown_distributed()
     return 0

@@ -1,0 +1,64 @@
+"""Shared fixtures: the real prep chain on the bundled sample, tiny models, and a torchrun launcher for CPU/gloo."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# Small enough that a 2-process step takes milliseconds, big enough to have several blocks and a real tokenizer.
+TINY = ["--vocab-size", "512", "--hidden-size", "64", "--num-layers", "2"]
+TRAIN = ["-s", "64", "-b", "2", "--lr", "3e-3", "--warmup-steps", "2", "--log-freq", "1"]
+
+
+def run(args: list, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run a command from the repo root; stdout and stderr together in .stdout."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(
+        [str(a) for a in args],
+        cwd=ROOT,
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def torchrun(args: list, nproc: int = 2, env: dict | None = None) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return run(launcher + ["fsdp_train.py", *args], env={"OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    return proc
+
+
+def read_metrics(exp_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (exp_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def tree_digest(path: Path) -> dict[str, str]:
+    """Content hash of every file under path (to prove a failed run touched nothing)."""
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() for p in path.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def prep(tmp_path_factory) -> dict[str, Path]:
+    """organize_data.py -> data_to_hf.py -> model_download.py --tiny on the bundled data/, as a user runs them."""
+    root = tmp_path_factory.mktemp("prep")
+    out = {"splits": root / "splits", "dataset": root / "dataset", "model": root / "tiny", "tied": root / "tiny-tied"}
+    ok(run([sys.executable, "organize_data.py", "--src_dir", "data", "--dst_root", out["splits"], "--num_dirs", "3"]))
+    ok(run([sys.executable, "data_to_hf.py", "--data_folder", out["splits"], "--save_dir", out["dataset"]]))
+    ok(run([sys.executable, "model_download.py", "--tiny", out["model"], *TINY]))
+    ok(run([sys.executable, "model_download.py", "--tiny", out["tied"], "--tied", *TINY]))
+    return out

@@ -1,0 +1,267 @@
+"""fsdp_train.py: pure functions imported directly, and real 2-process torchrun runs on CPU/gloo."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TRAIN, ok, read_metrics, run, torchrun, tree_digest
+
+import fsdp_train as ft
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Pure functions
+
+
+def test_parse_args_maps_every_flag_and_short_alias():
+    cfg = ft.parse_args(
+        ["-e", "x", "-d", "ds", "-m", "m", "-b", "3", "-s", "256", "--activation-checkpointing", "off",
+         "--cpu-offload", "on", "--max-steps", "7", "--lr", "2e-5"]
+    )  # fmt: skip
+    assert (cfg.experiment_name, cfg.dataset_name, cfg.model_name) == ("x", "ds", "m")
+    assert (cfg.batch_size, cfg.seq_length, cfg.max_steps, cfg.lr) == (3, 256, 7, 2e-5)
+    assert cfg.activation_checkpointing is False and cfg.cpu_offload is True
+    assert ft.parse_args(["-d", "ds", "-m", "m"]).activation_checkpointing is True  # default on
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["-m", "m"], "--dataset-name is required"),
+        (["-d", "ds", "-m", "m", "-b", "0"], "--batch-size must be >= 1"),
+        (["-d", "ds", "-m", "m", "--lr", "-1"], "--lr must be a positive"),
+        (["-d", "ds", "-m", "m", "--cpu-offload", "maybe"], "expected on or off"),
+        (["-d", "ds", "-m", "m", "--no-such-flag"], "unrecognized arguments"),
+        (["-d", "ds", "-m", "m", "-e", "../escape"], "--experiment-name"),
+    ],
+)
+def test_parse_args_rejects_bad_input(argv, message):
+    with pytest.raises(ft.InputError, match=message):
+        ft.parse_args(argv)
+
+
+def test_lr_schedule_warmup_then_cosine_to_floor():
+    f = [ft.lr_factor(s, warmup_steps=4, total_steps=20, min_ratio=0.1) for s in range(20)]
+    assert f[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert all(a >= b for a, b in zip(f[3:], f[4:]))  # non-increasing after warmup
+    assert f[-1] > 0.1 and ft.lr_factor(20, 4, 20, 0.1) == pytest.approx(0.1)
+    assert ft.lr_factor(12, 4, 20, 0.1) == pytest.approx(0.55)  # half-way through the decay
+
+
+def test_pack_sequences_keeps_order_and_drops_only_the_tail():
+    blocks = ft.pack_sequences([[1, 2, 3], [4, 5], [6, 7, 8, 9, 10]], 4)
+    assert blocks == [[1, 2, 3, 4], [5, 6, 7, 8]]
+    assert ft.pack_sequences([[1, 2]], 4) == []
+
+
+def test_tokenize_batch_appends_eos_to_each_document():
+    class Tok:
+        eos_token_id = 0
+
+        def __call__(self, texts):
+            return {"input_ids": [[ord(c) for c in t] for t in texts]}
+
+    out = ft.tokenize_batch({"text": ["ab", "c"]}, Tok(), 3)
+    assert out["input_ids"] == [[97, 98, 0]]  # "ab<eos>", then "c<eos>" is an incomplete tail
+
+
+def test_rank_batches_partition_the_global_batch_and_survive_a_world_size_change():
+    perm = ft.epoch_permutation(100, seed=0, epoch=0)
+    assert torch.equal(perm, ft.epoch_permutation(100, seed=0, epoch=0))
+    assert not torch.equal(perm, ft.epoch_permutation(100, seed=0, epoch=1))
+    two = [ft.rank_batch_indices(perm, 8, 3, r, 2) for r in range(2)]
+    assert set(two[0]).isdisjoint(two[1]) and sorted(two[0] + two[1]) == sorted(perm[8:14].tolist())
+    # The position is a global sample offset: 3 ranks resuming at offset 14 continue exactly where 2 stopped.
+    three = [i for r in range(3) for i in ft.rank_batch_indices(perm, 14, 2, r, 3)]
+    assert three == perm[14:20].tolist()
+
+
+def test_plan_steps_schedule_spans_epochs_unless_max_steps_is_longer():
+    cfg = ft.Config(dataset_name="d", model_name="m", batch_size=2, num_epochs=3)
+    assert ft.plan_steps(cfg, 41, world_size=2) == (10, 30)
+    cfg.max_steps = 50
+    assert ft.plan_steps(cfg, 41, world_size=2) == (10, 50)
+    with pytest.raises(ft.InputError, match="fewer than one global batch"):
+        ft.plan_steps(cfg, 3, world_size=2)
+
+
+def _ckpt(root: Path, step: int, complete: bool = True) -> Path:
+    p = root / f"step-{step}"
+    p.mkdir(parents=True)
+    if complete:
+        (p / ft.COMPLETE).write_text(str(step))
+    return p
+
+
+def test_find_latest_checkpoint_ignores_incomplete_and_temp_folders(tmp_path):
+    assert ft.find_latest_checkpoint(tmp_path / "none") is None
+    _ckpt(tmp_path, 9)
+    newest = _ckpt(tmp_path, 10)  # numeric, not lexical, order
+    _ckpt(tmp_path, 12, complete=False)
+    (tmp_path / ".tmp-step-14").mkdir()
+    assert ft.find_latest_checkpoint(tmp_path) == newest
+
+
+def test_prune_keeps_newest_k_and_never_the_only_checkpoint(tmp_path):
+    for s in (4, 8, 12):
+        _ckpt(tmp_path, s)
+    _ckpt(tmp_path, 16, complete=False)
+    assert [p.name for p in ft.checkpoints_to_prune(tmp_path, 2)] == ["step-4"]
+    assert [p.name for p in ft.checkpoints_to_prune(tmp_path, 0)] == ["step-4", "step-8"]
+
+
+def test_find_blocks_shards_decoder_layers_and_keeps_tied_embeddings_in_the_root():
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)  # fmt: skip
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    blocks = ft.find_blocks(model)
+    assert [type(b).__name__ for _, _, b in blocks] == ["LlamaDecoderLayer"] * 3
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert all(b is not model.model.embed_tokens for _, _, b in blocks)
+
+
+def test_config_changes_flags_only_settings_that_change_the_maths():
+    cfg = ft.Config(dataset_name="d", model_name="m")
+    saved = {**ft.dataclasses.asdict(cfg), "lr": 1.0, "max_steps": 99}
+    assert ft.config_changes(saved, cfg) == [f"lr: 1.0 -> {cfg.lr!r}"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Real torchrun runs (2 processes, gloo)
+
+
+def train_args(prep, save_dir: Path, exp: str, *extra, model: str = "model") -> list:
+    return ["-e", exp, "-d", prep["dataset"], "-m", prep[model], "--save-dir", save_dir, *TRAIN, *extra]
+
+
+def final_weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The model tensors of a DCP checkpoint, read in this single process (no process group needed)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = ckpt.parent / f"{ckpt.name}.pt"
+    dcp_to_torch_save(ckpt, out)
+    return torch.load(out, weights_only=True)["model"]
+
+
+@pytest.mark.slow
+def test_train_checkpoint_and_resume_is_bitwise_equal_to_an_uninterrupted_run(prep, tmp_path):
+    ok(torchrun(train_args(prep, tmp_path, "straight", "--max-steps", "12", "--ckpt-freq", "4")))
+    ok(torchrun(train_args(prep, tmp_path, "resumed", "--max-steps", "8", "--ckpt-freq", "4")))
+    resumed = ok(torchrun(train_args(prep, tmp_path, "resumed", "--max-steps", "12", "--ckpt-freq", "4")))
+    assert "Resuming from step 8" in resumed.stdout
+    assert "Tokenized" not in resumed.stdout and "Using tokenized data cache" in resumed.stdout
+
+    straight, again = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "resumed")
+    assert [m["global_step"] for m in again] == list(range(1, 13))
+    for key in ("loss", "grad_norm", "lr"):
+        assert [m[key] for m in again] == [m[key] for m in straight], key  # bitwise, every step
+    assert straight[-1]["loss"] < straight[0]["loss"] - 0.5  # it learns the repeated corpus
+    for key in ("tok/s", "time/data", "time/forward", "time/backward", "time/update", "time/total", "mem/rss_gib"):
+        assert straight[-1][key] > 0, key
+
+    a = final_weights(tmp_path / "straight/checkpoints/step-12")
+    b = final_weights(tmp_path / "resumed/checkpoints/step-12")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    ckpts = sorted(p.name for p in (tmp_path / "resumed/checkpoints").iterdir() if p.is_dir())
+    assert ckpts == ["step-12", "step-8"]  # pruned to --keep-latest-k 2
+    state = json.loads((tmp_path / "resumed/state.json").read_text())
+    assert state == {"global_step": 12, "epoch": 0, "checkpoint": "checkpoints/step-12"}
+    meta = json.loads((tmp_path / "resumed/checkpoints/step-12/meta.json").read_text())
+    assert meta["config"]["max_steps"] == 12 and meta["world_size"] == 2
+
+    before = tree_digest(tmp_path / "resumed/checkpoints")
+    done = ok(torchrun(train_args(prep, tmp_path, "resumed", "--max-steps", "12", "--ckpt-freq", "4")))
+    assert "Run already complete at step 12" in done.stdout
+    assert tree_digest(tmp_path / "resumed/checkpoints") == before
+
+
+def reference_loss(prep, save_dir: Path, model: str, world_size: int = 2, batch_size: int = 2) -> float:
+    """Step-0 loss of the plain (unsharded, single-process) HF model on the batches each rank trained on."""
+    import datasets
+    from transformers import AutoModelForCausalLM
+
+    (cache,) = (save_dir / ".cache" / "tokenized").iterdir()
+    data = datasets.load_from_disk(str(cache / "data")).with_format("torch")
+    ref = AutoModelForCausalLM.from_pretrained(prep[model], dtype=torch.float32)
+    perm = ft.epoch_permutation(len(data), seed=0, epoch=0)
+    losses = []
+    with torch.no_grad():
+        for rank in range(world_size):
+            batch = data[ft.rank_batch_indices(perm, 0, batch_size, rank, world_size)]["input_ids"]
+            losses.append(ref(input_ids=batch, labels=batch).loss.item())
+    return sum(losses) / world_size
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["model", "tied"])
+def test_sharded_step0_loss_equals_the_single_process_model(prep, tmp_path, model):
+    # Activation checkpointing off and on must not change the numbers either.
+    ok(torchrun(train_args(prep, tmp_path, "a", "--max-steps", "2", model=model)))
+    ok(torchrun(train_args(prep, tmp_path, "b", "--max-steps", "2", "--activation-checkpointing", "off", model=model)))
+    first = read_metrics(tmp_path / "a")[0]
+    assert first["loss"] == pytest.approx(reference_loss(prep, tmp_path, model), abs=1e-5)
+    assert [m["loss"] for m in read_metrics(tmp_path / "b")] == [m["loss"] for m in read_metrics(tmp_path / "a")]
+    weights = final_weights(tmp_path / "a/checkpoints/step-2")
+    if model == "tied":  # one tensor saved under both names, still equal after training
+        assert torch.equal(weights["lm_head.weight"], weights["model.embed_tokens.weight"])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Bad input: one line from rank 0, non-zero exit, nothing touched
+
+
+def _make_dataset(path: Path, rows: dict) -> Path:
+    import datasets
+
+    datasets.Dataset.from_dict(rows).save_to_disk(str(path))
+    return path
+
+
+BAD_INPUTS = {
+    "missing dataset": (lambda p, t: ["-d", t / "nope"], "cannot load dataset"),
+    "missing model": (lambda p, t: ["-m", t / "no-model"], "cannot load model"),
+    "no text column": (lambda p, t: ["-d", _make_dataset(t / "ds", {"body": ["a b c"]})], "has no 'text' column"),
+    "empty dataset": (lambda p, t: ["-d", _make_dataset(t / "ds", {"text": []})], "is empty"),
+    "shorter than one block": (lambda p, t: ["-d", _make_dataset(t / "ds", {"text": ["hi"]})], "fewer than 64 tokens"),
+    "seq over model max": (lambda p, t: ["-s", "4096"], "exceeds the model's maximum of 1024"),
+    "batch size 0": (lambda p, t: ["-b", "0"], "--batch-size must be >= 1"),
+    "unwritable save dir": (lambda p, t: ["--save-dir", t / "afile" / "sub"], "cannot write to --save-dir"),
+}
+
+
+@pytest.fixture(scope="module")
+def finished_run(prep, tmp_path_factory) -> Path:
+    save_dir = tmp_path_factory.mktemp("finished")
+    ok(torchrun(train_args(prep, save_dir, "exp", "--max-steps", "2")))
+    return save_dir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_one_line_from_rank0_and_checkpoint_untouched(prep, finished_run, tmp_path, case):
+    make_args, message = BAD_INPUTS[case]
+    save_dir = tmp_path / "save"
+    shutil.copytree(finished_run, save_dir)
+    (tmp_path / "afile").write_text("not a folder")
+    before = tree_digest(save_dir / "exp")
+    # argparse keeps the last value, so the bad flag overrides the good default; --max-steps 4 would train on.
+    proc = torchrun(train_args(prep, save_dir, "exp", "--max-steps", "4") + make_args(prep, tmp_path))
+    assert proc.returncode != 0
+    errors = [line for line in proc.stdout.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], proc.stdout[-3000:]
+    assert 'fsdp_train.py", line' not in proc.stdout  # no Python traceback from any rank
+    assert tree_digest(save_dir / "exp") == before
+
+
+def test_help_is_fast_and_lists_every_flag():
+    proc = ok(run([sys.executable, "fsdp_train.py", "--help"]))
+    for f in ft.dataclasses.fields(ft.Config):
+        assert f"--{f.name.replace('_', '-')}" in proc.stdout
