@@ -49,7 +49,9 @@ def read_metrics(exp_dir: Path) -> list[dict]:
 
 def tree_digest(path: Path) -> dict[str, str]:
     """Content hash of every file under path (to prove a failed run touched nothing)."""
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() for p in path.rglob("*") if p.is_file()}
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() for p in path.rglob("*") if p.is_file()
+    }
 
 
 @pytest.fixture(scope="session")

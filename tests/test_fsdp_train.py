@@ -47,7 +47,7 @@ def test_parse_args_rejects_bad_input(argv, message):
 def test_lr_schedule_warmup_then_cosine_to_floor():
     f = [ft.lr_factor(s, warmup_steps=4, total_steps=20, min_ratio=0.1) for s in range(20)]
     assert f[:4] == [0.25, 0.5, 0.75, 1.0]
-    assert all(a >= b for a, b in zip(f[3:], f[4:]))  # non-increasing after warmup
+    assert all(a >= b for a, b in zip(f[3:], f[4:], strict=False))  # non-increasing after warmup
     assert f[-1] > 0.1 and ft.lr_factor(20, 4, 20, 0.1) == pytest.approx(0.1)
     assert ft.lr_factor(12, 4, 20, 0.1) == pytest.approx(0.55)  # half-way through the decay
 
