@@ -736,8 +736,19 @@ def plan_steps(cfg: Config, num_samples: int, world_size: int) -> tuple[int, int
     return steps_per_epoch, max(cfg.num_epochs * steps_per_epoch, cfg.max_steps)
 
 
+def quiet_library_progress_bars() -> None:
+    """Progress bars from datasets/transformers are noise in Slurm/CI logs; keep them only on a terminal."""
+    if not sys.stderr.isatty():
+        import datasets
+        import transformers
+
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
+
+
 def train(cfg: Config, d: Dist) -> None:
     t_start = time.perf_counter()
+    quiet_library_progress_bars()
     error = None
     try:
         check_writable(cfg)

@@ -8,7 +8,7 @@ snapshot without allocating any weights (the model is built on the meta device):
 
     model meta-llama/Llama-3.2-1B @ 4e20de36...
       snapshot   /data/hf/hub/models--meta-llama--Llama-3.2-1B/snapshots/4e20de36...
-      params     1,235,814,400 (1.24 B)
+      params     1,235,814,400 (1.24 G)
       on disk    2.47 GB in 9 files
       weights    146/146 expected tensors present (tied: lm_head.weight)
     OK: ready for offline use (HF_HUB_OFFLINE=1)
@@ -134,8 +134,8 @@ def verify(snapshot: Path) -> Report:
 def print_report(model_name: str, report: Report) -> None:
     print(f"model {model_name} @ {report.snapshot.name}")
     print(f"  snapshot   {report.snapshot}")
-    print(f"  params     {report.num_params:,} ({report.num_params / 1e9:.2f} B)")
-    print(f"  on disk    {report.disk_bytes / 1e9:.2f} GB in {report.num_files} files")
+    print(f"  params     {report.num_params:,} ({human(report.num_params)})")
+    print(f"  on disk    {human(report.disk_bytes)}B in {report.num_files} files")
     tied = f" (tied: {', '.join(report.tied)})" if report.tied else ""
     print(f"  weights    {report.expected - len(report.missing)}/{report.expected} expected tensors present{tied}")
 
@@ -226,6 +226,15 @@ def build_tiny(
 
 # ----------------------------------------------------------------------------------------------------------------------
 # CLI
+
+
+def human(n: float) -> str:
+    """1234567 -> '1.23 M'."""
+    for unit in ("", " k", " M", " G", " T"):
+        if abs(n) < 1000:
+            return f"{n:.3g}{unit}"
+        n /= 1000
+    return f"{n:.3g} P"
 
 
 def first_line(e: BaseException) -> str:
