@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
@@ -30,9 +31,12 @@ import random
 import re
 import resource
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 
@@ -45,8 +49,19 @@ log = logging.getLogger("fsdp_train")
 # Config
 
 
-class InputError(ValueError):
-    """Bad user input (flags, paths, data). main() prints it as one line from rank 0 and exits 2."""
+class JobError(Exception):
+    """A reason to stop that the user can act on. main() prints it as one line from rank 0 and exits `exit_code`.
+
+    Raise it on every rank at the same point (inputs are checked identically, or agreed with raise_if_any_failed).
+    """
+
+    exit_code = 1
+
+
+class InputError(JobError, ValueError):
+    """Bad user input: flags, paths, data, a checkpoint that does not fit."""
+
+    exit_code = 2
 
 
 def _opt(default, help: str, short: str | None = None):
@@ -78,6 +93,8 @@ class Config:
     log_freq: int = _opt(10, "log metrics every N steps")
     ckpt_freq: int = _opt(100, "checkpoint every N steps (0: only at the end); always at the end")
     keep_latest_k: int = _opt(2, "complete checkpoints to keep")
+    dist_timeout: float = _opt(30.0, "minutes a collective may wait before the job fails instead of hanging")
+    trust_remote_code: bool = _opt(False, "allow model/tokenizer code from the model repo to run (on|off)")
 
     def validate(self) -> None:
         for name in ("dataset_name", "model_name"):
@@ -85,7 +102,7 @@ class Config:
                 raise InputError(f"--{name.replace('_', '-')} is required")
         if not re.fullmatch(r"[\w.\-]+", self.experiment_name):
             raise InputError(f"--experiment-name {self.experiment_name!r}: use letters, digits, '.', '_', '-' only")
-        positive = ("batch_size", "seq_length", "num_epochs", "log_freq", "keep_latest_k")
+        positive = ("batch_size", "seq_length", "num_epochs", "log_freq", "keep_latest_k", "dist_timeout")
         non_negative = ("max_steps", "warmup_steps", "ckpt_freq", "max_norm", "weight_decay")
         for name in positive:
             if getattr(self, name) < 1:
@@ -146,7 +163,7 @@ class Dist:
         return self.rank == 0
 
 
-def setup_distributed() -> Dist:
+def setup_distributed(timeout_minutes: float = 30.0) -> Dist:
     """Join the torchrun job (or a 1-process group when run directly). NCCL+CUDA if GPUs exist, else gloo+CPU."""
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -158,13 +175,29 @@ def setup_distributed() -> Dist:
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
-        device_id = device if device.type == "cuda" else None
+        kwargs = dict(device_id=device if device.type == "cuda" else None, timeout=timedelta(minutes=timeout_minutes))
         if "RANK" in os.environ:
-            dist.init_process_group(backend, device_id=device_id)
+            dist.init_process_group(backend, **kwargs)
         else:
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, device_id=device_id)
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **kwargs)
     setup_logging(rank)
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        exit_with_parent()
     return Dist(rank, local_rank, world_size, device)
+
+
+def exit_with_parent(poll_seconds: float = 1.0) -> None:
+    """Die when the torchrun agent dies. A SIGKILLed agent cannot stop its workers, and orphans would keep
+    training and writing checkpoints next to the re-run job. Exiting abruptly is safe: a checkpoint only counts
+    once complete."""
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(poll_seconds)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def teardown_distributed() -> None:
@@ -188,6 +221,40 @@ def all_ok(ok: bool) -> bool:
     return flag.item() == 0
 
 
+class StopRequest:
+    """SIGTERM, SIGUSR1 (Slurm's --signal) and a first SIGINT ask for a checkpoint and a clean exit at the next
+    step boundary; a second SIGINT aborts at once without saving.
+
+    torchrun forwards the signals it handles to every worker; after a Ctrl+C in a terminal a worker gets SIGINT
+    twice within milliseconds (from the terminal and from torchrun), so a second SIGINT counts only after 1 s.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+    def __init__(self):
+        self.signum = 0
+        self.first_sigint = None
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if signum == signal.SIGINT and self.first_sigint is not None:
+            if time.monotonic() - self.first_sigint > 1.0:
+                print(f"[rank{os.environ.get('RANK', 0)}] Aborted by a second SIGINT: no checkpoint saved", flush=True)
+                os._exit(130)
+            return
+        if signum == signal.SIGINT:
+            self.first_sigint = time.monotonic()
+        if not self.signum:
+            self.signum = signum
+
+    def agreed(self) -> str | None:
+        """Collective: the signal any rank received, so every rank stops at the same step."""
+        flag = torch.tensor([self.signum], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return signal.Signals(flag.item()).name if flag.item() else None
+
+
 def raise_if_any_failed(error: BaseException | None) -> None:
     """Collective: re-raise a rank's error there; other ranks raise a silent InputError so every rank exits."""
     if not all_ok(error is None):
@@ -205,22 +272,22 @@ def first_line(e: BaseException) -> str:
     return text.splitlines()[0]
 
 
-def load_model_config(name: str):
+def load_model_config(name: str, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(name)
+        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise InputError(f"cannot load model '{name}': {first_line(e)}") from None
     config.use_cache = False  # training never reuses the KV cache, and transformers warns on every forward otherwise
     return config
 
 
-def load_tokenizer(name: str):
+def load_tokenizer(name: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise InputError(f"cannot load the tokenizer of '{name}': {first_line(e)}") from None
     if tokenizer.eos_token_id is None:
@@ -311,9 +378,9 @@ def build_model(cfg: Config, d: Dist, load_pretrained: bool) -> torch.nn.Module:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from transformers import AutoModelForCausalLM
 
-    config = load_model_config(cfg.model_name)
+    config = load_model_config(cfg.model_name, cfg.trust_remote_code)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
     shard_model(model, cfg, d)
     model.to_empty(device="cpu" if cfg.cpu_offload else d.device)
     if cfg.cpu_offload:  # FSDP keeps offloaded params on the host, but buffers are used where compute happens
@@ -324,7 +391,9 @@ def build_model(cfg: Config, d: Dist, load_pretrained: bool) -> torch.nn.Module:
     if load_pretrained:
         full_sd, ref_buffers = {}, {}
         if d.is_main:
-            ref = AutoModelForCausalLM.from_pretrained(cfg.model_name, config=config, dtype=torch.float32)
+            ref = AutoModelForCausalLM.from_pretrained(
+                cfg.model_name, config=config, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code
+            )
             full_sd, ref_buffers = ref.state_dict(), dict(ref.named_buffers())
         set_model_state_dict(model, full_sd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
         for name, buf in nonpersistent_buffers(model).items():
@@ -501,20 +570,17 @@ STEP_DIR = re.compile(r"step-(\d+)")
 COMPLETE = "COMPLETE"
 
 
-def find_latest_checkpoint(ckpt_root: Path) -> Path | None:
-    """Newest `step-N` folder holding the COMPLETE marker (written last, so a killed save never counts)."""
-    found = []
-    if ckpt_root.is_dir():
-        for p in ckpt_root.iterdir():
-            m = STEP_DIR.fullmatch(p.name)
-            if m and (p / COMPLETE).is_file():
-                found.append((int(m.group(1)), p))
-    return max(found)[1] if found else None
-
-
 def complete_checkpoints(ckpt_root: Path) -> list[Path]:
+    """`step-N` folders holding the COMPLETE marker (written last, so a killed save never counts), oldest first."""
+    if not ckpt_root.is_dir():
+        return []
     steps = [p for p in ckpt_root.iterdir() if STEP_DIR.fullmatch(p.name) and (p / COMPLETE).is_file()]
     return sorted(steps, key=lambda p: int(STEP_DIR.fullmatch(p.name).group(1)))
+
+
+def find_latest_checkpoint(ckpt_root: Path) -> Path | None:
+    found = complete_checkpoints(ckpt_root)
+    return found[-1] if found else None
 
 
 def checkpoints_to_prune(ckpt_root: Path, keep_latest_k: int) -> list[Path]:
@@ -553,9 +619,33 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def fault_point(name: str, step: int) -> bool:
+    """Test-only fault injection, a no-op unless FSDP_TRAIN_FAULT=NAME:STEP[:SECONDS] names this point.
+
+    sleep_in_save holds a save open so tests can kill the job inside it deterministically; enospc_in_save fails
+    the save like a full disk; nan_loss (checked by the caller) poisons the loss.
+    """
+    spec = os.environ.get("FSDP_TRAIN_FAULT", "")
+    kind, _, rest = spec.partition(":")
+    at, _, arg = rest.partition(":")
+    if kind != name or not at or int(at) != step:
+        return False
+    if kind == "sleep_in_save":
+        print(f"FAULT sleep_in_save step {step} rank {os.environ.get('RANK', 0)} pid {os.getpid()}", flush=True)
+        time.sleep(float(arg or 60))
+    elif kind == "enospc_in_save" and int(os.environ.get("RANK", 0)) == 0:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return True
+
+
 def save_checkpoint(cfg: Config, d: Dist, model, optimizer, scheduler, state: TrainState) -> Path:
-    """Write step-N/ atomically: DCP shards + per-rank RNG into a temp folder, then meta, marker, rename, prune."""
+    """Write step-N/ atomically: DCP shards + per-rank RNG into a temp folder, then meta, marker, rename, prune.
+
+    If any rank fails to write (disk full, I/O error), every rank learns it, the temp folder is removed and the
+    previous checkpoints are left exactly as they were.
+    """
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     t0 = time.perf_counter()
@@ -565,19 +655,32 @@ def save_checkpoint(cfg: Config, d: Dist, model, optimizer, scheduler, state: Tr
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd, "buffers": nonpersistent_buffers(model)}, checkpoint_id=tmp)
-    with open(tmp / f"rng-rank{d.rank}.pt", "wb") as f:
-        torch.save(rng_state(), f)
-        f.flush()
-        os.fsync(f.fileno())
-    dist.barrier()  # every rank's files are on disk before rank 0 declares the checkpoint complete
+    error = None
+    try:
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd, "buffers": nonpersistent_buffers(model)}, checkpoint_id=tmp)
+        with open(tmp / f"rng-rank{d.rank}.pt", "wb") as f:
+            torch.save(rng_state(), f)
+            f.flush()
+            os.fsync(f.fileno())
+        fault_point("enospc_in_save", state.step)
+        fault_point("sleep_in_save", state.step)
+    except (OSError, CheckpointException) as e:
+        error = e
+    if not all_ok(error is None):  # also the barrier: every rank's files are on disk before rank 0 seals them
+        if d.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        previous = find_latest_checkpoint(root)
+        kept = f"{previous.name} is intact" if previous else "there is no earlier checkpoint"
+        why = first_line(error) if error else "another rank failed to write"
+        raise JobError(f"checkpoint at step {state.step} could not be saved ({why}); {kept}")
     if d.is_main:
         meta = {
             "global_step": state.step,
             "epoch": state.epoch,
             "epoch_offset": state.offset,
             "world_size": d.world_size,
+            "batch_size": cfg.batch_size,
             "scheduler": scheduler.state_dict(),
             "config": dataclasses.asdict(cfg),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -585,7 +688,7 @@ def save_checkpoint(cfg: Config, d: Dist, model, optimizer, scheduler, state: Tr
         write_json_atomic(tmp / "meta.json", meta)
         (tmp / COMPLETE).write_text(f"{state.step}\n")
         fsync_dir(tmp)
-        if final.exists():  # only after a resume from an older checkpoint: replace, never mix
+        if final.exists():  # only after a fallback to an older checkpoint: replace, never mix
             trash = root / f".tmp-old-step-{state.step}"
             final.rename(trash)
             shutil.rmtree(trash)
@@ -602,12 +705,51 @@ def save_checkpoint(cfg: Config, d: Dist, model, optimizer, scheduler, state: Tr
     return final
 
 
+def read_meta(path: Path) -> dict | None:
+    """A checkpoint's meta.json, or None when it is missing or unreadable (the checkpoint is then skipped)."""
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        return meta if isinstance(meta, dict) and isinstance(meta.get("global_step"), int) else None
+    except (OSError, ValueError):
+        return None
+
+
+def check_compatible(path: Path, model) -> None:
+    """Refuse, before loading anything, a checkpoint whose tensors do not match this model (another model)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    saved = {
+        k.removeprefix("model."): tuple(v.size)
+        for k, v in FileSystemReader(str(path)).read_metadata().state_dict_metadata.items()
+        if k.startswith("model.") and hasattr(v, "size")
+    }
+    wanted = {k: tuple(v.shape) for k, v in get_model_state_dict(model).items()}
+    if saved == wanted:
+        return
+    missing = sorted(wanted.keys() - saved.keys())
+    wrong = sorted(k for k in wanted.keys() & saved.keys() if wanted[k] != saved[k])
+    detail = (
+        f"{wrong[0]} is {list(saved[wrong[0]])} there but {list(wanted[wrong[0]])} here"
+        if wrong
+        else f"{len(missing)} of this model's tensors are missing there (e.g. {missing[0]})"
+        if missing
+        else f"it holds {len(saved.keys() - wanted.keys())} tensors this model does not have"
+    )
+    raise InputError(
+        f"checkpoint {path} was saved from a different model: {detail}; "
+        "use another --experiment-name or --save-dir to start a new run"
+    )
+
+
 def load_checkpoint(path: Path, d: Dist, model, optimizer, scheduler) -> TrainState:
     """Restore model, optimizer, buffers (DCP reshards to this world size), scheduler, data position and RNG."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    meta = json.loads((path / "meta.json").read_text())
+    meta = read_meta(path)
+    if meta is None:
+        raise ValueError("meta.json is missing or unreadable")
     model_sd, optim_sd = get_state_dict(model, optimizer)
     dcp.load({"model": model_sd, "optim": optim_sd, "buffers": nonpersistent_buffers(model)}, checkpoint_id=path)
     set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
@@ -616,8 +758,31 @@ def load_checkpoint(path: Path, d: Dist, model, optimizer, scheduler) -> TrainSt
     if meta["world_size"] == d.world_size and rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=True))
     else:
-        log.warning(f"Checkpoint was saved by {meta['world_size']} ranks, now {d.world_size}: RNG streams re-seeded")
+        torch.manual_seed(meta["config"]["seed"] + d.rank + meta["global_step"])
     return TrainState(step=meta["global_step"], epoch=meta["epoch"], offset=meta["epoch_offset"])
+
+
+def resume(candidates: list[Path], d: Dist, model, optimizer, scheduler) -> TrainState:
+    """Load the newest checkpoint that loads on every rank; a corrupted one is skipped with a warning."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    for path in candidates:
+        error = None
+        try:
+            check_compatible(path, model)
+            state = load_checkpoint(path, d, model, optimizer, scheduler)
+        except InputError:
+            raise
+        except (CheckpointException, OSError, ValueError, RuntimeError, KeyError, EOFError) as e:
+            error = e
+        if all_ok(error is None):
+            log.info(f"Resuming from step {state.step} ({path})")
+            return state
+        why = first_line(error) if error else "unreadable on another rank"
+        log.warning(f"Checkpoint {path} is damaged ({why}); falling back to the previous one")
+    raise InputError(
+        f"no checkpoint in {candidates[0].parent} could be loaded; move the folder away to start the run over"
+    )
 
 
 def clean_stale_temp(cfg: Config) -> None:
@@ -725,15 +890,24 @@ def check_writable(cfg: Config) -> None:
         raise InputError(f"cannot write to --save-dir {cfg.save_dir}: {e.strerror or first_line(e)}") from None
 
 
-def plan_steps(cfg: Config, num_samples: int, world_size: int) -> tuple[int, int]:
-    """(steps per epoch, total steps). The LR schedule spans num_epochs, or max_steps when that is longer."""
-    steps_per_epoch = num_samples // (cfg.batch_size * world_size)
+def plan_steps(cfg: Config, num_samples: int, world_size: int, state: TrainState | None = None) -> tuple[int, int]:
+    """(steps per epoch, total steps) for a run at `state`. The schedule spans num_epochs, or max_steps if longer.
+
+    Counted from the data position, so a resume with another world size still ends at the end of the last epoch.
+    """
+    state = state or TrainState()
+    global_batch = cfg.batch_size * world_size
+    steps_per_epoch = num_samples // global_batch
     if steps_per_epoch == 0:
         raise InputError(
             f"{num_samples} packed sequences of {cfg.seq_length} tokens are fewer than one global batch "
             f"({cfg.batch_size} x {world_size} ranks): lower --batch-size or --seq-length, or add data"
         )
-    return steps_per_epoch, max(cfg.num_epochs * steps_per_epoch, cfg.max_steps)
+    epoch_steps = state.step
+    if state.epoch < cfg.num_epochs:
+        left_in_epoch = max(0, num_samples - state.offset) // global_batch
+        epoch_steps += left_in_epoch + (cfg.num_epochs - state.epoch - 1) * steps_per_epoch
+    return steps_per_epoch, max(epoch_steps, cfg.max_steps)
 
 
 def quiet_library_progress_bars() -> None:
@@ -746,6 +920,27 @@ def quiet_library_progress_bars() -> None:
         transformers.utils.logging.disable_progress_bar()
 
 
+def raise_if_not_finite(bad: torch.Tensor, step: int, ckpt_root: Path) -> None:
+    """Collective: stop, without saving, once any rank has seen a NaN/inf loss or gradient norm."""
+    flag = bad.clone()
+    dist.all_reduce(flag)
+    if flag.item() > 0:
+        last = find_latest_checkpoint(ckpt_root)
+        kept = f"the last good checkpoint, {last.name}, is kept" if last else "no checkpoint was written"
+        raise JobError(
+            f"loss or gradient norm became NaN/inf by step {step}; stopped without saving it ({kept}). "
+            "Lower --lr, keep --max-norm on, or check the data"
+        )
+
+
+def trace_samples(step: int, epoch: int, indices: list[int], rank: int) -> None:
+    """Test hook: with FSDP_TRAIN_TRACE_SAMPLES=DIR, every rank logs the sample indices it trains on."""
+    folder = os.environ.get("FSDP_TRAIN_TRACE_SAMPLES")
+    if folder:
+        with open(Path(folder) / f"rank{rank}.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, "epoch": epoch, "indices": indices}) + "\n")
+
+
 def train(cfg: Config, d: Dist) -> None:
     t_start = time.perf_counter()
     quiet_library_progress_bars()
@@ -756,36 +951,50 @@ def train(cfg: Config, d: Dist) -> None:
         error = e
     raise_if_any_failed(error)
 
-    model_config = load_model_config(cfg.model_name)
+    model_config = load_model_config(cfg.model_name, cfg.trust_remote_code)
     limit = max_positions(model_config)
     if limit is not None and cfg.seq_length > limit:
         raise InputError(f"--seq-length {cfg.seq_length} exceeds the model's maximum of {limit} positions")
-    tokenizer = load_tokenizer(cfg.model_name)
+    tokenizer = load_tokenizer(cfg.model_name, cfg.trust_remote_code)
     log.info(f"Config {json.dumps(dataclasses.asdict(cfg))}")
-
     data = prepare_data(cfg, d, tokenizer)
-    steps_per_epoch, total_steps = plan_steps(cfg, len(data), d.world_size)
-    stop_step = min(cfg.max_steps, total_steps) if cfg.max_steps else total_steps
+
+    # Newest first; a checkpoint whose meta.json is unreadable is skipped, the others are tried in resume().
     ckpt_root = cfg.exp_dir / "checkpoints"
-    latest = find_latest_checkpoint(ckpt_root)
-    dist.barrier()  # every rank has looked for checkpoints before rank 0 cleans anything
+    candidates, meta = [], None
+    for path in reversed(complete_checkpoints(ckpt_root)):
+        if read_meta(path) is None:
+            log.warning(f"Skipping checkpoint {path}: meta.json is missing or unreadable")
+        else:
+            candidates.append(path)
+    dist.barrier()  # every rank has listed the checkpoints before rank 0 cleans anything
     if d.is_main:
         clean_stale_temp(cfg)
         write_json_atomic(cfg.exp_dir / "config.json", dataclasses.asdict(cfg))
-    if latest is not None:
-        meta = json.loads((latest / "meta.json").read_text())
-        if meta["global_step"] >= stop_step:
-            log.info(f"Run already complete at step {meta['global_step']} ({latest}); nothing to do")
+    state = TrainState()
+    if candidates:
+        meta = read_meta(candidates[0])
+        state = TrainState(step=meta["global_step"], epoch=meta["epoch"], offset=meta["epoch_offset"])
+    steps_per_epoch, total_steps = plan_steps(cfg, len(data), d.world_size, state)
+    stop_step = min(cfg.max_steps, total_steps) if cfg.max_steps else total_steps
+    if meta is not None:
+        if state.step >= stop_step:
+            log.info(f"Run already complete at step {state.step} ({candidates[0]}); nothing to do")
             return
         for change in config_changes(meta["config"], cfg):
             log.warning(f"Resuming with a changed setting: {change}")
+        if meta["world_size"] != d.world_size:
+            before = meta["config"]["batch_size"] * meta["world_size"]
+            log.warning(
+                f"Checkpoint was saved by {meta['world_size']} ranks, now {d.world_size}: global batch "
+                f"{before} -> {cfg.batch_size * d.world_size} sequences; data continues at sample {state.offset} of "
+                f"epoch {state.epoch} with nothing lost or repeated; per-rank RNG streams are re-seeded"
+            )
 
-    model = build_model(cfg, d, load_pretrained=latest is None)
+    model = build_model(cfg, d, load_pretrained=not candidates)
     optimizer, scheduler = build_optimizer(model, cfg, d, total_steps)
-    state = TrainState()
-    if latest is not None:
-        state = load_checkpoint(latest, d, model, optimizer, scheduler)
-        log.info(f"Resuming from step {state.step} ({latest})")
+    if candidates:
+        state = resume(candidates, d, model, optimizer, scheduler)
     else:
         torch.manual_seed(cfg.seed + d.rank)  # per-rank streams (dropout) that resume restores exactly
     log.info(
@@ -793,24 +1002,29 @@ def train(cfg: Config, d: Dist) -> None:
         f"{steps_per_epoch} steps/epoch, schedule {total_steps} steps, stopping at {stop_step}, device {d.device}"
     )
 
+    stop = StopRequest()
     params = [p for p in model.parameters() if p.requires_grad]
     timer = PhaseTimer(d.device)
     metrics = MetricsLogger(cfg.exp_dir / "metrics.jsonl", d.is_main)
-    tokens_per_step = cfg.batch_size * cfg.seq_length * d.world_size
-    window_start, window_steps, last_saved = time.perf_counter(), 0, state.step
+    global_batch = cfg.batch_size * d.world_size
+    not_finite = torch.zeros((), device=d.device)  # accumulated on device: no host sync per step
+    window_start, window_steps = time.perf_counter(), 0
     perm_epoch, perm = -1, None
     log.info(f"Start-up took {time.perf_counter() - t_start:.1f}s")
 
     while state.step < stop_step:
         with timer("data"):
-            if state.offset + cfg.batch_size * d.world_size > len(data):
+            if state.offset + global_batch > len(data):
                 state.epoch, state.offset = state.epoch + 1, 0
             if perm_epoch != state.epoch:
                 perm_epoch, perm = state.epoch, epoch_permutation(len(data), cfg.seed, state.epoch)
             idx = rank_batch_indices(perm, state.offset, cfg.batch_size, d.rank, d.world_size)
+            trace_samples(state.step + 1, state.epoch, idx, d.rank)
             batch = data[idx]["input_ids"].to(d.device, non_blocking=True)
         with timer("forward"):
             loss = model(input_ids=batch, labels=batch).loss
+            if fault_point("nan_loss", state.step + 1):
+                loss = loss * float("nan")
         with timer("backward"):
             loss.backward()
         with timer("update"):
@@ -818,11 +1032,17 @@ def train(cfg: Config, d: Dist) -> None:
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+        not_finite += (~torch.isfinite(loss.detach())).float() + (~torch.isfinite(grad_norm)).float()
         state.step += 1
-        state.offset += cfg.batch_size * d.world_size
+        state.offset += global_batch
         window_steps += 1
 
-        if state.step % cfg.log_freq == 0 or state.step == stop_step:
+        stopped_by = stop.agreed()
+        log_now = state.step % cfg.log_freq == 0 or state.step == stop_step or stopped_by
+        save_now = (cfg.ckpt_freq and state.step % cfg.ckpt_freq == 0) or state.step == stop_step or stopped_by
+        if log_now or save_now:
+            raise_if_not_finite(not_finite, state.step, ckpt_root)  # a NaN model is never logged as fine or saved
+        if log_now:
             loss_avg = loss.detach().clone()
             dist.all_reduce(loss_avg)  # SUM: every rank's batch has the same number of tokens
             loss_avg /= d.world_size
@@ -836,20 +1056,19 @@ def train(cfg: Config, d: Dist) -> None:
                     "loss": loss_avg.item(),
                     "lr": scheduler.get_last_lr()[0],
                     "grad_norm": grad_norm.item(),
-                    "tok/s": tokens_per_step * window_steps / elapsed,
+                    "tok/s": global_batch * cfg.seq_length * window_steps / elapsed,
                     **phase_ms,
                     "time/total": elapsed * 1e3 / window_steps,
                     **memory_stats(d.device),
                 }
             )
             window_start, window_steps = time.perf_counter(), 0
-        if (cfg.ckpt_freq and state.step % cfg.ckpt_freq == 0) or state.step == stop_step:
+        if save_now:
             save_checkpoint(cfg, d, model, optimizer, scheduler, state)
-            last_saved = state.step
             window_start = time.perf_counter()  # checkpoint time is not training throughput
-
-    if last_saved != state.step:
-        save_checkpoint(cfg, d, model, optimizer, scheduler, state)
+        if stopped_by:
+            log.info(f"Stopped by {stopped_by} at step {state.step}; checkpoint saved")
+            return
     log.info(
         f"Done: {state.step} steps in {time.perf_counter() - t_start:.1f}s. "
         f"Checkpoints: {ckpt_root}  Metrics: {cfg.exp_dir / 'metrics.jsonl'}"
@@ -860,26 +1079,26 @@ def train(cfg: Config, d: Dist) -> None:
 # Main
 
 
-def report_input_error(e: InputError, rank: int) -> int:
-    """Rank 0 prints the one line and fails the job. Every rank meets the same InputError (inputs are checked
-    identically, or agreed through raise_if_any_failed), so the others leave with 0: a failing rank would make
+def report_job_error(e: JobError, rank: int) -> int:
+    """Rank 0 prints the one line and fails the job. Every rank meets the same JobError (inputs are checked
+    identically, or agreed through a collective), so the others leave with 0: a failing rank would make
     torchrun SIGTERM rank 0 before it has printed why."""
     if rank != 0:
         return 0
     print(f"error: {e}", file=sys.stderr, flush=True)
-    return 2
+    return e.exit_code
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_args(argv)
     except InputError as e:
-        return report_input_error(e, int(os.environ.get("RANK", 0)))
-    d = setup_distributed()
+        return report_job_error(e, int(os.environ.get("RANK", 0)))
+    d = setup_distributed(cfg.dist_timeout)
     try:
         train(cfg, d)
-    except InputError as e:
-        return report_input_error(e, d.rank)
+    except JobError as e:
+        return report_job_error(e, d.rank)
     finally:
         teardown_distributed()
     return 0
