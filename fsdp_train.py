@@ -240,7 +240,7 @@ class StopRequest:
     def _handle(self, signum, frame):
         if signum == signal.SIGINT and self.first_sigint is not None:
             if time.monotonic() - self.first_sigint > 1.0:
-                print(f"[rank{os.environ.get('RANK', 0)}] Aborted by a second SIGINT: no checkpoint saved", flush=True)
+                say(f"[rank{os.environ.get('RANK', 0)}] Aborted by a second SIGINT: no checkpoint saved")
                 os._exit(130)
             return
         if signum == signal.SIGINT:
@@ -253,6 +253,11 @@ class StopRequest:
         flag = torch.tensor([self.signum], dtype=torch.int32)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return signal.Signals(flag.item()).name if flag.item() else None
+
+
+def say(line: str) -> None:
+    """One line in one write(), so lines from several ranks never interleave mid-line (unlike print)."""
+    os.write(sys.stdout.fileno(), (line + "\n").encode())
 
 
 def raise_if_any_failed(error: BaseException | None) -> None:
@@ -631,7 +636,7 @@ def fault_point(name: str, step: int) -> bool:
     if kind != name or not at or int(at) != step:
         return False
     if kind == "sleep_in_save":
-        print(f"FAULT sleep_in_save step {step} rank {os.environ.get('RANK', 0)} pid {os.getpid()}", flush=True)
+        say(f"FAULT sleep_in_save step {step} rank {os.environ.get('RANK', 0)} pid {os.getpid()}")
         time.sleep(float(arg or 60))
     elif kind == "enospc_in_save" and int(os.environ.get("RANK", 0)) == 0:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -672,7 +677,7 @@ def save_checkpoint(cfg: Config, d: Dist, model, optimizer, scheduler, state: Tr
             shutil.rmtree(tmp, ignore_errors=True)
         previous = find_latest_checkpoint(root)
         kept = f"{previous.name} is intact" if previous else "there is no earlier checkpoint"
-        why = first_line(error) if error else "another rank failed to write"
+        why = (getattr(error, "strerror", None) or first_line(error)) if error else "another rank failed to write"
         raise JobError(f"checkpoint at step {state.step} could not be saved ({why}); {kept}")
     if d.is_main:
         meta = {
@@ -970,7 +975,6 @@ def train(cfg: Config, d: Dist) -> None:
     dist.barrier()  # every rank has listed the checkpoints before rank 0 cleans anything
     if d.is_main:
         clean_stale_temp(cfg)
-        write_json_atomic(cfg.exp_dir / "config.json", dataclasses.asdict(cfg))
     state = TrainState()
     if candidates:
         meta = read_meta(candidates[0])
@@ -1002,6 +1006,8 @@ def train(cfg: Config, d: Dist) -> None:
         f"{steps_per_epoch} steps/epoch, schedule {total_steps} steps, stopping at {stop_step}, device {d.device}"
     )
 
+    if d.is_main:  # only now: a run refused above leaves the experiment folder exactly as it was
+        write_json_atomic(cfg.exp_dir / "config.json", dataclasses.asdict(cfg))
     stop = StopRequest()
     params = [p for p in model.parameters() if p.requires_grad]
     timer = PhaseTimer(d.device)

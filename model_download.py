@@ -21,7 +21,6 @@ train, since no hub is reachable from CI):
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -190,13 +189,13 @@ def build_tiny(
     overwrite: bool = False,
 ) -> Path:
     """Write a random-init Llama causal LM and its tokenizer to `out_dir` in HF format (atomically)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     if not corpus.is_dir():
         raise ModelError(f"corpus folder not found: {corpus}")
     if out_dir.exists() and not overwrite:
         raise ModelError(f"{out_dir} already exists (pass --overwrite to replace it)")
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     tokenizer = train_tokenizer(corpus, vocab_size)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -243,7 +242,9 @@ def first_line(e: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    from organize_data import OneLineParser
+
+    p = OneLineParser(description=__doc__)
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--model-name", help="hub id (ORG/NAME) to download into $HF_HOME and verify")
     what.add_argument("--tiny", type=Path, metavar="OUT_DIR", help="build a tiny random Llama + tokenizer here")

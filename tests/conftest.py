@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -64,3 +69,65 @@ def prep(tmp_path_factory) -> dict[str, Path]:
     ok(run([sys.executable, "model_download.py", "--tiny", out["model"], *TINY]))
     ok(run([sys.executable, "model_download.py", "--tiny", out["tied"], "--tied", *TINY]))
     return out
+
+
+def assert_single_error(proc: subprocess.CompletedProcess, fragment: str) -> str:
+    """A failed run that said why in exactly one `error:` line from rank 0, with no Python traceback of ours."""
+    assert proc.returncode != 0, proc.stdout[-3000:]
+    errors = [line for line in proc.stdout.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and fragment in errors[0], proc.stdout[-3000:]
+    assert 'fsdp_train.py", line' not in proc.stdout, proc.stdout[-3000:]
+    return errors[0]
+
+
+class Job:
+    """A torchrun job in the background whose output is read line by line, to act at a known moment."""
+
+    def __init__(self, args: list, nproc: int = 2, env: dict | None = None, launcher_args: tuple = ()):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        cmd += [*launcher_args, "fsdp_train.py", *[str(a) for a in args]]
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+        self.proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True,  # so cleanup can kill every process of the job
+        )  # fmt: skip
+        self.lines: list[str] = []
+        self.done = False
+        self._cond = threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            with self._cond:
+                self.lines.append(line)
+                self._cond.notify_all()
+        with self._cond:
+            self.done = True
+            self._cond.notify_all()
+
+    def wait_for(self, pattern: str, count: int = 1, timeout: float = 120) -> list[re.Match]:
+        """Block until `count` output lines match the regex; return the matches."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                found = list(re.finditer(pattern, self.output))
+                if len(found) >= count:
+                    return found
+                left = deadline - time.monotonic()
+                if self.done or left <= 0:
+                    raise AssertionError(f"no {pattern!r} ({'job ended' if self.done else 'timeout'}):\n{self.output}")
+                self._cond.wait(left)
+
+    def wait(self, timeout: float = 120) -> int:
+        rc = self.proc.wait(timeout=timeout)
+        with self._cond:
+            self._cond.wait_for(lambda: self.done, timeout=10)
+        return rc
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def kill_all(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)

@@ -1,0 +1,253 @@
+"""What a cluster does to a job: kill -9 anywhere, pre-emption signals, another world size, damaged checkpoints.
+
+Every test re-runs the same command afterwards and checks the result against an uninterrupted run, bitwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TRAIN, Job, assert_single_error, ok, read_metrics, run, torchrun, tree_digest
+
+import fsdp_train as ft
+
+pytestmark = pytest.mark.slow
+
+
+def args_for(prep, save_dir: Path, exp: str, *extra, model: str = "model") -> list:
+    return ["-e", exp, "-d", prep["dataset"], "-m", prep[model], "--save-dir", save_dir, *TRAIN, *extra]
+
+
+def model_weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = ckpt.parent / f"{ckpt.name}.pt"
+    dcp_to_torch_save(ckpt, out)
+    return torch.load(out, weights_only=True)["model"]
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = model_weights(a), model_weights(b)
+    assert wa.keys() == wb.keys()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa), [k for k in wa if not torch.equal(wa[k], wb[k])]
+
+
+@pytest.fixture(scope="module")
+def reference(prep, tmp_path_factory):
+    """Uninterrupted runs, by number of steps: the results every interrupted run must reproduce exactly."""
+    save_dir, done = tmp_path_factory.mktemp("reference"), {}
+
+    def get(steps: int) -> Path:
+        if steps not in done:
+            ok(torchrun(args_for(prep, save_dir, f"ref{steps}", "--max-steps", steps, "--ckpt-freq", "4")))
+            done[steps] = save_dir / f"ref{steps}" / "checkpoints" / f"step-{steps}"
+        return done[steps]
+
+    return get
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def wait_until_dead(pids: list[int], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while any(alive(p) for p in pids):
+        assert time.monotonic() < deadline, f"still alive: {[p for p in pids if alive(p)]}"
+        time.sleep(0.1)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# kill -9
+
+
+@pytest.mark.parametrize("victim", ["worker", "agent"])
+def test_sigkill_inside_a_checkpoint_save_then_rerun_is_bitwise_equal(prep, reference, tmp_path, victim):
+    args = args_for(prep, tmp_path, "exp", "--max-steps", 12, "--ckpt-freq", 4)
+    job = Job(args, env={"FSDP_TRAIN_FAULT": "sleep_in_save:8:10"})
+    try:
+        pids = {int(m[1]): int(m[2]) for m in job.wait_for(r"FAULT sleep_in_save step 8 rank (\d) pid (\d+)", 2)}
+        os.kill(pids[1] if victim == "worker" else job.proc.pid, signal.SIGKILL)
+        if victim == "agent":  # the workers notice their agent is gone and die too: no orphan keeps writing
+            wait_until_dead(list(pids.values()))
+        assert job.wait(timeout=60) != 0
+    finally:
+        job.kill_all()
+    ckpts = tmp_path / "exp" / "checkpoints"
+    assert (ckpts / ".tmp-step-8").is_dir() and not (ckpts / "step-8").exists()
+    assert ft.find_latest_checkpoint(ckpts) == ckpts / "step-4"
+
+    again = ok(torchrun(args))
+    assert "Removing incomplete checkpoint" in again.stdout and "Resuming from step 4" in again.stdout
+    assert not list(ckpts.glob(".tmp-*"))
+    assert_same_weights(ckpts / "step-12", reference(12))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Pre-emption and Ctrl+C, through torchrun
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1", "SIGINT"])
+def test_signal_to_torchrun_saves_and_stops_then_rerun_is_bitwise_equal(prep, reference, tmp_path, sig):
+    args = args_for(prep, tmp_path, "exp", "--max-steps", 30, "--ckpt-freq", 100)
+    # torchrun forwards the signals it handles; Slurm's USR1 must be added to its list (as in the README).
+    job = Job(args, launcher_args=("--signals-to-handle", "SIGTERM,SIGINT,SIGUSR1"))
+    try:
+        job.wait_for(r"step 2/30")
+        os.kill(job.proc.pid, getattr(signal, sig))
+        job.wait(timeout=60)
+    finally:
+        job.kill_all()
+    (stopped,) = job.wait_for(rf"Stopped by {sig} at step (\d+); checkpoint saved")
+    step = int(stopped[1])
+    assert 2 <= step < 30
+    ckpts = tmp_path / "exp" / "checkpoints"
+    assert ft.find_latest_checkpoint(ckpts) == ckpts / f"step-{step}"
+
+    again = ok(torchrun(args))
+    assert f"Resuming from step {step}" in again.stdout
+    assert_same_weights(ckpts / "step-30", reference(30))
+
+
+def test_second_sigint_aborts_at_once_without_saving(prep, tmp_path):
+    job = Job(
+        args_for(prep, tmp_path, "exp", "--max-steps", 8, "--ckpt-freq", 4),
+        env={"FSDP_TRAIN_FAULT": "sleep_in_save:4:60"},
+    )
+    try:
+        pids = [int(m[1]) for m in job.wait_for(r"FAULT sleep_in_save step 4 rank \d pid (\d+)", 2)]
+        for pid in pids:
+            os.kill(pid, signal.SIGINT)  # first: stop after this step (the save is still sleeping)
+        time.sleep(1.2)  # a second SIGINT within 1 s is the same Ctrl+C forwarded by torchrun, not a second press
+        t0 = time.monotonic()
+        for pid in pids:
+            os.kill(pid, signal.SIGINT)
+        wait_until_dead(pids)
+        assert time.monotonic() - t0 < 10  # not the 60 s the save would still have slept
+        job.wait(timeout=60)
+    finally:
+        job.kill_all()
+    assert "Aborted by a second SIGINT: no checkpoint saved" in job.output
+    assert ft.find_latest_checkpoint(tmp_path / "exp" / "checkpoints") is None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Another number of ranks on resume
+
+
+def traced(folder: Path) -> list[dict]:
+    return [json.loads(line) for f in sorted(folder.glob("rank*.jsonl")) for line in f.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("new_world", [1, 3])
+def test_resume_on_another_world_size_loses_and_repeats_no_sample(prep, tmp_path, new_world):
+    trace = tmp_path / "trace"
+    trace.mkdir()
+    env = {"FSDP_TRAIN_TRACE_SAMPLES": str(trace)}
+    args = args_for(prep, tmp_path, "exp", "-b", 8, "--ckpt-freq", 3)  # one epoch, global batch 16 on 2 ranks
+    job = Job([*args, "--max-steps", 6], env=env)
+    assert job.wait() == 0, job.output
+    resumed = ok(torchrun(args, nproc=new_world, env=env))
+    assert "Resuming from step 6" in resumed.stdout
+    assert f"Checkpoint was saved by 2 ranks, now {new_world}: global batch 16 -> {8 * new_world}" in resumed.stdout
+
+    records = traced(trace)
+    assert {r["epoch"] for r in records} == {0}
+    consumed = [i for r in records for i in r["indices"]]
+    assert len(consumed) == len(set(consumed))  # nothing repeated
+    import datasets
+
+    (cache,) = (tmp_path / ".cache" / "tokenized").iterdir()
+    n = len(datasets.load_from_disk(str(cache / "data")))
+    perm = ft.epoch_permutation(n, seed=0, epoch=0).tolist()
+    assert sorted(consumed) == sorted(perm[: len(consumed)])  # a prefix of the epoch's order: nothing skipped
+    assert n - len(consumed) < 8 * new_world  # only the last partial global batch is left, as in any epoch
+    assert all(m["loss"] == m["loss"] for m in read_metrics(tmp_path / "exp"))  # finite after resharding
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Damaged or foreign checkpoints, failed saves, NaN
+
+
+@pytest.fixture(scope="module")
+def four_steps(prep, tmp_path_factory) -> Path:
+    """A finished 4-step run with complete checkpoints step-2 and step-4."""
+    save_dir = tmp_path_factory.mktemp("four")
+    ok(torchrun(args_for(prep, save_dir, "exp", "--max-steps", 4, "--ckpt-freq", 2)))
+    return save_dir
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_truncated_checkpoint_falls_back_to_the_previous_one(prep, reference, four_steps, tmp_path):
+    save_dir = copy_run(four_steps, tmp_path / "save")
+    shard = save_dir / "exp/checkpoints/step-4/__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    proc = ok(torchrun(args_for(prep, save_dir, "exp", "--max-steps", 12, "--ckpt-freq", 4)))
+    assert "step-4 is damaged" in proc.stdout and "Resuming from step 2" in proc.stdout
+    assert_same_weights(save_dir / "exp/checkpoints/step-12", reference(12))
+
+
+def test_garbage_state_json_does_not_stop_a_resume(prep, four_steps, tmp_path):
+    save_dir = copy_run(four_steps, tmp_path / "save")
+    (save_dir / "exp/state.json").write_text("{not json")
+    proc = ok(torchrun(args_for(prep, save_dir, "exp", "--max-steps", 6, "--ckpt-freq", 2)))
+    assert "Resuming from step 4" in proc.stdout
+    assert json.loads((save_dir / "exp/state.json").read_text())["global_step"] == 6
+
+
+def test_checkpoint_of_a_different_model_is_refused_before_loading(prep, four_steps, tmp_path):
+    save_dir = copy_run(four_steps, tmp_path / "save")
+    other = tmp_path / "other"
+    ok(run([sys.executable, "model_download.py", "--tiny", other, "--vocab-size", "512", "--hidden-size", "32",
+            "--num-layers", "2"]))  # fmt: skip
+    before = tree_digest(save_dir / "exp")
+    args = args_for(prep, save_dir, "exp", "--max-steps", 6)
+    args[args.index(prep["model"])] = other
+    line = assert_single_error(torchrun(args), "was saved from a different model")
+    assert "lm_head.weight is [512, 64] there but [512, 32] here" in line
+    assert tree_digest(save_dir / "exp") == before
+
+
+def test_disk_full_during_save_keeps_the_previous_checkpoint(prep, four_steps, tmp_path):
+    save_dir = copy_run(four_steps, tmp_path / "save")
+    before = tree_digest(save_dir / "exp/checkpoints")
+    proc = torchrun(
+        args_for(prep, save_dir, "exp", "--max-steps", 6, "--ckpt-freq", 2),
+        env={"FSDP_TRAIN_FAULT": "enospc_in_save:6"},
+    )
+    assert_single_error(proc, "checkpoint at step 6 could not be saved (No space left on device); step-4 is intact")
+    assert tree_digest(save_dir / "exp/checkpoints") == before  # no step-6, no temp folder, step-2/4 untouched
+
+
+def test_nan_loss_stops_without_saving(prep, four_steps, tmp_path):
+    save_dir = copy_run(four_steps, tmp_path / "save")
+    before = tree_digest(save_dir / "exp/checkpoints")
+    proc = torchrun(
+        args_for(prep, save_dir, "exp", "--max-steps", 8, "--ckpt-freq", 2), env={"FSDP_TRAIN_FAULT": "nan_loss:5"}
+    )
+    assert_single_error(proc, "became NaN/inf by step 5; stopped without saving it (the last good checkpoint, step-4")
+    assert tree_digest(save_dir / "exp/checkpoints") == before
+
+
+def test_model_not_in_the_offline_cache(prep, tmp_path):
+    args = args_for(prep, tmp_path, "exp", "--max-steps", 2)
+    args[args.index(prep["model"])] = "acme/not-cached"
+    proc = torchrun(args, env={"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"})
+    assert_single_error(proc, "cannot load model 'acme/not-cached'")
+    assert not (tmp_path / "exp" / "checkpoints").exists()
