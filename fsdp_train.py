@@ -461,8 +461,18 @@ def data_cache_key(dataset, tokenizer, seq_length: int) -> str:
     """Names the packed data by what determines it, so any run with the same inputs reuses it."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     tok_id = backend.to_str() if backend is not None else f"{tokenizer.name_or_path}:{len(tokenizer)}"
-    # datasets' fingerprint is private API, but it is the library's own content hash of the source dataset.
-    parts = [dataset._fingerprint, hashlib.sha256(tok_id.encode()).hexdigest(), str(seq_length), "pack-v1"]
+    # datasets' fingerprint is private API and follows how a dataset was built, not what its files hold now (a
+    # dataset re-made with --overwrite can keep it), so the Arrow files' size and mtime go into the key too.
+    files = [
+        (f["filename"], os.stat(f["filename"]).st_size, os.stat(f["filename"]).st_mtime_ns) for f in dataset.cache_files
+    ]
+    parts = [
+        dataset._fingerprint,
+        json.dumps(files),
+        hashlib.sha256(tok_id.encode()).hexdigest(),
+        str(seq_length),
+        "pack-v1",
+    ]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 

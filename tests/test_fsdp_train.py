@@ -69,6 +69,27 @@ def test_tokenize_batch_appends_eos_to_each_document():
     assert out["input_ids"] == [[97, 98, 0]]  # "ab<eos>", then "c<eos>" is an incomplete tail
 
 
+def test_data_cache_key_is_stable_and_changes_with_the_dataset_files(prep, tmp_path):
+    import datasets
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(prep["model"])
+    key = ft.data_cache_key(datasets.load_from_disk(str(prep["dataset"])), tok, 64)
+    assert key == ft.data_cache_key(datasets.load_from_disk(str(prep["dataset"])), tok, 64)
+    assert key != ft.data_cache_key(datasets.load_from_disk(str(prep["dataset"])), tok, 128)
+    # New content under an unchanged fingerprint (data_to_hf.py --overwrite of an edited corpus can do that)
+    # must not reuse stale tokens.
+    a, b = tmp_path / "a", tmp_path / "b"
+    datasets.Dataset.from_dict({"text": ["one"]}).save_to_disk(str(a))
+    datasets.Dataset.from_dict({"text": ["two, longer"]}).save_to_disk(str(b))
+    first = ft.data_cache_key(datasets.load_from_disk(str(a)), tok, 64)
+    arrow = "data-00000-of-00001.arrow"
+    shutil.copy(b / arrow, a / arrow)
+    edited = datasets.load_from_disk(str(a))
+    assert edited[0]["text"] == "two, longer"
+    assert ft.data_cache_key(edited, tok, 64) != first
+
+
 def test_rank_batches_partition_the_global_batch_and_survive_a_world_size_change():
     perm = ft.epoch_permutation(100, seed=0, epoch=0)
     assert torch.equal(perm, ft.epoch_permutation(100, seed=0, epoch=0))
