@@ -64,12 +64,20 @@ class InputError(JobError, ValueError):
     exit_code = 2
 
 
-def _opt(default, help: str, short: str | None = None):
-    return field(default=default, metadata={"help": help, "short": short})
+def _opt(default, help: str, short: str | None = None, choices: tuple | None = None):
+    return field(default=default, metadata={"help": help, "short": short, "choices": choices})
+
+
+LR_SCHEDULERS = ("cosine", "linear", "constant", "wsd")
 
 
 @dataclass
 class Config:
+    config: str = _opt(
+        "",
+        "YAML file setting any of these flags (snake_case or kebab-case keys); flags given "
+        "on the command line override it",
+    )
     experiment_name: str = _opt("default", "run name; outputs go to SAVE_DIR/EXP", "-e")
     dataset_name: str = _opt("", "save_to_disk folder with a 'text' column, or a hub dataset id (cache)", "-d")
     model_name: str = _opt("", "local HF model folder, or a hub id resolved through HF_HOME", "-m")
@@ -82,8 +90,15 @@ class Config:
         "LR schedule, so a run stopped at N and continued to M equals an M-step run",
     )
     lr: float = _opt(1e-4, "peak learning rate")
-    warmup_steps: int = _opt(10, "linear warmup steps, then cosine decay to --min-lr-ratio x lr")
-    min_lr_ratio: float = _opt(0.1, "final LR as a fraction of --lr")
+    lr_scheduler: str = _opt(
+        "cosine",
+        "LR after warmup: cosine or linear decay to --min-lr-ratio x lr, constant, "
+        "or wsd (stable, then linear decay over the last --decay-fraction)",
+        choices=LR_SCHEDULERS,
+    )
+    warmup_steps: int = _opt(10, "linear warmup steps from lr/warmup to lr")
+    min_lr_ratio: float = _opt(0.1, "final LR as a fraction of --lr (cosine, linear, wsd)")
+    decay_fraction: float = _opt(0.2, "wsd: fraction of the steps after warmup spent decaying")
     weight_decay: float = _opt(0.0, "AdamW weight decay (matrices only, not norms/biases)")
     max_norm: float = _opt(1.0, "gradient clipping max global L2 norm (0: no clipping, norm still logged)")
     batch_size: int = _opt(4, "sequences per rank per step", "-b")
@@ -112,8 +127,15 @@ class Config:
                 raise InputError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise InputError(f"--lr must be a positive number, got {self.lr}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise InputError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+        for f in dataclasses.fields(self):
+            if f.metadata["choices"] and getattr(self, f.name) not in f.metadata["choices"]:
+                choices = ", ".join(f.metadata["choices"])
+                raise InputError(
+                    f"--{f.name.replace('_', '-')} must be one of {choices}, got {getattr(self, f.name)!r}"
+                )
+        for name in ("min_lr_ratio", "decay_fraction"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise InputError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
 
     @property
     def exp_dir(self) -> Path:
@@ -134,14 +156,53 @@ def _on_off(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected on or off, got {value!r}")
 
 
+def _kind(f: dataclasses.Field):
+    return _on_off if isinstance(f.default, bool) else type(f.default)
+
+
+def load_config_file(path: str) -> dict:
+    """Flag values from a YAML file, keyed by Config field name. Unknown keys are an error naming the closest."""
+    import difflib
+
+    import yaml
+
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise InputError(f"cannot read --config {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise InputError(f"--config {path} is not valid YAML: {first_line(e)}") from None
+    if not isinstance(raw, dict):
+        raise InputError(f"--config {path} must be a mapping of flag: value")
+    fields = {f.name: f for f in dataclasses.fields(Config) if f.name != "config"}
+    values = {}
+    for key, value in raw.items():
+        name = str(key).replace("-", "_")
+        if name not in fields:
+            close = difflib.get_close_matches(name, list(fields), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise InputError(f"unknown key '{key}' in --config {path}{hint}")
+        try:  # through the flag's own parser, so `on`, `true` and 1e-4 mean what they mean on the command line
+            values[name] = _kind(fields[name])(str(value).lower() if isinstance(value, bool) else str(value))
+        except (ValueError, argparse.ArgumentTypeError) as e:
+            raise InputError(f"bad value for '{key}' in --config {path}: {e}") from None
+    return values
+
+
 def parse_args(argv: list[str] | None = None) -> Config:
-    """Build the Config from command-line flags; every flag comes from a Config field."""
+    """Build the Config from command-line flags (over --config YAML); every flag comes from a Config field."""
     p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(Config):
         flags = [f"--{f.name.replace('_', '-')}"] + ([f.metadata["short"]] if f.metadata["short"] else [])
-        kind = _on_off if isinstance(f.default, bool) else type(f.default)
         shown = ("on" if f.default else "off") if isinstance(f.default, bool) else f.default
-        p.add_argument(*flags, type=kind, default=f.default, help=f"{f.metadata['help']} (default: {shown})")
+        p.add_argument(
+            *flags, type=_kind(f), default=f.default, choices=f.metadata["choices"],
+            help=f"{f.metadata['help']} (default: {shown})",
+        )  # fmt: skip
+    config_file = p.parse_known_args(argv)[0].config
+    if config_file:
+        p.set_defaults(**load_config_file(config_file))
     cfg = Config(**vars(p.parse_args(argv)))
     cfg.validate()
     return cfg
@@ -545,12 +606,28 @@ class TrainState:
 # Optimizer and schedule
 
 
-def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
-    """LR multiplier for the update after `step` finished steps: linear warmup, then cosine decay to min_ratio."""
+def lr_factor(
+    step: int,
+    warmup_steps: int,
+    total_steps: int,
+    min_ratio: float,
+    kind: str = "cosine",
+    decay_fraction: float = 0.2,
+) -> float:
+    """LR multiplier for the update after `step` finished steps: linear warmup, then `kind` down to min_ratio."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
+    if kind == "constant":
+        return 1.0
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    if kind == "cosine":
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    if kind == "wsd":  # warmup-stable-decay: hold the peak, decay linearly over the last decay_fraction
+        if decay_fraction == 0 or progress <= 1 - decay_fraction:
+            return 1.0
+        progress = (progress - (1 - decay_fraction)) / decay_fraction
+    assert kind in ("linear", "wsd"), kind
+    return 1 - (1 - min_ratio) * progress
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config, d: Dist, total_steps: int):
@@ -561,7 +638,14 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, d: Dist, total_steps: i
     ]
     fused = d.device.type == "cuda" and not cfg.cpu_offload
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, fused=fused, foreach=not fused)
-    schedule = partial(lr_factor, warmup_steps=cfg.warmup_steps, total_steps=total_steps, min_ratio=cfg.min_lr_ratio)
+    schedule = partial(
+        lr_factor,
+        warmup_steps=cfg.warmup_steps,
+        total_steps=total_steps,
+        min_ratio=cfg.min_lr_ratio,
+        kind=cfg.lr_scheduler,
+        decay_fraction=cfg.decay_fraction,
+    )
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 
@@ -811,7 +895,16 @@ def clean_stale_temp(cfg: Config) -> None:
 
 def config_changes(saved: dict, cfg: Config) -> list[str]:
     """Settings that change the maths of a resumed run (not just when it stops or logs)."""
-    harmless = {"max_steps", "log_freq", "ckpt_freq", "keep_latest_k", "save_dir", "activation_checkpointing"}
+    harmless = {
+        "config",
+        "max_steps",
+        "log_freq",
+        "ckpt_freq",
+        "keep_latest_k",
+        "save_dir",
+        "activation_checkpointing",
+        "dist_timeout",
+    }
     now = dataclasses.asdict(cfg)
     return [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in now if k not in harmless and k in saved and saved[k] != now[k]]
 

@@ -44,12 +44,61 @@ def test_parse_args_rejects_bad_input(argv, message):
         ft.parse_args(argv)
 
 
+def test_config_file_sets_flags_and_the_command_line_overrides_it(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("dataset-name: ds\nmodel_name: m\nlr: 1e-4\nbatch_size: 3\nactivation_checkpointing: false\n")
+    cfg = ft.parse_args(["--config", str(path), "-b", "5"])
+    assert (cfg.dataset_name, cfg.model_name, cfg.lr, cfg.batch_size) == ("ds", "m", 1e-4, 5)
+    assert cfg.activation_checkpointing is False and cfg.config == str(path)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("lr_schedular: wsd\n", "unknown key 'lr_schedular' in --config .*; did you mean 'lr_scheduler'\\?"),
+        ("lr_scheduler: cosin\n", "--lr-scheduler must be one of cosine, linear, constant, wsd, got 'cosin'"),
+        ("batch-sise: 2\n", "did you mean 'batch_size'"),
+        ("batch_size: many\n", "bad value for 'batch_size'"),
+        ("cpu_offload: perhaps\n", "bad value for 'cpu_offload'"),
+        ("- a\n- b\n", "must be a mapping"),
+        ("a: [1\n", "is not valid YAML"),
+        ("!!python/object/apply:os.system ['true']\n", "is not valid YAML"),
+    ],
+)
+def test_config_file_errors_name_the_problem(tmp_path, text, message):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(ft.InputError, match=message):
+        ft.parse_args(["--config", str(path), "-d", "ds", "-m", "m"])
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in (Path(__file__).parents[1] / "configs").glob("*.yaml")))
+def test_presets_parse(preset):
+    cfg = ft.parse_args(["--config", f"configs/{preset}", "-d", "ds", "-m", "m"])
+    assert cfg.config == f"configs/{preset}"
+
+
 def test_lr_schedule_warmup_then_cosine_to_floor():
     f = [ft.lr_factor(s, warmup_steps=4, total_steps=20, min_ratio=0.1) for s in range(20)]
     assert f[:4] == [0.25, 0.5, 0.75, 1.0]
     assert all(a >= b for a, b in zip(f[3:], f[4:], strict=False))  # non-increasing after warmup
     assert f[-1] > 0.1 and ft.lr_factor(20, 4, 20, 0.1) == pytest.approx(0.1)
     assert ft.lr_factor(12, 4, 20, 0.1) == pytest.approx(0.55)  # half-way through the decay
+
+
+@pytest.mark.parametrize("kind", ft.LR_SCHEDULERS)
+def test_lr_schedulers_share_the_warmup_and_end_where_they_should(kind):
+    f = [ft.lr_factor(s, 2, 12, 0.1, kind=kind, decay_fraction=0.5) for s in range(13)]
+    assert f[:2] == [0.5, 1.0]
+    assert all(a >= b for a, b in zip(f[2:], f[3:], strict=False))
+    assert f[-1] == pytest.approx(1.0 if kind == "constant" else 0.1)
+
+
+def test_wsd_holds_the_peak_then_decays_linearly():
+    f = [ft.lr_factor(s, 0, 10, 0.0, kind="wsd", decay_fraction=0.4) for s in range(11)]
+    assert f[:7] == [1.0] * 7  # stable for the first 60% of the steps
+    assert f[7:] == pytest.approx([0.75, 0.5, 0.25, 0.0])
+    assert ft.lr_factor(5, 0, 10, 0.0, kind="linear") == pytest.approx(0.5)
 
 
 def test_pack_sequences_keeps_order_and_drops_only_the_tail():
