@@ -79,7 +79,18 @@ class Config:
         "on the command line override it",
     )
     experiment_name: str = _opt("default", "run name; outputs go to SAVE_DIR/EXP", "-e")
-    dataset_name: str = _opt("", "save_to_disk folder with a 'text' column, or a hub dataset id (cache)", "-d")
+    dataset_name: str = _opt(
+        "",
+        "training data: a save_to_disk folder, a .jsonl/.json/.parquet file, or a hub dataset id (cache); "
+        "a 'text' column, or 'messages' / 'instruction'+'output' for chat SFT (loss on assistant tokens only)",
+        "-d",
+    )
+    val_dataset: str = _opt("", "validation data, in any form --dataset-name accepts")
+    val_split: float = _opt(0.0, "carve this fraction of the training documents out for validation (seeded)")
+    eval_freq: int = _opt(0, "evaluate on the validation data every N steps (0: only at the last step)")
+    chat_template: str = _opt(
+        "", "Jinja chat template file for chat data (e.g. configs/chatml.jinja); default: the tokenizer's own"
+    )
     model_name: str = _opt("", "local HF model folder, or a hub id resolved through HF_HOME", "-m")
     save_dir: str = _opt("outputs", "root folder for runs")
     seed: int = _opt(0, "seed for data order and RNG")
@@ -101,10 +112,23 @@ class Config:
     decay_fraction: float = _opt(0.2, "wsd: fraction of the steps after warmup spent decaying")
     weight_decay: float = _opt(0.0, "AdamW weight decay (matrices only, not norms/biases)")
     max_norm: float = _opt(1.0, "gradient clipping max global L2 norm (0: no clipping, norm still logged)")
-    batch_size: int = _opt(4, "sequences per rank per step", "-b")
+    batch_size: int = _opt(4, "sequences per rank per micro-batch", "-b")
+    grad_accum_steps: int = _opt(1, "micro-batches per optimizer step (gradients are synced on the last only)")
+    global_batch_size: int = _opt(0, "sequences per optimizer step over all ranks; sets --grad-accum-steps (0: unset)")
     seq_length: int = _opt(1024, "tokens per packed sequence", "-s")
     activation_checkpointing: bool = _opt(True, "recompute each block's activations in backward (on|off)")
     cpu_offload: bool = _opt(False, "keep sharded params, grads and optimizer state in CPU memory (on|off)")
+    dtype: str = _opt(
+        "auto",
+        "compute dtype: bf16 (fp32 master weights and gradient reduction) or fp32; auto = bf16 on CUDA, fp32 on CPU",
+        choices=("auto", "bf16", "fp32"),
+    )
+    pure_bf16: bool = _opt(
+        False,
+        "params, gradients and AdamW state in bf16: half the memory, but small updates "
+        "are lost to rounding; for memory-bound runs (on|off)",
+    )
+    compile: bool = _opt(False, "torch.compile each block (first step pays the compilation) (on|off)")
     log_freq: int = _opt(10, "log metrics every N steps")
     ckpt_freq: int = _opt(100, "checkpoint every N steps (0: only at the end); always at the end")
     keep_latest_k: int = _opt(2, "complete checkpoints to keep")
@@ -117,8 +141,24 @@ class Config:
                 raise InputError(f"--{name.replace('_', '-')} is required")
         if not re.fullmatch(r"[\w.\-]+", self.experiment_name):
             raise InputError(f"--experiment-name {self.experiment_name!r}: use letters, digits, '.', '_', '-' only")
-        positive = ("batch_size", "seq_length", "num_epochs", "log_freq", "keep_latest_k", "dist_timeout")
-        non_negative = ("max_steps", "warmup_steps", "ckpt_freq", "max_norm", "weight_decay")
+        positive = (
+            "batch_size",
+            "seq_length",
+            "num_epochs",
+            "log_freq",
+            "keep_latest_k",
+            "dist_timeout",
+            "grad_accum_steps",
+        )
+        non_negative = (
+            "max_steps",
+            "warmup_steps",
+            "ckpt_freq",
+            "max_norm",
+            "weight_decay",
+            "eval_freq",
+            "global_batch_size",
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -133,9 +173,32 @@ class Config:
                 raise InputError(
                     f"--{f.name.replace('_', '-')} must be one of {choices}, got {getattr(self, f.name)!r}"
                 )
+        if not 0 <= self.val_split < 1:
+            raise InputError(f"--val-split must be in [0, 1), got {self.val_split}")
+        if self.val_split and self.val_dataset:
+            raise InputError("use either --val-split or --val-dataset, not both")
+        if self.pure_bf16 and self.dtype == "fp32":
+            raise InputError("--pure-bf16 on needs --dtype bf16 or auto")
         for name in ("min_lr_ratio", "decay_fraction"):
             if not 0 <= getattr(self, name) <= 1:
                 raise InputError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
+
+    def resolve_grad_accum(self, world_size: int) -> int:
+        """Micro-batches per step: --grad-accum-steps, or derived from --global-batch-size for this world size."""
+        if not self.global_batch_size:
+            return self.grad_accum_steps
+        per_micro = self.batch_size * world_size
+        if self.global_batch_size % per_micro:
+            raise InputError(
+                f"--global-batch-size {self.global_batch_size} is not a multiple of --batch-size {self.batch_size} x "
+                f"{world_size} ranks = {per_micro}"
+            )
+        return self.global_batch_size // per_micro
+
+    def compute_dtype(self, device: torch.device) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.bfloat16 if self.dtype == "bf16" else torch.float32
 
     @property
     def exp_dir(self) -> Path:
@@ -226,6 +289,8 @@ class Dist:
 
 def setup_distributed(timeout_minutes: float = 30.0) -> Dist:
     """Join the torchrun job (or a 1-process group when run directly). NCCL+CUDA if GPUs exist, else gloo+CPU."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # before the rendezvous, which would wait for a dead agent's store
+        exit_with_parent()
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if torch.cuda.is_available():
@@ -242,8 +307,6 @@ def setup_distributed(timeout_minutes: float = 30.0) -> Dist:
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **kwargs)
     setup_logging(rank)
-    if "TORCHELASTIC_RUN_ID" in os.environ:
-        exit_with_parent()
     return Dist(rank, local_rank, world_size, device)
 
 
@@ -411,12 +474,14 @@ def shard_model(model: torch.nn.Module, cfg: Config, d: Dist) -> None:
 
     mesh = init_device_mesh(d.device.type, (d.world_size,))
     cuda = d.device.type == "cuda"
+    mixed = cfg.compute_dtype(d.device) == torch.bfloat16 and not cfg.pure_bf16
     fsdp_kwargs = dict(
         mesh=mesh,
         reshard_after_forward=True,
-        # bf16 compute, fp32 master weights and fp32 gradient reduction on GPUs; plain fp32 on CPU.
+        # bf16 compute with fp32 master weights and fp32 gradient reduction; with --pure-bf16 the params already
+        # are bf16, so there is nothing to cast.
         mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        if cuda
+        if mixed
         else MixedPrecisionPolicy(),
         # Pinned host memory needs a CUDA device; a CPU-only host must not ask for it.
         offload_policy=CPUOffloadPolicy(pin_memory=cuda) if cfg.cpu_offload else OffloadPolicy(),
@@ -425,6 +490,8 @@ def shard_model(model: torch.nn.Module, cfg: Config, d: Dist) -> None:
         if cfg.activation_checkpointing:
             block = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
             parent.register_module(attr, block)
+        if cfg.compile:  # in place (Module.compile), so parameter names and state dicts keep their keys
+            block.compile()
         fully_shard(block, **fsdp_kwargs)
     fully_shard(model, **fsdp_kwargs)
 
@@ -433,6 +500,11 @@ def nonpersistent_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Buffers missing from state_dict (e.g. rotary inv_freq): garbage after to_empty, so we carry them ourselves."""
     persistent = set(model.state_dict())
     return {clean_fqn(n): b for n, b in model.named_buffers() if clean_fqn(n) not in persistent}
+
+
+def param_dtype(cfg: Config) -> torch.dtype:
+    """Dtype of the sharded (master) parameters: fp32, or bf16 with --pure-bf16."""
+    return torch.bfloat16 if cfg.pure_bf16 else torch.float32
 
 
 def build_model(cfg: Config, d: Dist, load_pretrained: bool) -> torch.nn.Module:
@@ -445,8 +517,9 @@ def build_model(cfg: Config, d: Dist, load_pretrained: bool) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     config = load_model_config(cfg.model_name, cfg.trust_remote_code)
+    dtype = param_dtype(cfg)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
     shard_model(model, cfg, d)
     model.to_empty(device="cpu" if cfg.cpu_offload else d.device)
     if cfg.cpu_offload:  # FSDP keeps offloaded params on the host, but buffers are used where compute happens
@@ -458,7 +531,7 @@ def build_model(cfg: Config, d: Dist, load_pretrained: bool) -> torch.nn.Module:
         full_sd, ref_buffers = {}, {}
         if d.is_main:
             ref = AutoModelForCausalLM.from_pretrained(
-                cfg.model_name, config=config, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code
+                cfg.model_name, config=config, dtype=dtype, trust_remote_code=cfg.trust_remote_code
             )
             full_sd, ref_buffers = ref.state_dict(), dict(ref.named_buffers())
         set_model_state_dict(model, full_sd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
@@ -479,30 +552,50 @@ def count_params(model: torch.nn.Module) -> int:
 # Data
 
 
-def load_text_dataset(name: str):
-    """A `save_to_disk` folder (or a hub dataset id from the cache) with a non-empty 'text' column."""
+def load_dataset_any(name: str):
+    """A `save_to_disk` folder, a local .jsonl/.json/.parquet file, or a hub dataset id from the cache."""
     import datasets
 
+    path = Path(name)
     try:
-        if Path(name).exists():
+        if path.is_file() and path.suffix in (".jsonl", ".json", ".parquet"):
+            builder = "parquet" if path.suffix == ".parquet" else "json"
+            ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+        elif path.exists():
             ds = datasets.load_from_disk(name)
         elif re.fullmatch(r"[\w.\-]+(/[\w.\-]+)?", name) and not name.startswith("."):
             ds = datasets.load_dataset(name)
         else:
-            raise FileNotFoundError(f"no such folder: {name}")
+            raise FileNotFoundError(f"no such folder or .jsonl/.json/.parquet file: {name}")
     except (FileNotFoundError, ValueError, OSError) as e:
         raise InputError(f"cannot load dataset '{name}': {first_line(e)}") from None
     except IndexError:  # datasets saves an empty Dataset with 0 shards, then cannot load it back
         raise InputError(f"dataset '{name}' is empty") from None
+    except datasets.exceptions.DatasetGenerationError as e:
+        raise InputError(f"cannot read dataset file '{name}': {first_line(e.__cause__ or e)}") from None
     if isinstance(ds, datasets.DatasetDict):
         if "train" not in ds:
             raise InputError(f"dataset '{name}' has splits {sorted(ds)} but no 'train' split")
         ds = ds["train"]
-    if "text" not in ds.column_names:
-        raise InputError(f"dataset '{name}' has no 'text' column (columns: {', '.join(ds.column_names)})")
+    dataset_kind(ds, name)
     if len(ds) == 0:
         raise InputError(f"dataset '{name}' is empty")
     return ds
+
+
+def dataset_kind(ds, name: str) -> str:
+    """'messages' (chat), 'alpaca' (instruction/input/output) or 'text' (plain documents)."""
+    columns = set(ds.column_names)
+    if "messages" in columns:
+        return "messages"
+    if {"instruction", "output"} <= columns:
+        return "alpaca"
+    if "text" in columns:
+        return "text"
+    raise InputError(
+        f"dataset '{name}' has no 'text' column (nor 'messages', nor 'instruction'/'output'); "
+        f"columns: {', '.join(sorted(columns))}"
+    )
 
 
 def pack_sequences(token_lists: list[list[int]], seq_length: int) -> list[list[int]]:
@@ -518,7 +611,87 @@ def tokenize_batch(batch: dict, tokenizer, seq_length: int) -> dict:
     return {"input_ids": pack_sequences(docs, seq_length)}
 
 
-def data_cache_key(dataset, tokenizer, seq_length: int) -> str:
+def alpaca_to_messages(instruction: str, input: str | None, output: str) -> list[dict]:
+    prompt = f"{instruction}\n\n{input}" if input else instruction
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
+
+
+def chat_example(messages: list[dict], tokenizer, template: str | None) -> tuple[list[int], list[int]]:
+    """Token ids of a rendered conversation and labels that keep only the assistant turns (others -100).
+
+    Each assistant turn spans from the end of the conversation rendered up to it with the generation prompt, to the
+    end of the conversation rendered through it: its content and end-of-turn tokens, learned so the model stops.
+    Characters are mapped to tokens through offsets, so BPE merges across a boundary cannot shift the mask.
+    """
+
+    def render(msgs, prompt):
+        return tokenizer.apply_chat_template(msgs, chat_template=template, tokenize=False, add_generation_prompt=prompt)
+
+    text = render(messages, False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] == "assistant":
+            start, end = len(render(messages[:i], True)), len(render(messages[: i + 1], False))
+            if not text.startswith(render(messages[: i + 1], False)) or start > end:
+                raise InputError("the chat template renders a conversation's turns inconsistently (prefixes differ)")
+            spans.append((start, end))
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    labels = [
+        tok if any(s <= a < e for s, e in spans) else -100
+        for tok, (a, _) in zip(enc["input_ids"], enc["offset_mapping"], strict=True)
+    ]
+    return enc["input_ids"], labels
+
+
+def pack_examples(examples: list[tuple[list[int], list[int]]], seq_length: int, pad_id: int) -> dict:
+    """Greedy packing that never splits an example across blocks; the rest of a block is padding with label -100.
+
+    An example longer than a block is truncated. `num_tokens` counts the real (non-padding) tokens of each block.
+    """
+    blocks: dict[str, list] = {"input_ids": [], "labels": [], "num_tokens": []}
+    ids: list[int] = []
+    labels: list[int] = []
+
+    def close():
+        if ids:
+            blocks["num_tokens"].append(len(ids))
+            blocks["input_ids"].append(ids + [pad_id] * (seq_length - len(ids)))
+            blocks["labels"].append(labels + [-100] * (seq_length - len(labels)))
+
+    for ex_ids, ex_labels in examples:
+        ex_ids, ex_labels = ex_ids[:seq_length], ex_labels[:seq_length]
+        if len(ids) + len(ex_ids) > seq_length:
+            close()
+            ids, labels = [], []
+        ids, labels = ids + ex_ids, labels + ex_labels
+    close()
+    return blocks
+
+
+def tokenize_chat_batch(batch: dict, tokenizer, seq_length: int, template: str | None, kind: str) -> dict:
+    if kind == "alpaca":
+        inputs = batch.get("input") or [None] * len(batch["instruction"])
+        conversations = [
+            alpaca_to_messages(*row) for row in zip(batch["instruction"], inputs, batch["output"], strict=True)
+        ]
+    else:
+        conversations = batch["messages"]
+    examples = [chat_example(m, tokenizer, template) for m in conversations]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return pack_examples(examples, seq_length, pad)
+
+
+def chat_template_for(cfg: Config, tokenizer) -> str | None:
+    """--chat-template FILE, else the tokenizer's own template (None when there is neither)."""
+    if not cfg.chat_template:
+        return tokenizer.chat_template
+    try:
+        return Path(cfg.chat_template).read_text()
+    except OSError as e:
+        raise InputError(f"cannot read --chat-template {cfg.chat_template}: {e.strerror}") from None
+
+
+def data_cache_key(dataset, tokenizer, seq_length: int, extra: str = "") -> str:
     """Names the packed data by what determines it, so any run with the same inputs reuses it."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     tok_id = backend.to_str() if backend is not None else f"{tokenizer.name_or_path}:{len(tokenizer)}"
@@ -532,17 +705,47 @@ def data_cache_key(dataset, tokenizer, seq_length: int) -> str:
         json.dumps(files),
         hashlib.sha256(tok_id.encode()).hexdigest(),
         str(seq_length),
-        "pack-v1",
+        extra,
+        "pack-v2",
     ]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
-def prepare_data(cfg: Config, d: Dist, tokenizer):
-    """Tokenize and pack once (rank 0, batched map), cache under SAVE_DIR/.cache; every rank memory-maps the result."""
+def load_datasets(cfg: Config):
+    """(train, validation or None) raw datasets: --val-dataset, or a seeded --val-split of the documents."""
+    train = load_dataset_any(cfg.dataset_name)
+    if cfg.val_dataset:
+        return train, load_dataset_any(cfg.val_dataset)
+    if cfg.val_split > 0:
+        if len(train) < 2:
+            raise InputError(f"--val-split needs at least 2 documents, dataset '{cfg.dataset_name}' has {len(train)}")
+        # keep_in_memory: the split's index mapping would otherwise be written into the user's dataset folder.
+        parts = train.train_test_split(test_size=cfg.val_split, seed=cfg.seed, keep_in_memory=True)
+        return parts["train"], parts["test"]
+    return train, None
+
+
+def prepare_data(cfg: Config, d: Dist, tokenizer, ds, role: str):
+    """Tokenize and pack once (rank 0, batched map), cache under SAVE_DIR/.cache; every rank memory-maps the result.
+
+    Text documents are concatenated with EOS and cut into full blocks (every token trains); chat/instruction
+    examples are rendered with the chat template, masked to the assistant turns and packed without splitting.
+    """
     import datasets
 
-    ds = load_text_dataset(cfg.dataset_name)
-    cache = Path(cfg.save_dir) / ".cache" / "tokenized" / data_cache_key(ds, tokenizer, cfg.seq_length)
+    kind = dataset_kind(ds, role)
+    template = chat_template_for(cfg, tokenizer) if kind != "text" else None
+    if kind != "text" and not template:
+        raise InputError(
+            f"the {role} data is chat/instruction data but the tokenizer has no chat template; "
+            "pass --chat-template configs/chatml.jinja (or another Jinja template)"
+        )
+    if kind == "text":
+        fn = partial(tokenize_batch, tokenizer=tokenizer, seq_length=cfg.seq_length)
+    else:
+        fn = partial(tokenize_chat_batch, tokenizer=tokenizer, seq_length=cfg.seq_length, template=template, kind=kind)
+    key = data_cache_key(ds, tokenizer, cfg.seq_length, f"{role}|{kind}|{template or ''}")
+    cache = Path(cfg.save_dir) / ".cache" / "tokenized" / key
     error = None
     if d.is_main and not cache.is_dir():
         t0 = time.perf_counter()
@@ -553,29 +756,38 @@ def prepare_data(cfg: Config, d: Dist, tokenizer):
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we parallelise with processes instead
             num_proc = min(os.cpu_count() or 1, len(ds) // 2000) or None
             packed = ds.map(
-                partial(tokenize_batch, tokenizer=tokenizer, seq_length=cfg.seq_length),
+                fn,
                 batched=True,
                 batch_size=1000,
                 remove_columns=ds.column_names,
                 num_proc=num_proc,
                 # Keep map's scratch files out of the user's dataset folder, which may be read-only.
                 cache_file_name=str(tmp / "map" / "packed.arrow"),
-                desc="tokenize+pack",
+                desc=f"tokenize+pack {role}",
             )
             if len(packed) == 0:
-                raise InputError(f"dataset '{cfg.dataset_name}' has fewer than {cfg.seq_length} tokens: no full block")
+                raise InputError(f"the {role} data has fewer than {cfg.seq_length} tokens: no full block")
             packed.save_to_disk(str(tmp / "data"))
             del packed
             shutil.rmtree(tmp / "map")
             tmp.rename(cache)
-            log.info(f"Tokenized {len(ds):,} documents into {cache} in {time.perf_counter() - t0:.1f}s")
+            log.info(f"Tokenized {len(ds):,} {role} {kind} examples into {cache} in {time.perf_counter() - t0:.1f}s")
         except Exception as e:  # noqa: BLE001 - re-raised on this rank after the other ranks are told
             error = e
             shutil.rmtree(tmp, ignore_errors=True)
     else:
-        log.info(f"Using tokenized data cache {cache}")
+        log.info(f"Using tokenized {role} data cache {cache}")
     raise_if_any_failed(error)
     return datasets.load_from_disk(str(cache / "data")).with_format("torch")
+
+
+def fetch_batch(data, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(input_ids, labels, real tokens) of some packed blocks; text blocks train on every token."""
+    rows = data[indices]
+    ids = rows["input_ids"]
+    labels = rows.get("labels", ids)
+    real = int(rows["num_tokens"].sum()) if "num_tokens" in rows else ids.numel()
+    return ids, labels, real
 
 
 def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
@@ -737,7 +949,7 @@ def fault_point(name: str, step: int) -> bool:
     return True
 
 
-def save_checkpoint(cfg: Config, d: Dist, model, optimizer, scheduler, state: TrainState) -> Path:
+def save_checkpoint(cfg: Config, d: Dist, model, optimizer, scheduler, state: TrainState, accum: int = 1) -> Path:
     """Write step-N/ atomically: DCP shards + per-rank RNG into a temp folder, then meta, marker, rename, prune.
 
     If any rank fails to write (disk full, I/O error), every rank learns it, the temp folder is removed and the
@@ -779,7 +991,7 @@ def save_checkpoint(cfg: Config, d: Dist, model, optimizer, scheduler, state: Tr
             "epoch": state.epoch,
             "epoch_offset": state.offset,
             "world_size": d.world_size,
-            "batch_size": cfg.batch_size,
+            "grad_accum_steps": accum,
             "scheduler": scheduler.state_dict(),
             "config": dataclasses.asdict(cfg),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -897,6 +1109,8 @@ def config_changes(saved: dict, cfg: Config) -> list[str]:
     """Settings that change the maths of a resumed run (not just when it stops or logs)."""
     harmless = {
         "config",
+        "eval_freq",
+        "compile",
         "max_steps",
         "log_freq",
         "ckpt_freq",
@@ -984,6 +1198,98 @@ class MetricsLogger:
         )
 
 
+@torch.no_grad()
+def evaluate(model, data, cfg: Config, d: Dist) -> dict[str, float]:
+    """Token-weighted loss over all validation blocks and ranks (not a mean of per-rank means).
+
+    Every rank runs the same number of forwards (FSDP all-gathers in each one); a rank short of blocks repeats
+    block 0 with every label masked, which adds nothing. No RNG is drawn, so training continues unchanged.
+    """
+    model.eval()
+    per_rank = math.ceil(len(data) / d.world_size)
+    mine = list(range(d.rank, len(data), d.world_size))
+    mine += [-1] * (per_rank - len(mine))
+    totals = torch.zeros(2, dtype=torch.float64, device=d.device)  # loss sum, tokens
+    for i in range(0, per_rank, cfg.batch_size):
+        chunk = mine[i : i + cfg.batch_size]
+        ids, labels, _ = fetch_batch(data, [max(j, 0) for j in chunk])
+        labels = labels.clone()
+        labels[torch.tensor([j < 0 for j in chunk])] = -100
+        ids, labels = ids.to(d.device), labels.to(d.device)
+        totals[0] += model(input_ids=ids, labels=labels, num_items_in_batch=1).loss.double()  # a sum: divided by 1
+        totals[1] += (labels[:, 1:] != -100).sum()
+    dist.all_reduce(totals)
+    model.train()
+    loss = (totals[0] / totals[1].clamp(min=1)).item()
+    return {"val/loss": loss, "val/ppl": math.exp(min(loss, 700.0))}
+
+
+# ======================================================================================================================
+# Hugging Face export
+
+
+def write_hf_folder(state_dict: dict, cfg: Config, out: Path) -> None:
+    """A from_pretrained-loadable folder (sharded safetensors, config with use_cache on, generation config,
+    tokenizer) from a full state dict, written to a temp folder and renamed into place."""
+    from transformers import AutoModelForCausalLM
+
+    config = load_model_config(cfg.model_name, cfg.trust_remote_code)
+    config.use_cache = True
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
+    model.load_state_dict(state_dict, strict=False, assign=True)  # the gathered tensors, no copy
+    model.tie_weights()
+    tokenizer = load_tokenizer(cfg.model_name, cfg.trust_remote_code)
+    if cfg.chat_template:
+        tokenizer.chat_template = chat_template_for(cfg, tokenizer)
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, state_dict=state_dict, max_shard_size="5GB")
+    tokenizer.save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+
+def export_hf(model, cfg: Config, d: Dist, out: Path) -> None:
+    """Gather the full weights on rank 0 only, in CPU memory, and write the HF folder there. save_pretrained is
+    never called on other ranks: for tied models they would enter a collective rank 0 never joins."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    t0 = time.perf_counter()
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    error = None
+    if d.is_main:
+        try:
+            write_hf_folder(full, cfg, out)
+        except OSError as e:
+            error = JobError(f"cannot write the Hugging Face export to {out}: {e.strerror or first_line(e)}")
+    del full
+    raise_if_any_failed(error)
+    log.info(f"Exported Hugging Face model to {out} in {time.perf_counter() - t0:.1f}s")
+
+
+def export_checkpoint(checkpoint: Path, out: Path) -> None:
+    """`fsdp_train.py export`: one process, no GPU, no process group; reads the DCP shards of any world size."""
+    import torch.distributed.checkpoint as dcp
+    from transformers import AutoModelForCausalLM
+
+    meta = read_meta(checkpoint)
+    if meta is None or not (checkpoint / COMPLETE).is_file():
+        raise InputError(f"{checkpoint} is not a complete checkpoint (no COMPLETE marker or readable meta.json)")
+    names = {f.name for f in dataclasses.fields(Config)}
+    cfg = Config(**{k: v for k, v in meta["config"].items() if k in names})
+    config = load_model_config(cfg.model_name, cfg.trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=param_dtype(cfg), trust_remote_code=cfg.trust_remote_code
+        )
+    model.to_empty(device="cpu")
+    state = model.state_dict()
+    dcp.load({"model": state}, checkpoint_id=checkpoint, no_dist=True)
+    write_hf_folder(state, cfg, out)
+
+
 # ======================================================================================================================
 # Training
 
@@ -998,18 +1304,21 @@ def check_writable(cfg: Config) -> None:
         raise InputError(f"cannot write to --save-dir {cfg.save_dir}: {e.strerror or first_line(e)}") from None
 
 
-def plan_steps(cfg: Config, num_samples: int, world_size: int, state: TrainState | None = None) -> tuple[int, int]:
+def plan_steps(
+    cfg: Config, num_samples: int, world_size: int, state: TrainState | None = None, accum: int = 1
+) -> tuple[int, int]:
     """(steps per epoch, total steps) for a run at `state`. The schedule spans num_epochs, or max_steps if longer.
 
     Counted from the data position, so a resume with another world size still ends at the end of the last epoch.
     """
     state = state or TrainState()
-    global_batch = cfg.batch_size * world_size
+    global_batch = cfg.batch_size * world_size * accum
     steps_per_epoch = num_samples // global_batch
     if steps_per_epoch == 0:
         raise InputError(
             f"{num_samples} packed sequences of {cfg.seq_length} tokens are fewer than one global batch "
-            f"({cfg.batch_size} x {world_size} ranks): lower --batch-size or --seq-length, or add data"
+            f"({cfg.batch_size} x {world_size} ranks x {accum} micro-batches): lower --batch-size, "
+            "--grad-accum-steps or --seq-length, or add data"
         )
     epoch_steps = state.step
     if state.epoch < cfg.num_epochs:
@@ -1049,7 +1358,15 @@ def trace_samples(step: int, epoch: int, indices: list[int], rank: int) -> None:
             f.write(json.dumps({"step": step, "epoch": epoch, "indices": indices}) + "\n")
 
 
-def train(cfg: Config, d: Dist) -> None:
+def train(cfg: Config, d: Dist | None = None) -> None:
+    """Run (or resume) the job described by `cfg` in this process; inside torchrun every rank calls it.
+
+    Python API: `from fsdp_train import Config, train`. Joins the process group torchrun or the caller set up,
+    or makes a 1-process one; see launch() for a multi-process job from a notebook.
+    """
+    cfg.validate()
+    if d is None:
+        d = setup_distributed(cfg.dist_timeout)
     t_start = time.perf_counter()
     quiet_library_progress_bars()
     error = None
@@ -1063,9 +1380,12 @@ def train(cfg: Config, d: Dist) -> None:
     limit = max_positions(model_config)
     if limit is not None and cfg.seq_length > limit:
         raise InputError(f"--seq-length {cfg.seq_length} exceeds the model's maximum of {limit} positions")
+    accum = cfg.resolve_grad_accum(d.world_size)
     tokenizer = load_tokenizer(cfg.model_name, cfg.trust_remote_code)
     log.info(f"Config {json.dumps(dataclasses.asdict(cfg))}")
-    data = prepare_data(cfg, d, tokenizer)
+    train_raw, val_raw = load_datasets(cfg)
+    data = prepare_data(cfg, d, tokenizer, train_raw, "train")
+    val_data = prepare_data(cfg, d, tokenizer, val_raw, "validation") if val_raw is not None else None
 
     # Newest first; a checkpoint whose meta.json is unreadable is skipped, the others are tried in resume().
     ckpt_root = cfg.exp_dir / "checkpoints"
@@ -1082,7 +1402,7 @@ def train(cfg: Config, d: Dist) -> None:
     if candidates:
         meta = read_meta(candidates[0])
         state = TrainState(step=meta["global_step"], epoch=meta["epoch"], offset=meta["epoch_offset"])
-    steps_per_epoch, total_steps = plan_steps(cfg, len(data), d.world_size, state)
+    steps_per_epoch, total_steps = plan_steps(cfg, len(data), d.world_size, state, accum)
     stop_step = min(cfg.max_steps, total_steps) if cfg.max_steps else total_steps
     if meta is not None:
         if state.step >= stop_step:
@@ -1090,12 +1410,12 @@ def train(cfg: Config, d: Dist) -> None:
             return
         for change in config_changes(meta["config"], cfg):
             log.warning(f"Resuming with a changed setting: {change}")
+        saved_batch = meta["config"]["batch_size"] * meta["world_size"] * meta.get("grad_accum_steps", 1)
         if meta["world_size"] != d.world_size:
-            before = meta["config"]["batch_size"] * meta["world_size"]
             log.warning(
                 f"Checkpoint was saved by {meta['world_size']} ranks, now {d.world_size}: global batch "
-                f"{before} -> {cfg.batch_size * d.world_size} sequences; data continues at sample {state.offset} of "
-                f"epoch {state.epoch} with nothing lost or repeated; per-rank RNG streams are re-seeded"
+                f"{saved_batch} -> {cfg.batch_size * d.world_size * accum} sequences; data continues at sample "
+                f"{state.offset} of epoch {state.epoch} with nothing lost or repeated; per-rank RNG streams are re-seeded"
             )
 
     model = build_model(cfg, d, load_pretrained=not candidates)
@@ -1106,7 +1426,9 @@ def train(cfg: Config, d: Dist) -> None:
         torch.manual_seed(cfg.seed + d.rank)  # per-rank streams (dropout) that resume restores exactly
     log.info(
         f"{count_params(model):,} params, {len(data):,} sequences x {cfg.seq_length} tokens, world {d.world_size}, "
-        f"{steps_per_epoch} steps/epoch, schedule {total_steps} steps, stopping at {stop_step}, device {d.device}"
+        f"{accum} micro-batch(es)/step, {steps_per_epoch} steps/epoch, schedule {total_steps} steps, "
+        f"stopping at {stop_step}, device {d.device}, compute {cfg.compute_dtype(d.device)}, "
+        f"params {param_dtype(cfg)}"
     )
 
     if d.is_main:  # only now: a run refused above leaves the experiment folder exactly as it was
@@ -1115,9 +1437,10 @@ def train(cfg: Config, d: Dist) -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     timer = PhaseTimer(d.device)
     metrics = MetricsLogger(cfg.exp_dir / "metrics.jsonl", d.is_main)
-    global_batch = cfg.batch_size * d.world_size
+    micro_batch = cfg.batch_size * d.world_size
+    global_batch = micro_batch * accum
     not_finite = torch.zeros((), device=d.device)  # accumulated on device: no host sync per step
-    window_start, window_steps = time.perf_counter(), 0
+    window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
     perm_epoch, perm = -1, None
     log.info(f"Start-up took {time.perf_counter() - t_start:.1f}s")
 
@@ -1127,61 +1450,119 @@ def train(cfg: Config, d: Dist) -> None:
                 state.epoch, state.offset = state.epoch + 1, 0
             if perm_epoch != state.epoch:
                 perm_epoch, perm = state.epoch, epoch_permutation(len(data), cfg.seed, state.epoch)
-            idx = rank_batch_indices(perm, state.offset, cfg.batch_size, d.rank, d.world_size)
-            trace_samples(state.step + 1, state.epoch, idx, d.rank)
-            batch = data[idx]["input_ids"].to(d.device, non_blocking=True)
-        with timer("forward"):
-            loss = model(input_ids=batch, labels=batch).loss
-            if fault_point("nan_loss", state.step + 1):
-                loss = loss * float("nan")
-        with timer("backward"):
-            loss.backward()
+            batches, counts = [], torch.zeros(2, dtype=torch.int64)  # label tokens, real tokens
+            for m in range(accum):
+                idx = rank_batch_indices(perm, state.offset + m * micro_batch, cfg.batch_size, d.rank, d.world_size)
+                trace_samples(state.step + 1, state.epoch, idx, d.rank)
+                ids, labels, real = fetch_batch(data, idx)
+                counts += torch.tensor([int((labels[:, 1:] != -100).sum()), real])
+                batches.append((ids.to(d.device, non_blocking=True), labels.to(d.device, non_blocking=True)))
+            if labels is not ids:  # masked labels: the global token count is known only after an (all-CPU) sum
+                dist.all_reduce(counts)
+            else:
+                counts *= d.world_size
+            # Each rank's loss is its token-loss sum over the per-rank share of the global count, so FSDP's
+            # gradient average over ranks is the mean over every trained token of the step.
+            norm = max(int(counts[0]), 1) / d.world_size
+        loss_sum = torch.zeros((), device=d.device)
+        for m, (ids, labels) in enumerate(batches):
+            model.set_requires_gradient_sync(m == accum - 1)  # reduce-scatter only once per optimizer step
+            with timer("forward"):
+                loss = model(input_ids=ids, labels=labels, num_items_in_batch=norm).loss
+                if fault_point("nan_loss", state.step + 1):
+                    loss = loss * float("nan")
+            with timer("backward"):
+                loss.backward()
+            loss_sum += loss.detach()
         with timer("update"):
             grad_norm = clip_grad_norm(params, cfg.max_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-        not_finite += (~torch.isfinite(loss.detach())).float() + (~torch.isfinite(grad_norm)).float()
+        not_finite += (~torch.isfinite(loss_sum)).float() + (~torch.isfinite(grad_norm)).float()
         state.step += 1
         state.offset += global_batch
         window_steps += 1
+        window_tokens += int(counts[1])
 
         stopped_by = stop.agreed()
-        log_now = state.step % cfg.log_freq == 0 or state.step == stop_step or stopped_by
+        eval_now = val_data is not None and (
+            state.step == stop_step or (cfg.eval_freq and state.step % cfg.eval_freq == 0)
+        )
+        log_now = state.step % cfg.log_freq == 0 or state.step == stop_step or stopped_by or eval_now
         save_now = (cfg.ckpt_freq and state.step % cfg.ckpt_freq == 0) or state.step == stop_step or stopped_by
         if log_now or save_now:
             raise_if_not_finite(not_finite, state.step, ckpt_root)  # a NaN model is never logged as fine or saved
         if log_now:
-            loss_avg = loss.detach().clone()
-            dist.all_reduce(loss_avg)  # SUM: every rank's batch has the same number of tokens
-            loss_avg /= d.world_size
+            dist.all_reduce(loss_sum)  # each rank holds world_size x its share of the global token mean
+            loss_sum /= d.world_size
             phase_ms = timer.mean_ms(window_steps)
             elapsed = time.perf_counter() - window_start
-            metrics.log(
-                {
-                    "global_step": state.step,
-                    "total_steps": stop_step,
-                    "epoch": state.epoch,
-                    "loss": loss_avg.item(),
-                    "lr": scheduler.get_last_lr()[0],
-                    "grad_norm": grad_norm.item(),
-                    "tok/s": global_batch * cfg.seq_length * window_steps / elapsed,
-                    **phase_ms,
-                    "time/total": elapsed * 1e3 / window_steps,
-                    **memory_stats(d.device),
-                }
-            )
-            window_start, window_steps = time.perf_counter(), 0
+            record = {
+                "global_step": state.step,
+                "total_steps": stop_step,
+                "epoch": state.epoch,
+                "loss": loss_sum.item(),
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": grad_norm.item(),
+                "tok/s": window_tokens / elapsed,
+                **phase_ms,
+                "time/total": elapsed * 1e3 / window_steps,
+                **memory_stats(d.device),
+            }
+            if eval_now:
+                t0 = time.perf_counter()
+                record.update(evaluate(model, val_data, cfg, d))
+                record["time/eval"] = (time.perf_counter() - t0) * 1e3
+            metrics.log(record)
+            window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
         if save_now:
-            save_checkpoint(cfg, d, model, optimizer, scheduler, state)
+            save_checkpoint(cfg, d, model, optimizer, scheduler, state, accum)
             window_start = time.perf_counter()  # checkpoint time is not training throughput
         if stopped_by:
             log.info(f"Stopped by {stopped_by} at step {state.step}; checkpoint saved")
             return
+    export_hf(model, cfg, d, cfg.exp_dir / "hf")
+    dist.barrier()  # leave together: a rank tearing down while another still talks to it can abort at exit
     log.info(
-        f"Done: {state.step} steps in {time.perf_counter() - t_start:.1f}s. "
-        f"Checkpoints: {ckpt_root}  Metrics: {cfg.exp_dir / 'metrics.jsonl'}"
+        f"Done: {state.step} steps in {time.perf_counter() - t_start:.1f}s. Checkpoints: {ckpt_root}  "
+        f"Metrics: {cfg.exp_dir / 'metrics.jsonl'}  Hugging Face export: {cfg.exp_dir / 'hf'}"
     )
+
+
+def config_to_argv(cfg: Config) -> list[str]:
+    """The command-line flags that rebuild `cfg` (non-default fields only)."""
+    argv = []
+    for f in dataclasses.fields(Config):
+        value = getattr(cfg, f.name)
+        if value != f.default:
+            shown = ("on" if value else "off") if isinstance(value, bool) else str(value)
+            argv += [f"--{f.name.replace('_', '-')}", shown]
+    return argv
+
+
+def launch(cfg: Config, nproc_per_node: int | None = None) -> None:
+    """Start the job on this machine with PyTorch's elastic launcher (what torchrun uses) and wait for it.
+
+    For notebooks: `launch(Config(dataset_name=..., model_name=...), nproc_per_node=2)`. Each worker runs this file
+    with the flags of `cfg`; raises ChildFailedError if the job fails.
+    """
+    import uuid
+
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    cfg.validate()
+    nproc = nproc_per_node or max(1, torch.cuda.device_count())
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=f"fsdp-train-{uuid.uuid4().hex[:8]}",
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        max_restarts=0,
+    )
+    elastic_launch(config, entrypoint=sys.executable)(os.path.abspath(__file__), *config_to_argv(cfg))
 
 
 # ======================================================================================================================
@@ -1198,7 +1579,23 @@ def report_job_error(e: JobError, rank: int) -> int:
     return e.exit_code
 
 
+def export_main(argv: list[str]) -> int:
+    p = _Parser(prog="fsdp_train.py export", description="Write a Hugging Face model folder from a checkpoint.")
+    p.add_argument("--checkpoint", required=True, type=Path, help="SAVE_DIR/EXP/checkpoints/step-N")
+    p.add_argument("--out", required=True, type=Path, help="output folder (replaced if it exists)")
+    try:
+        args = p.parse_args(argv)
+        export_checkpoint(args.checkpoint, args.out)
+    except JobError as e:
+        return report_job_error(e, 0)
+    print(f"Exported {args.checkpoint} to {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["export"]:
+        return export_main(argv[1:])
     try:
         cfg = parse_args(argv)
     except InputError as e:

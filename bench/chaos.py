@@ -3,16 +3,17 @@
     python bench/chaos.py --runs 10 [--seed S] [--steps 24] [--ckpt-freq 4] [--workdir DIR] [--keep]
 
 Prepares the bundled data/ and a tiny model, times one uninterrupted reference run, then N times: starts the same
-run, SIGKILLs a random worker or the torchrun agent at a random time (or, on about a third of the runs, inside a
-checkpoint save held open by FSDP_TRAIN_FAULT=sleep_in_save), re-runs the same command until it exits 0 (at most 3
+run, SIGKILLs a random worker or the torchrun agent right after a random training step has been logged (or, on about a
+third of the runs, inside a checkpoint save held open by FSDP_TRAIN_FAULT=sleep_in_save), re-runs the same command until it exits 0 (at most 3
 times) and compares the final checkpoint's model weights with the reference's, tensor by tensor with torch.equal.
 Exit code 0 only if every run survived and is identical; a JSON summary goes to bench/results/chaos-<time>.json.
 
-    reference: 24 steps in 14.52s (seed 7)
-    run 1: killed agent at 6.02s (last logged step 3) -> resumed from step 0 (no checkpoint yet), identical
-    run 2: killed worker rank 1 at 9.13s (inside save of step 8) -> resumed from step 4, identical
-    run 3: finished before kill (planned 12.90s) -> run complete, identical
-    survived 3/3, identical 3/3
+    reference: 24 steps in 8.84s (seed 762521)
+    run 1: killed agent at 7.10s (inside save of step 20) -> resumed from step 16, identical
+    run 2: killed worker rank 0 at 6.47s (inside save of step 8) -> resumed from step 4, identical
+    run 3: killed worker rank 1 at 3.92s (last logged step 0) -> resumed from step 0 (no checkpoint yet), identical
+    run 4: finished before kill (planned 7.77s, exit 0) -> run complete, identical
+    survived 4/4, identical 4/4
 """
 
 from __future__ import annotations
@@ -51,11 +52,11 @@ def prepare(work: Path) -> tuple[Path, Path]:
     return dataset, model
 
 
-def run_to_log(cmd: list[str], log: Path, env: dict | None = None) -> tuple[int, float]:
+def run_to_log(cmd: list[str], log: Path) -> tuple[int, float]:
     """Run to completion with output in `log`; exit code and wall seconds."""
     t0 = time.monotonic()
     with open(log, "w") as f:
-        rc = subprocess.run(cmd, cwd=ROOT, env=env or ENV, stdout=f, stderr=subprocess.STDOUT).returncode
+        rc = subprocess.run(cmd, cwd=ROOT, env=ENV, stdout=f, stderr=subprocess.STDOUT).returncode
     return rc, time.monotonic() - t0
 
 
@@ -122,12 +123,13 @@ def compare(reference: dict, weights: dict) -> str | None:
     return f"{len(differ)} tensors differ: {', '.join(differ[:3])}" if differ else None
 
 
-def chaos_run(i: int, rng: random.Random, cmd: list[str], ckpt_freq: int, steps: int, ref_s: float, logs: Path) -> dict:
+def chaos_run(i: int, rng: random.Random, cmd: list[str], ckpt_freq: int, steps: int, logs: Path) -> dict:
     """Start the job, SIGKILL one of its processes, wait for all of them to end, re-run it until it exits 0."""
     rec: dict = {"run": i, "fault_step": None, "finished_before_kill": False, "left_after_grace": 0}
     in_save = rng.random() < 1 / 3
     victim_rank = rng.choice([0, 1, None])  # None: the torchrun agent
-    rec["planned_s"] = None if in_save else round(rng.uniform(0.5, 0.9 * ref_s), 2)
+    # Kill right after a random step is logged, so the kill lands in training, not in the start-up.
+    rec["planned_step"] = None if in_save else rng.randrange(1, steps)
     env = dict(ENV)
     if in_save:
         rec["fault_step"] = rng.randrange(ckpt_freq, steps, ckpt_freq)
@@ -145,7 +147,7 @@ def chaos_run(i: int, rng: random.Random, cmd: list[str], ckpt_freq: int, steps:
                 for r, p in re.findall(r"FAULT sleep_in_save step \d+ rank (\d+) pid (\d+)", log.read_text())
             }
             target = (job.pid if said else None) if victim_rank is None else said.get(victim_rank)
-        elif time.monotonic() - t0 >= rec["planned_s"]:
+        elif re.search(rf"step {rec['planned_step']}/\d+ \|", log.read_text()):
             target = job.pid if victim_rank is None else workers(job.pid).get(victim_rank)
     rec.update(victim="agent" if victim_rank is None else f"worker rank {victim_rank}", pid=target)
     if target is None:
@@ -175,7 +177,7 @@ def chaos_run(i: int, rng: random.Random, cmd: list[str], ckpt_freq: int, steps:
 
 def describe(rec: dict) -> str:
     if rec["finished_before_kill"]:
-        head = f"finished before kill (planned {rec['planned_s']:.2f}s, exit {rec['first_rc']})"
+        head = f"finished before kill (planned after step {rec['planned_step']}, exit {rec['first_rc']})"
     else:
         where = (
             f"inside save of step {rec['fault_step']}"
@@ -222,12 +224,13 @@ def main() -> int:
     t_start = time.monotonic()
 
     dataset, model = prepare(work)
+    trainer = ROOT / "fsdp_train.py"
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     train = ["-d", str(dataset), "-m", str(model), "--save-dir", str(save), *TRAIN]
     train += ["--max-steps", str(args.steps), "--ckpt-freq", str(args.ckpt_freq)]
 
     def cmd(exp: str) -> list[str]:
-        return [*launcher, "fsdp_train.py", "-e", exp, *train]
+        return [*launcher, str(trainer), "-e", exp, *train]
 
     rc, ref_s = run_to_log(cmd("ref"), logs / "ref.log")
     if rc != 0:
@@ -236,12 +239,14 @@ def main() -> int:
     reference = model_weights(save / "ref" / final, work / "ref.pt")
     print(f"reference: {args.steps} steps in {ref_s:.2f}s (seed {seed})", flush=True)
 
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+
     rng, records = random.Random(seed), []
     for i in range(1, args.runs + 1):
-        rec = chaos_run(i, rng, cmd(f"run-{i}"), args.ckpt_freq, args.steps, ref_s, logs)
+        rec = chaos_run(i, rng, cmd(f"run-{i}"), args.ckpt_freq, args.steps, logs)
         try:
             rec["differ"] = compare(reference, model_weights(save / f"run-{i}" / final, work / f"run-{i}.pt"))
-        except Exception as e:  # a missing or unreadable checkpoint fails this run; the others still run
+        except (Exception, CheckpointException) as e:  # a missing/unreadable checkpoint fails this run, not the others
             rec["differ"] = f"no readable {final}: {type(e).__name__}: {e}"
         rec["identical"] = rec["differ"] is None
         records.append(rec)

@@ -226,7 +226,7 @@ def test_train_checkpoint_and_resume_is_bitwise_equal_to_an_uninterrupted_run(pr
     ok(torchrun(train_args(prep, tmp_path, "resumed", "--max-steps", "8", "--ckpt-freq", "4")))
     resumed = ok(torchrun(train_args(prep, tmp_path, "resumed", "--max-steps", "12", "--ckpt-freq", "4")))
     assert "Resuming from step 8" in resumed.stdout
-    assert "Tokenized" not in resumed.stdout and "Using tokenized data cache" in resumed.stdout
+    assert "Tokenized" not in resumed.stdout and "Using tokenized train data cache" in resumed.stdout
 
     straight, again = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "resumed")
     assert [m["global_step"] for m in again] == list(range(1, 13))
