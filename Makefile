@@ -35,8 +35,10 @@ $(DATA)/tiny-llama: $(CORPUS) model_download.py | $(VENV)/.installed
 demo: $(DATA)/dataset $(DATA)/tiny-llama
 	$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) fsdp_train.py -e demo \
 	    -d $(DATA)/dataset -m $(DATA)/tiny-llama -s 128 -b 4 --lr 1e-3 --warmup-steps 5 \
-	    --num-epochs 3 --log-freq 10 --ckpt-freq 50
-	@echo "Checkpoints: outputs/demo/checkpoints   Metrics: outputs/demo/metrics.jsonl   (run again to resume)"
+	    --num-epochs 3 --log-freq 10 --ckpt-freq 50 --val-split 0.05 --eval-freq 50
+	$(PY) examples/generate.py outputs/demo/hf "The lighthouse keeper" --max-new-tokens 30
+	@echo "Checkpoints: outputs/demo/checkpoints  Metrics: outputs/demo/metrics.jsonl  Hugging Face model: outputs/demo/hf"
+	@echo "(run 'make demo' again: it resumes an interrupted run, or reports it complete)"
 
 test: $(VENV)/.installed
 	$(PY) -m pytest

@@ -196,6 +196,8 @@ class Config:
         return self.global_batch_size // per_micro
 
     def compute_dtype(self, device: torch.device) -> torch.dtype:
+        if self.pure_bf16:
+            return torch.bfloat16
         if self.dtype == "auto":
             return torch.bfloat16 if device.type == "cuda" else torch.float32
         return torch.bfloat16 if self.dtype == "bf16" else torch.float32
@@ -719,9 +721,13 @@ def load_datasets(cfg: Config):
     if cfg.val_split > 0:
         if len(train) < 2:
             raise InputError(f"--val-split needs at least 2 documents, dataset '{cfg.dataset_name}' has {len(train)}")
-        # keep_in_memory: the split's index mapping would otherwise be written into the user's dataset folder.
-        parts = train.train_test_split(test_size=cfg.val_split, seed=cfg.seed, keep_in_memory=True)
-        return parts["train"], parts["test"]
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+        n_val = max(1, round(len(train) * cfg.val_split))
+        # keep_in_memory: the index mapping would otherwise be written into the user's dataset folder.
+        return (
+            train.select(sorted(order[n_val:]), keep_in_memory=True),
+            train.select(sorted(order[:n_val]), keep_in_memory=True),
+        )
     return train, None
 
 
@@ -768,6 +774,8 @@ def prepare_data(cfg: Config, d: Dist, tokenizer, ds, role: str):
             if len(packed) == 0:
                 raise InputError(f"the {role} data has fewer than {cfg.seq_length} tokens: no full block")
             packed.save_to_disk(str(tmp / "data"))
+            info = {"role": role, "kind": kind, "dataset": cfg.dataset_name, "blocks": len(packed)}
+            write_json_atomic(tmp / "info.json", {**info, "seq_length": cfg.seq_length, "tokenizer": cfg.model_name})
             del packed
             shutil.rmtree(tmp / "map")
             tmp.rename(cache)

@@ -1,6 +1,6 @@
 """Load a Hugging Face export of fsdp_train.py with plain transformers and continue a prompt.
 
-    python examples/generate.py outputs/demo/hf "The lighthouse keeper" [--max-new-tokens 40]
+python examples/generate.py outputs/demo/hf "The lighthouse keeper" [--max-new-tokens 40]
 """
 
 import argparse

@@ -1,0 +1,272 @@
+"""Fine-tuning features: gradient accumulation, validation, precision, HF export, chat SFT, Python API, compile."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, TRAIN, assert_single_error, ok, read_metrics, run, torchrun
+
+import fsdp_train as ft
+
+CHATML = (ROOT / "configs" / "chatml.jinja").read_text()
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "How long does bread rise?"},
+    {"role": "assistant", "content": "About two hours."},
+    {"role": "user", "content": "And sourdough?"},
+    {"role": "assistant", "content": "Longer, often overnight."},
+]
+
+
+def args_for(prep, save_dir: Path, exp: str, *extra, model: str = "model", data: str | Path | None = None) -> list:
+    return ["-e", exp, "-d", data or prep["dataset"], "-m", prep[model], "--save-dir", save_dir, *TRAIN, *extra]
+
+
+def checkpoint_weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = ckpt.parent / f"{ckpt.name}.pt"
+    dcp_to_torch_save(ckpt, out)
+    return torch.load(out, weights_only=True)["model"]
+
+
+def packed(save_dir: Path, role: str):
+    """The packed blocks a run trained (or validated) on, from its tokenized cache."""
+    import datasets
+
+    (folder,) = [
+        f
+        for f in (save_dir / ".cache" / "tokenized").iterdir()
+        if json.loads((f / "info.json").read_text())["role"] == role
+    ]
+    return datasets.load_from_disk(str(folder / "data")).with_format("torch")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Pure functions
+
+
+def test_global_batch_size_sets_accumulation_or_says_why_not():
+    cfg = ft.Config(dataset_name="d", model_name="m", batch_size=2, global_batch_size=16)
+    assert cfg.resolve_grad_accum(world_size=2) == 4
+    with pytest.raises(ft.InputError, match="--global-batch-size 16 is not a multiple of --batch-size 2 x 3 ranks"):
+        cfg.resolve_grad_accum(world_size=3)
+    assert ft.Config(dataset_name="d", model_name="m", grad_accum_steps=3).resolve_grad_accum(8) == 3
+
+
+def test_chat_labels_keep_assistant_content_and_end_of_turn(prep):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(prep["model"])
+    ids, labels = ft.chat_example(CONVERSATION, tok, CHATML)
+    assert len(ids) == len(labels)
+    assert tok.decode(ids) == tok.apply_chat_template(CONVERSATION, chat_template=CHATML, tokenize=False)
+    trained = tok.decode([i for i, lab in zip(ids, labels, strict=True) if lab != -100])
+    assert trained == "About two hours.<|im_end|>\nLonger, often overnight.<|im_end|>\n"
+    assert all(lab in (-100, i) for i, lab in zip(ids, labels, strict=True))
+
+
+def test_alpaca_rows_become_a_user_and_an_assistant_turn():
+    assert ft.alpaca_to_messages("Translate", "chat", "cat") == [
+        {"role": "user", "content": "Translate\n\nchat"},
+        {"role": "assistant", "content": "cat"},
+    ]
+    assert ft.alpaca_to_messages("Say hi", "", "hi")[0]["content"] == "Say hi"
+
+
+def test_pack_examples_never_splits_an_example_and_masks_padding():
+    examples = [
+        ([1, 2, 3], [-100, 2, 3]),
+        ([4, 5], [-100, 5]),
+        ([6, 7, 8, 9], [-100, -100, 8, 9]),
+        ([10] * 9, [10] * 9),
+    ]
+    out = ft.pack_examples(examples, seq_length=6, pad_id=0)
+    assert out["input_ids"] == [[1, 2, 3, 4, 5, 0], [6, 7, 8, 9, 0, 0], [10] * 6]
+    assert out["labels"] == [[-100, 2, 3, -100, 5, -100], [-100, -100, 8, 9, -100, -100], [10] * 6]
+    assert out["num_tokens"] == [5, 4, 6]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Gradient accumulation and validation
+
+
+@pytest.mark.slow
+def test_accumulated_micro_batches_give_the_update_of_one_big_batch(prep, tmp_path):
+    ok(torchrun(args_for(prep, tmp_path, "big", "-b", 4, "--max-steps", 3)))
+    accum = ok(torchrun(args_for(prep, tmp_path, "accum", "-b", 2, "--grad-accum-steps", 2, "--max-steps", 3)))
+    assert "2 micro-batch(es)/step" in accum.stdout
+    big, acc = read_metrics(tmp_path / "big"), read_metrics(tmp_path / "accum")
+    assert [m["loss"] for m in acc] == pytest.approx([m["loss"] for m in big], abs=1e-5)
+    a, b = (
+        checkpoint_weights(tmp_path / "big/checkpoints/step-3"),
+        checkpoint_weights(tmp_path / "accum/checkpoints/step-3"),
+    )
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    ok(torchrun(args_for(prep, tmp_path, "global", "-b", 2, "--global-batch-size", 8, "--max-steps", 3)))
+    assert [m["loss"] for m in read_metrics(tmp_path / "global")] == [m["loss"] for m in acc]  # same K, same bits
+
+
+@pytest.mark.slow
+def test_validation_is_token_weighted_over_all_ranks_and_leaves_training_unchanged(prep, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    ok(torchrun(args_for(prep, tmp_path, "val", "--max-steps", 4, "--val-split", "0.1", "--eval-freq", 2)))
+    ok(torchrun(args_for(prep, tmp_path, "end-only", "--max-steps", 4, "--val-split", "0.1")))
+    records = read_metrics(tmp_path / "val")
+    # Evaluating at step 2 changes nothing in training: same losses, bit for bit.
+    assert [m["loss"] for m in records] == [m["loss"] for m in read_metrics(tmp_path / "end-only")]
+    assert [m["global_step"] for m in read_metrics(tmp_path / "end-only") if "val/loss" in m] == [4]
+    evaluated = [m for m in records if "val/loss" in m]
+    assert [m["global_step"] for m in evaluated] == [2, 4]
+    assert evaluated[-1]["val/ppl"] == pytest.approx(math.exp(evaluated[-1]["val/loss"]))
+
+    # The reference: the exported final model over every validation block, one token-weighted mean.
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "val" / "hf")
+    data = packed(tmp_path, "validation")
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for i in range(len(data)):
+            ids = data[[i]]["input_ids"]
+            total += model(input_ids=ids, labels=ids, num_items_in_batch=1).loss.item()
+            tokens += ids.shape[1] - 1
+    assert evaluated[-1]["val/loss"] == pytest.approx(total / tokens, abs=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Hugging Face export and precision
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["model", "tied"])
+def test_export_loads_in_transformers_with_the_trained_weights(prep, tmp_path, model):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ok(torchrun(args_for(prep, tmp_path, "exp", "--max-steps", 2, model=model)))
+    hf = tmp_path / "exp" / "hf"
+    loaded = AutoModelForCausalLM.from_pretrained(hf)
+    trained = checkpoint_weights(tmp_path / "exp/checkpoints/step-2")
+    state = loaded.state_dict()
+    assert all(torch.equal(state[k], trained[k]) for k in trained)
+    assert loaded.config.use_cache is True and (hf / "generation_config.json").is_file()
+    if model == "tied":
+        assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    tok = AutoTokenizer.from_pretrained(hf)
+    ids = tok("The garden soil", return_tensors="pt")["input_ids"]
+    generated = loaded.generate(ids, max_new_tokens=5, do_sample=False)
+    assert generated.shape[1] == ids.shape[1] + 5
+
+    # Offline re-export of the same checkpoint: one process, no torchrun, same tensors and logits.
+    out = tmp_path / "re-export"
+    ok(
+        run(
+            [
+                sys.executable,
+                "fsdp_train.py",
+                "export",
+                "--checkpoint",
+                tmp_path / "exp/checkpoints/step-2",
+                "--out",
+                out,
+            ]
+        )
+    )
+    again = AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, loaded(ids).logits)
+
+
+def test_export_of_a_folder_that_is_no_checkpoint(tmp_path):
+    proc = run([sys.executable, "fsdp_train.py", "export", "--checkpoint", tmp_path, "--out", tmp_path / "out"])
+    assert_single_error(proc, "is not a complete checkpoint")
+
+
+@pytest.mark.slow
+def test_bf16_keeps_fp32_master_weights_and_pure_bf16_does_not(prep, tmp_path):
+    mixed = ok(torchrun(args_for(prep, tmp_path, "mixed", "--max-steps", 2, "--dtype", "bf16")))
+    assert "compute torch.bfloat16, params torch.float32" in mixed.stdout
+    assert {t.dtype for t in checkpoint_weights(tmp_path / "mixed/checkpoints/step-2").values()} == {torch.float32}
+    pure = ok(torchrun(args_for(prep, tmp_path, "pure", "--max-steps", 2, "--pure-bf16", "on")))
+    assert "compute torch.bfloat16, params torch.bfloat16" in pure.stdout
+    assert {t.dtype for t in checkpoint_weights(tmp_path / "pure/checkpoints/step-2").values()} == {torch.bfloat16}
+    assert all(math.isfinite(m["loss"]) for m in read_metrics(tmp_path / "pure"))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Chat / instruction SFT
+
+
+@pytest.fixture(scope="module")
+def chat_files(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("chat")
+    rows = [{"messages": CONVERSATION}, {"messages": CONVERSATION[:3]}] * 40
+    (folder / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    alpaca = [{"instruction": "Name a root vegetable.", "input": "", "output": "A carrot."}] * 60
+    (folder / "alpaca.json").write_text(json.dumps(alpaca))
+    return {"chat": folder / "chat.jsonl", "alpaca": folder / "alpaca.json"}
+
+
+@pytest.mark.slow
+def test_chat_sft_trains_on_assistant_tokens_only(prep, chat_files, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    extra = ["--chat-template", "configs/chatml.jinja", "--max-steps", 2, "-s", 128]
+    ok(torchrun(args_for(prep, tmp_path, "chat", *extra, data=chat_files["chat"])))
+    data = packed(tmp_path, "train")
+    first = data[0]
+    assert (first["labels"] != -100).sum() > 0 and (first["labels"] == -100).sum() > 0
+    kept = first["labels"] != -100
+    assert torch.equal(first["labels"][kept], first["input_ids"][kept])  # labels line up with their inputs
+
+    # Step-1 loss of the run equals the plain model's token-weighted loss over the masked labels of that step.
+    ref = AutoModelForCausalLM.from_pretrained(prep["model"])
+    perm = ft.epoch_permutation(len(data), seed=0, epoch=0)
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for rank in range(2):
+            ids, labels, _ = ft.fetch_batch(data, ft.rank_batch_indices(perm, 0, 2, rank, 2))
+            total += ref(input_ids=ids, labels=labels, num_items_in_batch=1).loss.item()
+            tokens += int((labels[:, 1:] != -100).sum())
+    assert read_metrics(tmp_path / "chat")[0]["loss"] == pytest.approx(total / tokens, abs=1e-5)
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(tmp_path / "chat" / "hf").chat_template == CHATML  # the export can chat
+
+    ok(torchrun(args_for(prep, tmp_path, "alpaca", *extra, data=chat_files["alpaca"])))
+
+
+def test_chat_data_without_a_template_is_refused(prep, chat_files, tmp_path):
+    proc = torchrun(args_for(prep, tmp_path, "chat", "--max-steps", 1, data=chat_files["chat"]))
+    assert_single_error(proc, "pass --chat-template configs/chatml.jinja")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Python API and compile
+
+
+@pytest.mark.slow
+def test_python_api_in_process_and_through_the_elastic_launcher(prep, tmp_path):
+    common = f"dataset_name={str(prep['dataset'])!r}, model_name={str(prep['model'])!r}, save_dir={str(tmp_path)!r}, "
+    common += "seq_length=64, batch_size=2, lr=3e-3, max_steps=2, log_freq=1"
+    in_process = f"from fsdp_train import Config, train; train(Config(experiment_name='one', {common}))"
+    ok(run([sys.executable, "-c", in_process]))
+    assert "world 1" in (tmp_path / "one" / "config.json").read_text() or read_metrics(tmp_path / "one")
+    launched = (
+        f"from fsdp_train import Config, launch; launch(Config(experiment_name='two', {common}), nproc_per_node=2)"
+    )
+    proc = ok(run([sys.executable, "-c", launched]))
+    assert "world 2" in proc.stdout
+    assert [m["global_step"] for m in read_metrics(tmp_path / "two")] == [1, 2]
+
+
+@pytest.mark.slow
+def test_compiled_blocks_train_like_eager_ones(prep, tmp_path):
+    ok(torchrun(args_for(prep, tmp_path, "eager", "--max-steps", 2)))
+    ok(torchrun(args_for(prep, tmp_path, "compiled", "--max-steps", 2, "--compile", "on")))
+    eager, compiled = read_metrics(tmp_path / "eager"), read_metrics(tmp_path / "compiled")
+    assert [m["loss"] for m in compiled] == pytest.approx([m["loss"] for m in eager], abs=1e-4)
