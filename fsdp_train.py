@@ -312,7 +312,7 @@ def setup_distributed(timeout_minutes: float = 30.0) -> Dist:
     return Dist(rank, local_rank, world_size, device)
 
 
-def exit_with_parent(poll_seconds: float = 1.0) -> None:
+def exit_with_parent(poll_seconds: float = 0.2) -> None:
     """Die when the torchrun agent dies. A SIGKILLed agent cannot stop its workers, and orphans would keep
     training and writing checkpoints next to the re-run job. Exiting abruptly is safe: a checkpoint only counts
     once complete."""
