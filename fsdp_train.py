@@ -19,6 +19,7 @@ SAVE_DIR/EXP/checkpoints/ with the same samples in the same order; a finished ru
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import dataclasses
 import errno
@@ -316,14 +317,18 @@ def exit_with_parent(poll_seconds: float = 0.2) -> None:
     """Die when the torchrun agent dies. A SIGKILLed agent cannot stop its workers, and orphans would keep
     training and writing checkpoints next to the re-run job. Exiting abruptly is safe: a checkpoint only counts
     once complete."""
-    parent = os.getppid()
+    parent, stop = os.getppid(), threading.Event()
 
     def watch():
-        while os.getppid() == parent:
-            time.sleep(poll_seconds)
-        os.kill(os.getpid(), signal.SIGKILL)
+        while not stop.wait(poll_seconds):
+            if os.getppid() != parent:
+                os.kill(os.getpid(), signal.SIGKILL)
 
-    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+    watcher = threading.Thread(target=watch, name="exit-with-parent", daemon=True)
+    watcher.start()
+    # Joined before the interpreter finalizes: a daemon thread waking up during finalization is ended with
+    # pthread_exit, which aborted a worker now and then ("terminate called without an active exception").
+    atexit.register(lambda: (stop.set(), watcher.join()))
 
 
 def teardown_distributed() -> None:

@@ -48,6 +48,21 @@ def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     return proc
 
 
+def train_args(prep: dict, save_dir: Path, exp: str, *extra, model: str = "model", data=None) -> list:
+    """fsdp_train.py flags for a tiny run of the prepared model on the prepared (or given) data."""
+    return ["-e", exp, "-d", data or prep["dataset"], "-m", prep[model], "--save-dir", save_dir, *TRAIN, *extra]
+
+
+def checkpoint_weights(ckpt: Path) -> dict:
+    """The model tensors of a DCP checkpoint, read in this single process (no process group needed)."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = ckpt.parent / f"{ckpt.name}.pt"
+    dcp_to_torch_save(ckpt, out)
+    return torch.load(out, weights_only=True)["model"]
+
+
 def read_metrics(exp_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (exp_dir / "metrics.jsonl").read_text().splitlines()]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TRAIN, assert_single_error, ok, read_metrics, run, torchrun
+from conftest import ROOT, assert_single_error, checkpoint_weights, ok, read_metrics, run, torchrun, train_args
 
 import fsdp_train as ft
 
@@ -21,18 +21,6 @@ CONVERSATION = [
     {"role": "user", "content": "And sourdough?"},
     {"role": "assistant", "content": "Longer, often overnight."},
 ]
-
-
-def args_for(prep, save_dir: Path, exp: str, *extra, model: str = "model", data: str | Path | None = None) -> list:
-    return ["-e", exp, "-d", data or prep["dataset"], "-m", prep[model], "--save-dir", save_dir, *TRAIN, *extra]
-
-
-def checkpoint_weights(ckpt: Path) -> dict[str, torch.Tensor]:
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    out = ckpt.parent / f"{ckpt.name}.pt"
-    dcp_to_torch_save(ckpt, out)
-    return torch.load(out, weights_only=True)["model"]
 
 
 def packed(save_dir: Path, role: str):
@@ -98,8 +86,8 @@ def test_pack_examples_never_splits_an_example_and_masks_padding():
 
 @pytest.mark.slow
 def test_accumulated_micro_batches_give_the_update_of_one_big_batch(prep, tmp_path):
-    ok(torchrun(args_for(prep, tmp_path, "big", "-b", 4, "--max-steps", 3)))
-    accum = ok(torchrun(args_for(prep, tmp_path, "accum", "-b", 2, "--grad-accum-steps", 2, "--max-steps", 3)))
+    ok(torchrun(train_args(prep, tmp_path, "big", "-b", 4, "--max-steps", 3)))
+    accum = ok(torchrun(train_args(prep, tmp_path, "accum", "-b", 2, "--grad-accum-steps", 2, "--max-steps", 3)))
     assert "2 micro-batch(es)/step" in accum.stdout
     big, acc = read_metrics(tmp_path / "big"), read_metrics(tmp_path / "accum")
     assert [m["loss"] for m in acc] == pytest.approx([m["loss"] for m in big], abs=1e-5)
@@ -108,7 +96,7 @@ def test_accumulated_micro_batches_give_the_update_of_one_big_batch(prep, tmp_pa
         checkpoint_weights(tmp_path / "accum/checkpoints/step-3"),
     )
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
-    ok(torchrun(args_for(prep, tmp_path, "global", "-b", 2, "--global-batch-size", 8, "--max-steps", 3)))
+    ok(torchrun(train_args(prep, tmp_path, "global", "-b", 2, "--global-batch-size", 8, "--max-steps", 3)))
     assert [m["loss"] for m in read_metrics(tmp_path / "global")] == [m["loss"] for m in acc]  # same K, same bits
 
 
@@ -116,8 +104,8 @@ def test_accumulated_micro_batches_give_the_update_of_one_big_batch(prep, tmp_pa
 def test_validation_is_token_weighted_over_all_ranks_and_leaves_training_unchanged(prep, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    ok(torchrun(args_for(prep, tmp_path, "val", "--max-steps", 4, "--val-split", "0.1", "--eval-freq", 2)))
-    ok(torchrun(args_for(prep, tmp_path, "end-only", "--max-steps", 4, "--val-split", "0.1")))
+    ok(torchrun(train_args(prep, tmp_path, "val", "--max-steps", 4, "--val-split", "0.1", "--eval-freq", 2)))
+    ok(torchrun(train_args(prep, tmp_path, "end-only", "--max-steps", 4, "--val-split", "0.1")))
     records = read_metrics(tmp_path / "val")
     # Evaluating at step 2 changes nothing in training: same losses, bit for bit.
     assert [m["loss"] for m in records] == [m["loss"] for m in read_metrics(tmp_path / "end-only")]
@@ -147,7 +135,7 @@ def test_validation_is_token_weighted_over_all_ranks_and_leaves_training_unchang
 def test_export_loads_in_transformers_with_the_trained_weights(prep, tmp_path, model):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    ok(torchrun(args_for(prep, tmp_path, "exp", "--max-steps", 2, model=model)))
+    ok(torchrun(train_args(prep, tmp_path, "exp", "--max-steps", 2, model=model)))
     hf = tmp_path / "exp" / "hf"
     loaded = AutoModelForCausalLM.from_pretrained(hf)
     trained = checkpoint_weights(tmp_path / "exp/checkpoints/step-2")
@@ -158,7 +146,7 @@ def test_export_loads_in_transformers_with_the_trained_weights(prep, tmp_path, m
         assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
     tok = AutoTokenizer.from_pretrained(hf)
     ids = tok("The garden soil", return_tensors="pt")["input_ids"]
-    generated = loaded.generate(ids, max_new_tokens=5, do_sample=False)
+    generated = loaded.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False)
     assert generated.shape[1] == ids.shape[1] + 5
 
     # Offline re-export of the same checkpoint: one process, no torchrun, same tensors and logits.
@@ -188,10 +176,10 @@ def test_export_of_a_folder_that_is_no_checkpoint(tmp_path):
 
 @pytest.mark.slow
 def test_bf16_keeps_fp32_master_weights_and_pure_bf16_does_not(prep, tmp_path):
-    mixed = ok(torchrun(args_for(prep, tmp_path, "mixed", "--max-steps", 2, "--dtype", "bf16")))
+    mixed = ok(torchrun(train_args(prep, tmp_path, "mixed", "--max-steps", 2, "--dtype", "bf16")))
     assert "compute torch.bfloat16, params torch.float32" in mixed.stdout
     assert {t.dtype for t in checkpoint_weights(tmp_path / "mixed/checkpoints/step-2").values()} == {torch.float32}
-    pure = ok(torchrun(args_for(prep, tmp_path, "pure", "--max-steps", 2, "--pure-bf16", "on")))
+    pure = ok(torchrun(train_args(prep, tmp_path, "pure", "--max-steps", 2, "--pure-bf16", "on")))
     assert "compute torch.bfloat16, params torch.bfloat16" in pure.stdout
     assert {t.dtype for t in checkpoint_weights(tmp_path / "pure/checkpoints/step-2").values()} == {torch.bfloat16}
     assert all(math.isfinite(m["loss"]) for m in read_metrics(tmp_path / "pure"))
@@ -216,7 +204,7 @@ def test_chat_sft_trains_on_assistant_tokens_only(prep, chat_files, tmp_path):
     from transformers import AutoModelForCausalLM
 
     extra = ["--chat-template", "configs/chatml.jinja", "--max-steps", 2, "-s", 128]
-    ok(torchrun(args_for(prep, tmp_path, "chat", *extra, data=chat_files["chat"])))
+    ok(torchrun(train_args(prep, tmp_path, "chat", *extra, data=chat_files["chat"])))
     data = packed(tmp_path, "train")
     first = data[0]
     assert (first["labels"] != -100).sum() > 0 and (first["labels"] == -100).sum() > 0
@@ -237,11 +225,27 @@ def test_chat_sft_trains_on_assistant_tokens_only(prep, chat_files, tmp_path):
 
     assert AutoTokenizer.from_pretrained(tmp_path / "chat" / "hf").chat_template == CHATML  # the export can chat
 
-    ok(torchrun(args_for(prep, tmp_path, "alpaca", *extra, data=chat_files["alpaca"])))
+    ok(torchrun(train_args(prep, tmp_path, "alpaca", *extra, data=chat_files["alpaca"])))
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".jsonl", ".json"])
+def test_data_files_load_directly(tmp_path, suffix):
+    import datasets
+
+    rows = datasets.Dataset.from_dict({"instruction": ["a", "b"], "input": ["", ""], "output": ["x", "y"]})
+    path = tmp_path / f"data{suffix}"
+    if suffix == ".parquet":
+        rows.to_parquet(str(path))
+    elif suffix == ".jsonl":
+        rows.to_json(str(path), lines=True)
+    else:
+        path.write_text(json.dumps(rows.to_list()))
+    ds = ft.load_dataset_any(str(path))
+    assert ds["output"] == ["x", "y"] and ft.dataset_kind(ds, "t") == "alpaca"
 
 
 def test_chat_data_without_a_template_is_refused(prep, chat_files, tmp_path):
-    proc = torchrun(args_for(prep, tmp_path, "chat", "--max-steps", 1, data=chat_files["chat"]))
+    proc = torchrun(train_args(prep, tmp_path, "chat", "--max-steps", 1, data=chat_files["chat"]))
     assert_single_error(proc, "pass --chat-template configs/chatml.jinja")
 
 
@@ -254,8 +258,8 @@ def test_python_api_in_process_and_through_the_elastic_launcher(prep, tmp_path):
     common = f"dataset_name={str(prep['dataset'])!r}, model_name={str(prep['model'])!r}, save_dir={str(tmp_path)!r}, "
     common += "seq_length=64, batch_size=2, lr=3e-3, max_steps=2, log_freq=1"
     in_process = f"from fsdp_train import Config, train; train(Config(experiment_name='one', {common}))"
-    ok(run([sys.executable, "-c", in_process]))
-    assert "world 1" in (tmp_path / "one" / "config.json").read_text() or read_metrics(tmp_path / "one")
+    assert "world 1," in ok(run([sys.executable, "-c", in_process])).stdout
+    assert [m["global_step"] for m in read_metrics(tmp_path / "one")] == [1, 2]
     launched = (
         f"from fsdp_train import Config, launch; launch(Config(experiment_name='two', {common}), nproc_per_node=2)"
     )
@@ -266,7 +270,7 @@ def test_python_api_in_process_and_through_the_elastic_launcher(prep, tmp_path):
 
 @pytest.mark.slow
 def test_compiled_blocks_train_like_eager_ones(prep, tmp_path):
-    ok(torchrun(args_for(prep, tmp_path, "eager", "--max-steps", 2)))
-    ok(torchrun(args_for(prep, tmp_path, "compiled", "--max-steps", 2, "--compile", "on")))
+    ok(torchrun(train_args(prep, tmp_path, "eager", "--max-steps", 2)))
+    ok(torchrun(train_args(prep, tmp_path, "compiled", "--max-steps", 2, "--compile", "on")))
     eager, compiled = read_metrics(tmp_path / "eager"), read_metrics(tmp_path / "compiled")
     assert [m["loss"] for m in compiled] == pytest.approx([m["loss"] for m in eager], abs=1e-4)

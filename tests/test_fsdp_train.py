@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TRAIN, ok, read_metrics, run, torchrun, tree_digest
+from conftest import checkpoint_weights, ok, read_metrics, run, torchrun, train_args, tree_digest
 
 import fsdp_train as ft
 
@@ -207,19 +207,6 @@ def test_config_changes_flags_only_settings_that_change_the_maths():
 # Real torchrun runs (2 processes, gloo)
 
 
-def train_args(prep, save_dir: Path, exp: str, *extra, model: str = "model") -> list:
-    return ["-e", exp, "-d", prep["dataset"], "-m", prep[model], "--save-dir", save_dir, *TRAIN, *extra]
-
-
-def final_weights(ckpt: Path) -> dict[str, torch.Tensor]:
-    """The model tensors of a DCP checkpoint, read in this single process (no process group needed)."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    out = ckpt.parent / f"{ckpt.name}.pt"
-    dcp_to_torch_save(ckpt, out)
-    return torch.load(out, weights_only=True)["model"]
-
-
 @pytest.mark.slow
 def test_train_checkpoint_and_resume_is_bitwise_equal_to_an_uninterrupted_run(prep, tmp_path):
     ok(torchrun(train_args(prep, tmp_path, "straight", "--max-steps", "12", "--ckpt-freq", "4")))
@@ -236,8 +223,8 @@ def test_train_checkpoint_and_resume_is_bitwise_equal_to_an_uninterrupted_run(pr
     for key in ("tok/s", "time/data", "time/forward", "time/backward", "time/update", "time/total", "mem/rss_gib"):
         assert straight[-1][key] > 0, key
 
-    a = final_weights(tmp_path / "straight/checkpoints/step-12")
-    b = final_weights(tmp_path / "resumed/checkpoints/step-12")
+    a = checkpoint_weights(tmp_path / "straight/checkpoints/step-12")
+    b = checkpoint_weights(tmp_path / "resumed/checkpoints/step-12")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
     ckpts = sorted(p.name for p in (tmp_path / "resumed/checkpoints").iterdir() if p.is_dir())
@@ -279,7 +266,7 @@ def test_sharded_step0_loss_equals_the_single_process_model(prep, tmp_path, mode
     first = read_metrics(tmp_path / "a")[0]
     assert first["loss"] == pytest.approx(reference_loss(prep, tmp_path, model), abs=1e-5)
     assert [m["loss"] for m in read_metrics(tmp_path / "b")] == [m["loss"] for m in read_metrics(tmp_path / "a")]
-    weights = final_weights(tmp_path / "a/checkpoints/step-2")
+    weights = checkpoint_weights(tmp_path / "a/checkpoints/step-2")
     if model == "tied":  # one tensor saved under both names, still equal after training
         assert torch.equal(weights["lm_head.weight"], weights["model.embed_tokens.weight"])
 

@@ -15,27 +15,25 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TRAIN, Job, assert_single_error, ok, read_metrics, run, torchrun, tree_digest
+from conftest import (
+    Job,
+    assert_single_error,
+    checkpoint_weights,
+    ok,
+    read_metrics,
+    run,
+    torchrun,
+    train_args,
+    tree_digest,
+)
 
 import fsdp_train as ft
 
 pytestmark = pytest.mark.slow
 
 
-def args_for(prep, save_dir: Path, exp: str, *extra, model: str = "model") -> list:
-    return ["-e", exp, "-d", prep["dataset"], "-m", prep[model], "--save-dir", save_dir, *TRAIN, *extra]
-
-
-def model_weights(ckpt: Path) -> dict[str, torch.Tensor]:
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    out = ckpt.parent / f"{ckpt.name}.pt"
-    dcp_to_torch_save(ckpt, out)
-    return torch.load(out, weights_only=True)["model"]
-
-
 def assert_same_weights(a: Path, b: Path) -> None:
-    wa, wb = model_weights(a), model_weights(b)
+    wa, wb = checkpoint_weights(a), checkpoint_weights(b)
     assert wa.keys() == wb.keys()
     assert all(torch.equal(wa[k], wb[k]) for k in wa), [k for k in wa if not torch.equal(wa[k], wb[k])]
 
@@ -47,7 +45,7 @@ def reference(prep, tmp_path_factory):
 
     def get(steps: int) -> Path:
         if steps not in done:
-            ok(torchrun(args_for(prep, save_dir, f"ref{steps}", "--max-steps", steps, "--ckpt-freq", "4")))
+            ok(torchrun(train_args(prep, save_dir, f"ref{steps}", "--max-steps", steps, "--ckpt-freq", "4")))
             done[steps] = save_dir / f"ref{steps}" / "checkpoints" / f"step-{steps}"
         return done[steps]
 
@@ -75,7 +73,7 @@ def wait_until_dead(pids: list[int], timeout: float = 20) -> None:
 
 @pytest.mark.parametrize("victim", ["worker", "agent"])
 def test_sigkill_inside_a_checkpoint_save_then_rerun_is_bitwise_equal(prep, reference, tmp_path, victim):
-    args = args_for(prep, tmp_path, "exp", "--max-steps", 12, "--ckpt-freq", 4)
+    args = train_args(prep, tmp_path, "exp", "--max-steps", 12, "--ckpt-freq", 4)
     job = Job(args, env={"FSDP_TRAIN_FAULT": "sleep_in_save:8:10"})
     try:
         pids = {int(m[1]): int(m[2]) for m in job.wait_for(r"FAULT sleep_in_save step 8 rank (\d) pid (\d+)", 2)}
@@ -101,7 +99,7 @@ def test_sigkill_inside_a_checkpoint_save_then_rerun_is_bitwise_equal(prep, refe
 
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1", "SIGINT"])
 def test_signal_to_torchrun_saves_and_stops_then_rerun_is_bitwise_equal(prep, reference, tmp_path, sig):
-    args = args_for(prep, tmp_path, "exp", "--max-steps", 30, "--ckpt-freq", 100)
+    args = train_args(prep, tmp_path, "exp", "--max-steps", 30, "--ckpt-freq", 100)
     # torchrun forwards the signals it handles; Slurm's USR1 must be added to its list (as in the README).
     job = Job(args, launcher_args=("--signals-to-handle", "SIGTERM,SIGINT,SIGUSR1"))
     try:
@@ -123,7 +121,7 @@ def test_signal_to_torchrun_saves_and_stops_then_rerun_is_bitwise_equal(prep, re
 
 def test_second_sigint_aborts_at_once_without_saving(prep, tmp_path):
     job = Job(
-        args_for(prep, tmp_path, "exp", "--max-steps", 8, "--ckpt-freq", 4),
+        train_args(prep, tmp_path, "exp", "--max-steps", 8, "--ckpt-freq", 4),
         env={"FSDP_TRAIN_FAULT": "sleep_in_save:4:60"},
     )
     try:
@@ -156,7 +154,7 @@ def test_resume_on_another_world_size_loses_and_repeats_no_sample(prep, tmp_path
     trace = tmp_path / "trace"
     trace.mkdir()
     env = {"FSDP_TRAIN_TRACE_SAMPLES": str(trace)}
-    args = args_for(prep, tmp_path, "exp", "-b", 8, "--ckpt-freq", 3)  # one epoch, global batch 16 on 2 ranks
+    args = train_args(prep, tmp_path, "exp", "-b", 8, "--ckpt-freq", 3)  # one epoch, global batch 16 on 2 ranks
     job = Job([*args, "--max-steps", 6], env=env)
     assert job.wait() == 0, job.output
     resumed = ok(torchrun(args, nproc=new_world, env=env))
@@ -185,7 +183,7 @@ def test_resume_on_another_world_size_loses_and_repeats_no_sample(prep, tmp_path
 def four_steps(prep, tmp_path_factory) -> Path:
     """A finished 4-step run with complete checkpoints step-2 and step-4."""
     save_dir = tmp_path_factory.mktemp("four")
-    ok(torchrun(args_for(prep, save_dir, "exp", "--max-steps", 4, "--ckpt-freq", 2)))
+    ok(torchrun(train_args(prep, save_dir, "exp", "--max-steps", 4, "--ckpt-freq", 2)))
     return save_dir
 
 
@@ -198,7 +196,7 @@ def test_truncated_checkpoint_falls_back_to_the_previous_one(prep, reference, fo
     save_dir = copy_run(four_steps, tmp_path / "save")
     shard = save_dir / "exp/checkpoints/step-4/__0_0.distcp"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    proc = ok(torchrun(args_for(prep, save_dir, "exp", "--max-steps", 12, "--ckpt-freq", 4)))
+    proc = ok(torchrun(train_args(prep, save_dir, "exp", "--max-steps", 12, "--ckpt-freq", 4)))
     assert "step-4 is damaged" in proc.stdout and "Resuming from step 2" in proc.stdout
     assert_same_weights(save_dir / "exp/checkpoints/step-12", reference(12))
 
@@ -206,7 +204,7 @@ def test_truncated_checkpoint_falls_back_to_the_previous_one(prep, reference, fo
 def test_garbage_state_json_does_not_stop_a_resume(prep, four_steps, tmp_path):
     save_dir = copy_run(four_steps, tmp_path / "save")
     (save_dir / "exp/state.json").write_text("{not json")
-    proc = ok(torchrun(args_for(prep, save_dir, "exp", "--max-steps", 6, "--ckpt-freq", 2)))
+    proc = ok(torchrun(train_args(prep, save_dir, "exp", "--max-steps", 6, "--ckpt-freq", 2)))
     assert "Resuming from step 4" in proc.stdout
     assert json.loads((save_dir / "exp/state.json").read_text())["global_step"] == 6
 
@@ -217,7 +215,7 @@ def test_checkpoint_of_a_different_model_is_refused_before_loading(prep, four_st
     ok(run([sys.executable, "model_download.py", "--tiny", other, "--vocab-size", "512", "--hidden-size", "32",
             "--num-layers", "2"]))  # fmt: skip
     before = tree_digest(save_dir / "exp")
-    args = args_for(prep, save_dir, "exp", "--max-steps", 6)
+    args = train_args(prep, save_dir, "exp", "--max-steps", 6)
     args[args.index(prep["model"])] = other
     line = assert_single_error(torchrun(args), "was saved from a different model")
     assert "lm_head.weight is [512, 64] there but [512, 32] here" in line
@@ -228,7 +226,7 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint(prep, four_steps, t
     save_dir = copy_run(four_steps, tmp_path / "save")
     before = tree_digest(save_dir / "exp/checkpoints")
     proc = torchrun(
-        args_for(prep, save_dir, "exp", "--max-steps", 6, "--ckpt-freq", 2),
+        train_args(prep, save_dir, "exp", "--max-steps", 6, "--ckpt-freq", 2),
         env={"FSDP_TRAIN_FAULT": "enospc_in_save:6"},
     )
     assert_single_error(proc, "checkpoint at step 6 could not be saved (No space left on device); step-4 is intact")
@@ -239,14 +237,14 @@ def test_nan_loss_stops_without_saving(prep, four_steps, tmp_path):
     save_dir = copy_run(four_steps, tmp_path / "save")
     before = tree_digest(save_dir / "exp/checkpoints")
     proc = torchrun(
-        args_for(prep, save_dir, "exp", "--max-steps", 8, "--ckpt-freq", 2), env={"FSDP_TRAIN_FAULT": "nan_loss:5"}
+        train_args(prep, save_dir, "exp", "--max-steps", 8, "--ckpt-freq", 2), env={"FSDP_TRAIN_FAULT": "nan_loss:5"}
     )
     assert_single_error(proc, "became NaN/inf by step 5; stopped without saving it (the last good checkpoint, step-4")
     assert tree_digest(save_dir / "exp/checkpoints") == before
 
 
 def test_model_not_in_the_offline_cache(prep, tmp_path):
-    args = args_for(prep, tmp_path, "exp", "--max-steps", 2)
+    args = train_args(prep, tmp_path, "exp", "--max-steps", 2)
     args[args.index(prep["model"])] = "acme/not-cached"
     proc = torchrun(args, env={"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"})
     assert_single_error(proc, "cannot load model 'acme/not-cached'")
