@@ -947,7 +947,7 @@ def fault_point(name: str, step: int) -> bool:
     """Test-only fault injection, a no-op unless FSDP_TRAIN_FAULT=NAME:STEP[:SECONDS] names this point.
 
     sleep_in_save holds a save open so tests can kill the job inside it deterministically; enospc_in_save fails
-    the save like a full disk; nan_loss (checked by the caller) poisons the loss.
+    the save like a full disk; nan_loss (checked by the caller) poisons the loss; crash raises on rank 1 alone.
     """
     spec = os.environ.get("FSDP_TRAIN_FAULT", "")
     kind, _, rest = spec.partition(":")
@@ -959,6 +959,8 @@ def fault_point(name: str, step: int) -> bool:
         time.sleep(float(arg or 60))
     elif kind == "enospc_in_save" and int(os.environ.get("RANK", 0)) == 0:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    elif kind == "crash" and int(os.environ.get("RANK", 0)) == 1:
+        raise RuntimeError(f"injected crash at step {step}")
     return True
 
 
@@ -1482,8 +1484,9 @@ def train(cfg: Config, d: Dist | None = None) -> None:
             model.set_requires_gradient_sync(m == accum - 1)  # reduce-scatter only once per optimizer step
             with timer("forward"):
                 loss = model(input_ids=ids, labels=labels, num_items_in_batch=norm).loss
-                if fault_point("nan_loss", state.step + 1):
-                    loss = loss * float("nan")
+                fault_point("crash", state.step + 1)
+            if fault_point("nan_loss", state.step + 1):
+                loss = loss * float("nan")
             with timer("backward"):
                 loss.backward()
             loss_sum += loss.detach()

@@ -249,3 +249,13 @@ def test_model_not_in_the_offline_cache(prep, tmp_path):
     proc = torchrun(args, env={"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"})
     assert_single_error(proc, "cannot load model 'acme/not-cached'")
     assert not (tmp_path / "exp" / "checkpoints").exists()
+
+
+def test_an_exception_on_one_rank_ends_the_whole_job_promptly(prep, four_steps, tmp_path):
+    save_dir = copy_run(four_steps, tmp_path / "save")
+    before = tree_digest(save_dir / "exp/checkpoints")
+    t0 = time.monotonic()
+    proc = torchrun(train_args(prep, save_dir, "exp", "--max-steps", 8), env={"FSDP_TRAIN_FAULT": "crash:6"})
+    assert proc.returncode != 0 and "injected crash at step 6" in proc.stdout
+    assert time.monotonic() - t0 < 60  # no rank left waiting in a collective for the timeout
+    assert tree_digest(save_dir / "exp/checkpoints") == before
