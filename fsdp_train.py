@@ -1213,32 +1213,6 @@ class MetricsLogger:
         )
 
 
-@torch.no_grad()
-def evaluate(model, data, cfg: Config, d: Dist) -> dict[str, float]:
-    """Token-weighted loss over all validation blocks and ranks (not a mean of per-rank means).
-
-    Every rank runs the same number of forwards (FSDP all-gathers in each one); a rank short of blocks repeats
-    block 0 with every label masked, which adds nothing. No RNG is drawn, so training continues unchanged.
-    """
-    model.eval()
-    per_rank = math.ceil(len(data) / d.world_size)
-    mine = list(range(d.rank, len(data), d.world_size))
-    mine += [-1] * (per_rank - len(mine))
-    totals = torch.zeros(2, dtype=torch.float64, device=d.device)  # loss sum, tokens
-    for i in range(0, per_rank, cfg.batch_size):
-        chunk = mine[i : i + cfg.batch_size]
-        ids, labels, _ = fetch_batch(data, [max(j, 0) for j in chunk])
-        labels = labels.clone()
-        labels[torch.tensor([j < 0 for j in chunk])] = -100
-        ids, labels = ids.to(d.device), labels.to(d.device)
-        totals[0] += model(input_ids=ids, labels=labels, num_items_in_batch=1).loss.double()  # a sum: divided by 1
-        totals[1] += (labels[:, 1:] != -100).sum()
-    dist.all_reduce(totals)
-    model.train()
-    loss = (totals[0] / totals[1].clamp(min=1)).item()
-    return {"val/loss": loss, "val/ppl": math.exp(min(loss, 700.0))}
-
-
 # ======================================================================================================================
 # Hugging Face export
 
@@ -1373,6 +1347,62 @@ def trace_samples(step: int, epoch: int, indices: list[int], rank: int) -> None:
             f.write(json.dumps({"step": step, "epoch": epoch, "indices": indices}) + "\n")
 
 
+def run_record(cfg: Config, d: Dist, state: TrainState) -> dict:
+    """What it takes to trace and re-run this start of the job (one line per start in runs.jsonl)."""
+    import subprocess
+
+    import datasets
+    import transformers
+
+    here = Path(__file__).resolve().parent
+    try:
+        git = subprocess.run(["git", "-C", str(here), "describe", "--always", "--dirty", "--abbrev=40"],
+                             capture_output=True, text=True, timeout=10).stdout.strip() or None  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        git = None
+    return {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": [sys.executable, *sys.argv],
+        "start_step": state.step,
+        "world_size": d.world_size,
+        "device": str(d.device),
+        "git_commit": git,
+        "versions": {
+            "python": sys.version.split()[0],
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "datasets": datasets.__version__,
+        },
+        "config": dataclasses.asdict(cfg),
+    }
+
+
+@torch.no_grad()
+def evaluate(model, data, cfg: Config, d: Dist) -> dict[str, float]:
+    """Token-weighted loss over all validation blocks and ranks (not a mean of per-rank means).
+
+    Every rank runs the same number of forwards (FSDP all-gathers in each one); a rank short of blocks repeats
+    block 0 with every label masked, which adds nothing. No RNG is drawn, so training continues unchanged.
+    """
+    model.eval()
+    per_rank = math.ceil(len(data) / d.world_size)
+    mine = list(range(d.rank, len(data), d.world_size))
+    mine += [-1] * (per_rank - len(mine))
+    totals = torch.zeros(2, dtype=torch.float64, device=d.device)  # loss sum, tokens
+    for i in range(0, per_rank, cfg.batch_size):
+        chunk = mine[i : i + cfg.batch_size]
+        ids, labels, _ = fetch_batch(data, [max(j, 0) for j in chunk])
+        labels = labels.clone()
+        labels[torch.tensor([j < 0 for j in chunk])] = -100
+        ids, labels = ids.to(d.device), labels.to(d.device)
+        totals[0] += model(input_ids=ids, labels=labels, num_items_in_batch=1).loss.double()  # a sum: divided by 1
+        totals[1] += (labels[:, 1:] != -100).sum()
+    dist.all_reduce(totals)
+    model.train()
+    loss = (totals[0] / totals[1].clamp(min=1)).item()
+    return {"val/loss": loss, "val/ppl": math.exp(min(loss, 700.0))}
+
+
 def train(cfg: Config, d: Dist | None = None) -> None:
     """Run (or resume) the job described by `cfg` in this process; inside torchrun every rank calls it.
 
@@ -1448,6 +1478,8 @@ def train(cfg: Config, d: Dist | None = None) -> None:
 
     if d.is_main:  # only now: a run refused above leaves the experiment folder exactly as it was
         write_json_atomic(cfg.exp_dir / "config.json", dataclasses.asdict(cfg))
+        with open(cfg.exp_dir / "runs.jsonl", "a") as f:
+            f.write(json.dumps(run_record(cfg, d, state)) + "\n")
     stop = StopRequest()
     params = [p for p in model.parameters() if p.requires_grad]
     timer = PhaseTimer(d.device)

@@ -231,6 +231,9 @@ def test_train_checkpoint_and_resume_is_bitwise_equal_to_an_uninterrupted_run(pr
     assert ckpts == ["step-12", "step-8"]  # pruned to --keep-latest-k 2
     state = json.loads((tmp_path / "resumed/state.json").read_text())
     assert state == {"global_step": 12, "epoch": 0, "checkpoint": "checkpoints/step-12"}
+    starts = [json.loads(line) for line in (tmp_path / "resumed/runs.jsonl").read_text().splitlines()]
+    assert [r["start_step"] for r in starts] == [0, 8] and starts[1]["world_size"] == 2
+    assert "--max-steps" in starts[1]["command"] and starts[1]["versions"]["torch"] == torch.__version__
     meta = json.loads((tmp_path / "resumed/checkpoints/step-12/meta.json").read_text())
     assert meta["config"]["max_steps"] == 12 and meta["world_size"] == 2
 
