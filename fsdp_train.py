@@ -1,19 +1,22 @@
 """fsdp-train: fine-tune a Hugging Face causal LM with PyTorch FSDP2, sharded DCP checkpoints and exact resume.
 
-CPU smoke run (2 processes, gloo; what `make demo` runs):
-    torchrun --standalone --nproc_per_node 2 fsdp_train.py -e demo -d outputs/demo/dataset \
-        -m outputs/demo/tiny-llama -s 128 -b 4 --lr 1e-3 --max-steps 40 --ckpt-freq 20
+CPU smoke run (2 processes, gloo; the data and tiny model come from `make demo`):
+    torchrun --standalone --nproc_per_node 2 fsdp_train.py --config configs/cpu-smoke.yaml
 
 One GPU node (NCCL, bf16 compute with fp32 master weights):
     torchrun --standalone --nproc_per_node 8 fsdp_train.py -e llama-ft -d /data/my_dataset \
-        -m meta-llama/Llama-3.1-8B -s 4096 -b 1 --lr 2e-5 --warmup-steps 100
+        -m meta-llama/Llama-3.1-8B -s 4096 -b 1 --lr 2e-5 --warmup-steps 100 --val-split 0.01 --eval-freq 500
 
-Multi-node (run on every node; HF_HOME and --save-dir on shared storage):
+Multi-node (run on every node; HF_HOME and --save-dir on shared storage; USR1 for Slurm pre-emption):
     torchrun --nnodes 4 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint $HEAD:29500 --rdzv-id $JOB \
+        --signals-to-handle SIGTERM,SIGINT,SIGUSR1 --shutdown-timeout 120 \
         fsdp_train.py -e llama-ft -d /shared/data -m meta-llama/Llama-3.1-8B --save-dir /shared/outputs
 
 Resume: run the very same command again. It continues from the newest complete checkpoint in
 SAVE_DIR/EXP/checkpoints/ with the same samples in the same order; a finished run says so and exits 0.
+
+Export a checkpoint to a Hugging Face folder (one process, no GPU; a finished run writes SAVE_DIR/EXP/hf itself):
+    python fsdp_train.py export --checkpoint outputs/demo/checkpoints/step-99 --out outputs/demo-hf
 """
 
 from __future__ import annotations
