@@ -133,6 +133,7 @@ class Config:
         "are lost to rounding; for memory-bound runs (on|off)",
     )
     compile: bool = _opt(False, "torch.compile each block (first step pays the compilation) (on|off)")
+    replicate_degree: int = _opt(1, "HSDP: shard within groups of world/R ranks (a node), replicate across R groups")
     log_freq: int = _opt(10, "log metrics every N steps")
     ckpt_freq: int = _opt(100, "checkpoint every N steps (0: only at the end); always at the end")
     keep_latest_k: int = _opt(2, "complete checkpoints to keep")
@@ -146,6 +147,7 @@ class Config:
         if not re.fullmatch(r"[\w.\-]+", self.experiment_name):
             raise InputError(f"--experiment-name {self.experiment_name!r}: use letters, digits, '.', '_', '-' only")
         positive = (
+            "replicate_degree",
             "batch_size",
             "seq_length",
             "num_epochs",
@@ -355,9 +357,26 @@ def all_ok(ok: bool) -> bool:
     return flag.item() == 0
 
 
+CONTROL_COMMANDS = ("save", "stop", "abort")  # in rising priority when several arrive together
+
+
+def take_control_request(path: Path) -> str | None:
+    """The command `fsdp_train.py control` left in `path` (consumed: the file is removed)."""
+    try:
+        command = json.loads(path.read_text()).get("command")
+        path.unlink()
+    except (OSError, ValueError, AttributeError):
+        return None
+    if command not in CONTROL_COMMANDS:
+        log.warning(f"Ignoring unknown control request {command!r} in {path}")
+        return None
+    return command
+
+
 class StopRequest:
     """SIGTERM, SIGUSR1 (Slurm's --signal) and a first SIGINT ask for a checkpoint and a clean exit at the next
-    step boundary; a second SIGINT aborts at once without saving.
+    step boundary; a second SIGINT aborts at once without saving. `fsdp_train.py control` requests arrive through
+    a file that rank 0 polls at step boundaries.
 
     torchrun forwards the signals it handles to every worker; after a Ctrl+C in a terminal a worker gets SIGINT
     twice within milliseconds (from the terminal and from torchrun), so a second SIGINT counts only after 1 s.
@@ -382,11 +401,15 @@ class StopRequest:
         if not self.signum:
             self.signum = signum
 
-    def agreed(self) -> str | None:
-        """Collective: the signal any rank received, so every rank stops at the same step."""
-        flag = torch.tensor([self.signum], dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return signal.Signals(flag.item()).name if flag.item() else None
+    def agreed(self, control_file: Path | None = None) -> tuple[str | None, str | None]:
+        """Collective: (the signal any rank received, the control command rank 0 found in `control_file`), so
+        every rank acts at the same step. Only rank 0 passes the file."""
+        command = take_control_request(control_file) if control_file is not None else None
+        code = CONTROL_COMMANDS.index(command) + 1 if command else 0
+        flags = torch.tensor([self.signum, code], dtype=torch.int32)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        signum, code = flags.tolist()
+        return (signal.Signals(signum).name if signum else None), (CONTROL_COMMANDS[code - 1] if code else None)
 
 
 def say(line: str) -> None:
@@ -482,7 +505,11 @@ def shard_model(model: torch.nn.Module, cfg: Config, d: Dist) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-    mesh = init_device_mesh(d.device.type, (d.world_size,))
+    if cfg.replicate_degree > 1:  # a 2-D mesh makes fully_shard hybrid: all-gathers stay inside a shard group
+        shape, names = (cfg.replicate_degree, d.world_size // cfg.replicate_degree), ("replicate", "shard")
+        mesh = init_device_mesh(d.device.type, shape, mesh_dim_names=names)
+    else:
+        mesh = init_device_mesh(d.device.type, (d.world_size,))
     cuda = d.device.type == "cuda"
     mixed = cfg.compute_dtype(d.device) == torch.bfloat16 and not cfg.pure_bf16
     fsdp_kwargs = dict(
@@ -1196,6 +1223,30 @@ def memory_stats(device: torch.device) -> dict[str, float]:
     }
 
 
+class Heartbeat:
+    """SAVE_DIR/EXP/status.json, what `fsdp_train.py control status` reads: rank 0 rewrites it at log steps,
+    checkpoints and the end, and otherwise at most every `every` seconds."""
+
+    def __init__(self, path: Path, enabled: bool, start_step: int, stop_step: int, every: float = 5.0):
+        import socket
+
+        self.path, self.enabled, self.every, self.last = path, enabled, every, 0.0
+        self.start_step, self.t0 = start_step, time.monotonic()
+        self.fields = {"state": "running", "pid": os.getpid(), "host": socket.gethostname(), "step": start_step,
+                       "total_steps": stop_step, "last_checkpoint": None}  # fmt: skip
+
+    def beat(self, force: bool = False, **fields) -> None:
+        self.fields.update(fields)
+        now = time.monotonic()
+        if not self.enabled or not (force or now - self.last >= self.every):
+            return
+        done = self.fields["step"] - self.start_step
+        left = self.fields["total_steps"] - self.fields["step"]
+        eta = (now - self.t0) / done * left if done > 0 else None
+        write_json_atomic(self.path, {**self.fields, "eta_s": eta, "updated": time.time()})
+        self.last = now
+
+
 class MetricsLogger:
     """One dict per log step: a log line on stdout and a JSON line in SAVE_DIR/EXP/metrics.jsonl (rank 0)."""
 
@@ -1429,6 +1480,8 @@ def train(cfg: Config, d: Dist | None = None) -> None:
     if limit is not None and cfg.seq_length > limit:
         raise InputError(f"--seq-length {cfg.seq_length} exceeds the model's maximum of {limit} positions")
     accum = cfg.resolve_grad_accum(d.world_size)
+    if d.world_size % cfg.replicate_degree:
+        raise InputError(f"--replicate-degree {cfg.replicate_degree} does not divide the world size {d.world_size}")
     tokenizer = load_tokenizer(cfg.model_name, cfg.trust_remote_code)
     log.info(f"Config {json.dumps(dataclasses.asdict(cfg))}")
     train_raw, val_raw = load_datasets(cfg)
@@ -1446,6 +1499,9 @@ def train(cfg: Config, d: Dist | None = None) -> None:
     dist.barrier()  # every rank has listed the checkpoints before rank 0 cleans anything
     if d.is_main:
         clean_stale_temp(cfg)
+        stale = take_control_request(cfg.exp_dir / "control.json")
+        if stale:
+            log.warning(f"Ignoring a stale control request '{stale}' left from an earlier job")
     state = TrainState()
     if candidates:
         meta = read_meta(candidates[0])
@@ -1484,6 +1540,9 @@ def train(cfg: Config, d: Dist | None = None) -> None:
         with open(cfg.exp_dir / "runs.jsonl", "a") as f:
             f.write(json.dumps(run_record(cfg, d, state)) + "\n")
     stop = StopRequest()
+    control_file = cfg.exp_dir / "control.json"
+    heartbeat = Heartbeat(cfg.exp_dir / "status.json", d.is_main, state.step, stop_step)
+    heartbeat.beat(force=True, last_checkpoint=str(candidates[0]) if candidates else None)
     params = [p for p in model.parameters() if p.requires_grad]
     timer = PhaseTimer(d.device)
     metrics = MetricsLogger(cfg.exp_dir / "metrics.jsonl", d.is_main)
@@ -1536,12 +1595,22 @@ def train(cfg: Config, d: Dist | None = None) -> None:
         window_steps += 1
         window_tokens += int(counts[1])
 
-        stopped_by = stop.agreed()
+        stopped_by, command = stop.agreed(control_file if d.is_main else None)
+        if command == "abort":
+            heartbeat.beat(force=True, state="aborted", step=state.step)
+            raise JobError(f"aborted by `fsdp_train.py control abort` at step {state.step}; nothing saved")
+        if command == "stop":
+            stopped_by = "control stop"
         eval_now = val_data is not None and (
             state.step == stop_step or (cfg.eval_freq and state.step % cfg.eval_freq == 0)
         )
         log_now = state.step % cfg.log_freq == 0 or state.step == stop_step or stopped_by or eval_now
-        save_now = (cfg.ckpt_freq and state.step % cfg.ckpt_freq == 0) or state.step == stop_step or stopped_by
+        save_now = (
+            (cfg.ckpt_freq and state.step % cfg.ckpt_freq == 0)
+            or state.step == stop_step
+            or stopped_by
+            or command == "save"
+        )
         if log_now or save_now:
             raise_if_not_finite(not_finite, state.step, ckpt_root)  # a NaN model is never logged as fine or saved
         if log_now:
@@ -1566,14 +1635,20 @@ def train(cfg: Config, d: Dist | None = None) -> None:
                 record.update(evaluate(model, val_data, cfg, d))
                 record["time/eval"] = (time.perf_counter() - t0) * 1e3
             metrics.log(record)
+            heartbeat.beat(force=True, step=state.step, loss=record["loss"], **{"tok/s": record["tok/s"]})
             window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
         if save_now:
-            save_checkpoint(cfg, d, model, optimizer, scheduler, state, accum)
+            saved = save_checkpoint(cfg, d, model, optimizer, scheduler, state, accum)
+            heartbeat.beat(force=True, step=state.step, last_checkpoint=str(saved))
             window_start = time.perf_counter()  # checkpoint time is not training throughput
+        else:
+            heartbeat.beat(step=state.step)
         if stopped_by:
+            heartbeat.beat(force=True, state="stopped")
             log.info(f"Stopped by {stopped_by} at step {state.step}; checkpoint saved")
             return
     export_hf(model, cfg, d, cfg.exp_dir / "hf")
+    heartbeat.beat(force=True, state="finished")
     dist.barrier()  # leave together: a rank tearing down while another still talks to it can abort at exit
     log.info(
         f"Done: {state.step} steps in {time.perf_counter() - t_start:.1f}s. Checkpoints: {ckpt_root}  "
@@ -1643,10 +1718,82 @@ def export_main(argv: list[str]) -> int:
     return 0
 
 
+def job_status(exp_dir: Path) -> dict:
+    """A job's status.json plus whether it is alive: its process on this host, or a recent heartbeat elsewhere."""
+    import socket
+
+    try:
+        status = json.loads((exp_dir / "status.json").read_text())
+    except (OSError, ValueError):
+        return {"state": "unknown", "alive": False, "step": None}
+    alive = status.get("state") == "running"
+    if alive and status.get("host") == socket.gethostname():
+        try:
+            os.kill(status["pid"], 0)
+        except (OSError, KeyError, TypeError):
+            alive = False
+    elif alive:  # another node: trust a heartbeat younger than 10 minutes
+        alive = time.time() - status.get("updated", 0) < 600
+    if status.get("state") == "running" and not alive:
+        status["state"] = "dead"
+    return {**status, "alive": alive}
+
+
+def describe_status(name: str, st: dict) -> str:
+    parts = [f"{name}: {st['state']}"]
+    if st.get("step") is not None:
+        parts.append(f"step {st['step']}/{st.get('total_steps')}")
+    if st.get("loss") is not None:
+        parts.append(f"loss {st['loss']:.4f}")
+    if st.get("tok/s"):
+        parts.append(f"tok/s {st['tok/s']:,.0f}")
+    if st.get("alive") and st.get("eta_s") is not None:
+        parts.append(f"ETA {timedelta(seconds=round(st['eta_s']))}")
+    if st.get("last_checkpoint"):
+        parts.append(f"last checkpoint {Path(st['last_checkpoint']).name}")
+    if st.get("updated"):
+        parts.append(f"updated {time.time() - st['updated']:.0f}s ago")
+    return " | ".join(parts)
+
+
+def control_main(argv: list[str]) -> int:
+    """`fsdp_train.py control {list,status,stop,save,abort} [DIR]`: watch and steer running jobs, no server."""
+    p = _Parser(prog="fsdp_train.py control", description=control_main.__doc__)
+    p.add_argument("command", choices=("list", "status", *CONTROL_COMMANDS))
+    p.add_argument("dir", nargs="?", type=Path, help="SAVE_DIR for list (default outputs), else SAVE_DIR/EXP")
+    try:
+        args = p.parse_args(argv)
+        if args.command == "list":
+            root = args.dir or Path("outputs")
+            jobs = sorted(e for e in root.glob("*") if (e / "status.json").is_file()) if root.is_dir() else []
+            if not jobs:
+                raise InputError(f"no jobs under {root} (folders with a status.json)")
+            for exp in jobs:
+                print(describe_status(exp.name, job_status(exp)))
+            return 0
+        if args.dir is None or not (args.dir / "status.json").is_file():
+            raise InputError(
+                f"{args.dir or 'an experiment folder'} is no job folder (no status.json); try: control list"
+            )
+        status = job_status(args.dir)
+        if args.command == "status":
+            print(describe_status(args.dir.name, status))
+            return 0
+        if not status["alive"]:
+            raise InputError(f"the job in {args.dir} is not running ({status['state']}); nothing to {args.command}")
+        write_json_atomic(args.dir / "control.json", {"command": args.command, "time": time.time()})
+    except JobError as e:
+        return report_job_error(e, 0)
+    print(f"Requested '{args.command}' of {args.dir} (at step {status.get('step')}); the job acts at its next step")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["export"]:
         return export_main(argv[1:])
+    if argv[:1] == ["control"]:
+        return control_main(argv[1:])
     try:
         cfg = parse_args(argv)
     except InputError as e:

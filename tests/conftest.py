@@ -99,7 +99,8 @@ class Job:
     """A torchrun job in the background whose output is read line by line, to act at a known moment."""
 
     def __init__(self, args: list, nproc: int = 2, env: dict | None = None, launcher_args: tuple = ()):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
+        cmd += [] if "--nnodes" in launcher_args else ["--standalone"]
         cmd += [*launcher_args, "fsdp_train.py", *[str(a) for a in args]]
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
         self.proc = subprocess.Popen(

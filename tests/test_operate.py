@@ -1,0 +1,141 @@
+"""Operating a running job: control commands and status, HSDP, and two torchrun "nodes" on one machine."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+
+import pytest
+import torch
+from conftest import (
+    ROOT,
+    Job,
+    assert_single_error,
+    checkpoint_weights,
+    ok,
+    read_metrics,
+    run,
+    torchrun,
+    train_args,
+)
+
+import fsdp_train as ft
+
+pytestmark = pytest.mark.slow
+
+
+def control(*args) -> object:
+    return run([sys.executable, "fsdp_train.py", "control", *args])
+
+
+def test_control_save_status_stop_then_resume(prep, tmp_path):
+    exp = tmp_path / "exp"
+    args = train_args(prep, tmp_path, "exp", "--max-steps", 5000, "--ckpt-freq", 0, "--log-freq", 20)
+    job = Job(args)
+    try:
+        job.wait_for(r"step 40/5000")
+        listed = ok(control("list", tmp_path)).stdout
+        assert listed.startswith("exp: running | step ") and "ETA" in listed
+        assert "requested 'save'" in ok(control("save", exp)).stdout.lower()
+        (saved,) = job.wait_for(r"Saved checkpoint \S+/step-(\d+)")
+        assert job.proc.poll() is None  # a save request keeps training
+        ok(control("stop", exp))
+        (stopped,) = job.wait_for(r"Stopped by control stop at step (\d+); checkpoint saved")
+        assert job.wait() == 0
+    finally:
+        job.kill_all()
+    step = int(stopped[1])
+    assert int(saved[1]) < step < 5000
+    status = ok(control("status", exp)).stdout
+    assert f"exp: stopped | step {step}/5000" in status and f"last checkpoint step-{step}" in status
+    assert_single_error(control("stop", exp), "is not running (stopped); nothing to stop")
+    assert not (exp / "control.json").exists()
+
+    resumed = ok(torchrun([*args[: args.index("--max-steps")], "--max-steps", step + 2, "--ckpt-freq", 0]))
+    assert f"Resuming from step {step}" in resumed.stdout
+    assert json.loads((exp / "status.json").read_text())["state"] == "finished"
+
+
+def test_control_abort_exits_without_saving(prep, tmp_path):
+    exp = tmp_path / "exp"
+    job = Job(train_args(prep, tmp_path, "exp", "--max-steps", 5000, "--ckpt-freq", 0, "--log-freq", 20))
+    try:
+        job.wait_for(r"step 20/5000")
+        ok(control("abort", exp))
+        assert job.wait() != 0
+    finally:
+        job.kill_all()
+    assert "error: aborted by `fsdp_train.py control abort` at step" in job.output
+    assert ft.find_latest_checkpoint(exp / "checkpoints") is None
+    assert "exp: aborted" in ok(control("status", exp)).stdout
+
+
+def test_stale_control_request_of_a_dead_job_is_dropped(prep, tmp_path):
+    ok(torchrun(train_args(prep, tmp_path, "exp", "--max-steps", 2)))
+    (tmp_path / "exp" / "control.json").write_text(json.dumps({"command": "stop"}))
+    proc = ok(torchrun(train_args(prep, tmp_path, "exp", "--max-steps", 4)))
+    assert "Ignoring a stale control request 'stop'" in proc.stdout
+    assert [m["global_step"] for m in read_metrics(tmp_path / "exp")][-1] == 4  # it did not stop at step 3
+
+
+def test_control_on_a_folder_that_is_no_job(tmp_path):
+    assert_single_error(control("status", tmp_path), "is no job folder")
+    assert_single_error(control("list", tmp_path), "no jobs under")
+
+
+def test_hsdp_2x2_trains_like_fsdp_over_4_ranks(prep, tmp_path):
+    ok(torchrun(train_args(prep, tmp_path, "fsdp", "--max-steps", 3), nproc=4))
+    ok(torchrun(train_args(prep, tmp_path, "hsdp", "--max-steps", 3, "--replicate-degree", 2), nproc=4))
+    fsdp, hsdp = read_metrics(tmp_path / "fsdp"), read_metrics(tmp_path / "hsdp")
+    assert [m["loss"] for m in hsdp] == pytest.approx([m["loss"] for m in fsdp], abs=1e-5)
+    a, b = (
+        checkpoint_weights(tmp_path / "fsdp/checkpoints/step-3"),
+        checkpoint_weights(tmp_path / "hsdp/checkpoints/step-3"),
+    )
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    bad = torchrun(train_args(prep, tmp_path, "odd", "--max-steps", 1, "--replicate-degree", 3), nproc=2)
+    assert_single_error(bad, "--replicate-degree 3 does not divide the world size 2")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_nodes(args: list, job_id: str) -> list[Job]:
+    """Two torchrun launchers of one process each, meeting through a c10d rendezvous like two nodes of one job."""
+    rdzv = (
+        "--nnodes",
+        "2",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{free_port()}",
+        "--rdzv-id",
+        job_id,
+    )
+    return [Job(args, nproc=1, launcher_args=rdzv) for _ in range(2)]
+
+
+def test_two_nodes_train_checkpoint_and_resume_like_one(prep, tmp_path):
+    ok(torchrun(train_args(prep, tmp_path, "single", "--max-steps", 6, "--ckpt-freq", 2)))
+    for steps in (4, 6):
+        nodes = two_nodes(train_args(prep, tmp_path, "multi", "--max-steps", steps, "--ckpt-freq", 2), f"job{steps}")
+        try:
+            assert [node.wait(timeout=180) for node in nodes] == [0, 0], nodes[0].output + nodes[1].output
+        finally:
+            for node in nodes:
+                node.kill_all()
+    assert "Resuming from step 4" in nodes[0].output + nodes[1].output
+    single, multi = (
+        checkpoint_weights(tmp_path / "single/checkpoints/step-6"),
+        checkpoint_weights(tmp_path / "multi/checkpoints/step-6"),
+    )
+    assert all(torch.equal(single[k], multi[k]) for k in single)  # same world size: same bits as one node
+
+
+def test_slurm_example_launches_this_script():
+    text = (ROOT / "examples" / "slurm.sbatch").read_text()
+    assert "srun" in text and "torchrun" in text and "--signal=USR1@120" in text and "fsdp_train.py" in text
