@@ -13,7 +13,7 @@ NPROC ?= $(if $(HAS_GPU),$(shell nvidia-smi -L | wc -l),2)
 DATA := outputs/demo-data
 CORPUS := $(shell find data -type f)
 
-.PHONY: venv demo test lint format clean-demo
+.PHONY: venv demo test lint format tb clean-demo
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt requirements-dev.txt
@@ -42,6 +42,9 @@ demo: $(DATA)/dataset $(DATA)/tiny-llama
 
 test: $(VENV)/.installed
 	$(PY) -m pytest
+
+tb: $(VENV)/.installed
+	$(VENV)/bin/tensorboard --logdir outputs --bind_all
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

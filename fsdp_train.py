@@ -133,6 +133,7 @@ class Config:
         "are lost to rounding; for memory-bound runs (on|off)",
     )
     compile: bool = _opt(False, "torch.compile each block (first step pays the compilation) (on|off)")
+    tensorboard: bool = _opt(True, "TensorBoard events in SAVE_DIR/EXP/tb when the package is installed (on|off)")
     replicate_degree: int = _opt(1, "HSDP: shard within groups of world/R ranks (a node), replicate across R groups")
     log_freq: int = _opt(10, "log metrics every N steps")
     ckpt_freq: int = _opt(100, "checkpoint every N steps (0: only at the end); always at the end")
@@ -1247,24 +1248,106 @@ class Heartbeat:
         self.last = now
 
 
-class MetricsLogger:
-    """One dict per log step: a log line on stdout and a JSON line in SAVE_DIR/EXP/metrics.jsonl (rank 0)."""
+class _AboveTheBar:
+    """A stream for the log handler while a tqdm bar is shown: lines are printed above the bar."""
 
-    def __init__(self, path: Path, enabled: bool):
-        self.path, self.enabled = path, enabled
+    def write(self, text: str) -> None:
+        from tqdm import tqdm
+
+        if text.strip():
+            tqdm.write(text.rstrip("\n"), file=sys.stdout)
+
+    def flush(self) -> None:
+        sys.stdout.flush()
+
+
+class MetricsLogger:
+    """The one place metrics go, one dict per log step: metrics.jsonl, TensorBoard (same keys) when installed, and
+    a log line, or on a terminal a tqdm bar over optimizer steps. Everything here happens on rank 0 only."""
+
+    def __init__(self, cfg: Config, enabled: bool, start_step: int, stop_step: int):
+        self.path, self.enabled, self.writer, self.bar = cfg.exp_dir / "metrics.jsonl", enabled, None, None
+        self.seen: dict[str, float] = {}
+        if not enabled:
+            return
+        if cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                # purge_step drops events a killed run logged after the checkpoint this run resumes from.
+                self.writer = SummaryWriter(str(cfg.exp_dir / "tb"), purge_step=start_step + 1)
+            except ImportError:
+                log.info("TensorBoard logging is off: `pip install tensorboard` to get it")
+        if sys.stdout.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=stop_step, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stdout)
+            for handler in log.handlers:  # other log lines go above the bar instead of through it
+                handler.setStream(_AboveTheBar())
+
+    def step(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
 
     def log(self, metrics: dict) -> None:
         if not self.enabled:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(metrics) + "\n")  # json writes floats with full precision (repr)
+        for key, value in metrics.items():
+            if key.startswith(("mem/peak", "val/")) or key in ("loss", "tok/s"):
+                self.seen[key] = max(value, self.seen.get(key, value)) if key.startswith("mem/") else value
+            if self.writer is not None and key not in ("global_step", "total_steps"):
+                self.writer.add_scalar(key, value, metrics["global_step"])
+        if self.writer is not None:
+            self.writer.flush()
+        if self.bar is not None:
+            postfix = {"loss": f"{metrics['loss']:.4f}", "tok/s": f"{metrics['tok/s']:,.0f}"}
+            if "val/loss" in metrics:
+                postfix["val"] = f"{metrics['val/loss']:.4f}"
+            self.bar.set_postfix(postfix, refresh=False)
+            return
         times = " ".join(f"{k[5:]} {v:.1f}ms" for k, v in metrics.items() if k.startswith("time/"))
         mem = " ".join(f"{k[4:]} {v:.2f}" for k, v in metrics.items() if k.startswith("mem/"))
+        val = f" | val_loss {metrics['val/loss']:.4f} val_ppl {metrics['val/ppl']:.2f}" if "val/loss" in metrics else ""
         log.info(
             f"step {metrics['global_step']}/{metrics['total_steps']} | epoch {metrics['epoch']} | "
             f"loss {metrics['loss']:.4f} | lr {metrics['lr']:.2e} | grad_norm {metrics['grad_norm']:.3f} | "
-            f"tok/s {metrics['tok/s']:,.0f} | {times} | GiB {mem}"
+            f"tok/s {metrics['tok/s']:,.0f}{val} | {times} | GiB {mem}"
         )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            for handler in log.handlers:
+                handler.setStream(sys.stdout)
+        if self.writer is not None:
+            self.writer.close()
+
+
+def plot_losses(metrics_path: Path, out: Path) -> bool:
+    """loss.png of the whole run (all its starts; the last value logged for a step wins). Needs matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    by_step = {m["global_step"]: m for m in map(json.loads, metrics_path.read_text().splitlines())}
+    steps = sorted(by_step)
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot(steps, [by_step[s]["loss"] for s in steps], label="train loss")
+    val = [s for s in steps if "val/loss" in by_step[s]]
+    if val:
+        ax.plot(val, [by_step[s]["val/loss"] for s in val], "o-", label="validation loss")
+    ax.set(xlabel="optimizer step", ylabel="loss (nats/token)", title=metrics_path.parent.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return True
 
 
 # ======================================================================================================================
@@ -1545,11 +1628,12 @@ def train(cfg: Config, d: Dist | None = None) -> None:
     heartbeat.beat(force=True, last_checkpoint=str(candidates[0]) if candidates else None)
     params = [p for p in model.parameters() if p.requires_grad]
     timer = PhaseTimer(d.device)
-    metrics = MetricsLogger(cfg.exp_dir / "metrics.jsonl", d.is_main)
+    metrics = MetricsLogger(cfg, d.is_main, state.step, stop_step)
     micro_batch = cfg.batch_size * d.world_size
     global_batch = micro_batch * accum
     not_finite = torch.zeros((), device=d.device)  # accumulated on device: no host sync per step
     window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
+    first_step, tokens_seen, t_loop = state.step, 0, time.perf_counter()
     perm_epoch, perm = -1, None
     log.info(f"Start-up took {time.perf_counter() - t_start:.1f}s")
 
@@ -1594,6 +1678,8 @@ def train(cfg: Config, d: Dist | None = None) -> None:
         state.offset += global_batch
         window_steps += 1
         window_tokens += int(counts[1])
+        tokens_seen += int(counts[1])
+        metrics.step()
 
         stopped_by, command = stop.agreed(control_file if d.is_main else None)
         if command == "abort":
@@ -1644,16 +1730,34 @@ def train(cfg: Config, d: Dist | None = None) -> None:
         else:
             heartbeat.beat(step=state.step)
         if stopped_by:
+            metrics.close()
             heartbeat.beat(force=True, state="stopped")
             log.info(f"Stopped by {stopped_by} at step {state.step}; checkpoint saved")
             return
+    metrics.close()
+    train_s = time.perf_counter() - t_loop
     export_hf(model, cfg, d, cfg.exp_dir / "hf")
     heartbeat.beat(force=True, state="finished")
+    if d.is_main:
+        plotted = plot_losses(cfg.exp_dir / "metrics.jsonl", cfg.exp_dir / "loss.png")
+        seen = metrics.seen
+        lines = [
+            f"steps {first_step} -> {state.step} ({state.step - first_step} in this run), "
+            f"{tokens_seen:,} tokens in {train_s:.1f}s of training, {time.perf_counter() - t_start:.1f}s in all",
+            f"mean {tokens_seen / max(train_s, 1e-9):,.0f} tok/s (checkpoints and evaluation included)",
+            f"final train loss {seen['loss']:.4f}"
+            + (f", validation loss {seen['val/loss']:.4f}" if "val/loss" in seen else ""),
+            "peak memory (rank 0) "
+            + ", ".join(f"{k[4:]} {v:.2f} GiB" for k, v in seen.items() if k.startswith("mem/")),
+            f"checkpoint {find_latest_checkpoint(ckpt_root)}",
+            f"Hugging Face export {cfg.exp_dir / 'hf'}",
+            f"metrics {cfg.exp_dir / 'metrics.jsonl'}"
+            + (f", loss curve {cfg.exp_dir / 'loss.png'}" if plotted else ""),
+        ]
+        if cfg.tensorboard and metrics.writer is not None:
+            lines.append(f"TensorBoard: tensorboard --logdir {cfg.exp_dir / 'tb'}")
+        log.info("Done.\n    " + "\n    ".join(lines))
     dist.barrier()  # leave together: a rank tearing down while another still talks to it can abort at exit
-    log.info(
-        f"Done: {state.step} steps in {time.perf_counter() - t_start:.1f}s. Checkpoints: {ckpt_root}  "
-        f"Metrics: {cfg.exp_dir / 'metrics.jsonl'}  Hugging Face export: {cfg.exp_dir / 'hf'}"
-    )
 
 
 def config_to_argv(cfg: Config) -> list[str]:

@@ -139,3 +139,59 @@ def test_two_nodes_train_checkpoint_and_resume_like_one(prep, tmp_path):
 def test_slurm_example_launches_this_script():
     text = (ROOT / "examples" / "slurm.sbatch").read_text()
     assert "srun" in text and "torchrun" in text and "--signal=USR1@120" in text and "fsdp_train.py" in text
+
+
+def run_on_a_terminal(cmd: list) -> tuple[int, str]:
+    """Run with stdout and stderr on a pseudo-terminal of 150 columns, as a person at a shell would."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 150, 0, 0))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, stdout=slave, stderr=slave, env=env)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: every writer has closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    return proc.wait(timeout=120), b"".join(chunks).decode(errors="replace")
+
+
+def test_progress_bar_summary_tensorboard_and_loss_curve(prep, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "fsdp_train.py"]
+    args = train_args(prep, tmp_path, "exp", "--max-steps", 6, "--log-freq", 2, "--val-split", "0.1", "--eval-freq", 3)
+    rc, out = run_on_a_terminal(launcher + args)
+    assert rc == 0, out[-3000:]
+    bar = [line for line in out.replace("\r", "\n").splitlines() if "6/6 [" in line]
+    assert bar and "step/s" in bar[-1] and "loss=" in bar[-1] and "val=" in bar[-1]
+    assert "step 2/6 |" not in out  # on a terminal the bar replaces the per-step lines
+    for part in ("Done.", "steps 0 -> 6 (6 in this run)", "tok/s", "final train loss", "validation loss",
+                 "peak memory (rank 0)", "checkpoints/step-6", "loss curve", "TensorBoard: tensorboard --logdir"):  # fmt: skip
+        assert part in out, part
+
+    exp = tmp_path / "exp"
+    assert (exp / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    records = read_metrics(exp)
+    events = EventAccumulator(str(exp / "tb"))
+    events.Reload()
+    keys = {k for m in records for k in m} - {"global_step", "total_steps"}
+    assert set(events.Tags()["scalars"]) == keys  # the same keys as metrics.jsonl
+    assert [e.step for e in events.Scalars("loss")] == [m["global_step"] for m in records]
+    assert [e.value for e in events.Scalars("loss")] == pytest.approx([m["loss"] for m in records])
+
+    # Not a terminal (CI, Slurm logs): plain log lines, no bar.
+    plain = ok(torchrun(train_args(prep, tmp_path, "plain", "--max-steps", 2, "--log-freq", 1)))
+    assert "step 2/2 |" in plain.stdout and "step/s" not in plain.stdout
