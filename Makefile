@@ -44,7 +44,7 @@ test: $(VENV)/.installed
 	$(PY) -m pytest
 
 tb: $(VENV)/.installed
-	$(VENV)/bin/tensorboard --logdir outputs --bind_all
+	$(VENV)/bin/tensorboard --logdir outputs
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
