@@ -388,8 +388,12 @@ class StopRequest:
     def __init__(self):
         self.signum = 0
         self.first_sigint = None
-        for sig in self.SIGNALS:
-            signal.signal(sig, self._handle)
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+
+    def restore(self) -> None:
+        """Give the signals back (after train() returns in a notebook, Ctrl+C must interrupt again)."""
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
         if signum == signal.SIGINT and self.first_sigint is not None:
@@ -511,6 +515,7 @@ def shard_model(model: torch.nn.Module, cfg: Config, d: Dist) -> None:
         mesh = init_device_mesh(d.device.type, shape, mesh_dim_names=names)
     else:
         mesh = init_device_mesh(d.device.type, (d.world_size,))
+    log.info(f"Device mesh {tuple(mesh.shape)} {mesh.mesh_dim_names or ('shard',)}")
     cuda = d.device.type == "cuda"
     mixed = cfg.compute_dtype(d.device) == torch.bfloat16 and not cfg.pure_bf16
     fsdp_kwargs = dict(
@@ -1325,6 +1330,25 @@ class MetricsLogger:
             self.writer.close()
 
 
+def run_summary(
+    cfg: Config, metrics: MetricsLogger, first: int, last: int, tokens: str, tok_s: float, plotted: bool
+) -> str:
+    seen, exp = metrics.seen, cfg.exp_dir
+    val = f", validation loss {seen['val/loss']:.4f}" if "val/loss" in seen else ""
+    lines = [
+        f"steps {first} -> {last} ({last - first} in this run), {tokens}",
+        f"mean {tok_s:,.0f} tok/s (checkpoints and evaluation included)",
+        f"final train loss {seen['loss']:.4f}{val}",
+        "peak memory (rank 0) " + ", ".join(f"{k[4:]} {v:.2f} GiB" for k, v in seen.items() if k.startswith("mem/")),
+        f"checkpoint {find_latest_checkpoint(exp / 'checkpoints')}",
+        f"Hugging Face export {exp / 'hf'}",
+        f"metrics {exp / 'metrics.jsonl'}" + (f", loss curve {exp / 'loss.png'}" if plotted else ""),
+    ]
+    if metrics.writer is not None:
+        lines.append(f"TensorBoard: tensorboard --logdir {exp / 'tb'}")
+    return "Done.\n    " + "\n    ".join(lines)
+
+
 def plot_losses(metrics_path: Path, out: Path) -> bool:
     """loss.png of the whole run (all its starts; the last value logged for a step wins). Needs matplotlib."""
     try:
@@ -1623,141 +1647,133 @@ def train(cfg: Config, d: Dist | None = None) -> None:
         with open(cfg.exp_dir / "runs.jsonl", "a") as f:
             f.write(json.dumps(run_record(cfg, d, state)) + "\n")
     stop = StopRequest()
-    control_file = cfg.exp_dir / "control.json"
-    heartbeat = Heartbeat(cfg.exp_dir / "status.json", d.is_main, state.step, stop_step)
-    heartbeat.beat(force=True, last_checkpoint=str(candidates[0]) if candidates else None)
-    params = [p for p in model.parameters() if p.requires_grad]
-    timer = PhaseTimer(d.device)
-    metrics = MetricsLogger(cfg, d.is_main, state.step, stop_step)
-    micro_batch = cfg.batch_size * d.world_size
-    global_batch = micro_batch * accum
-    not_finite = torch.zeros((), device=d.device)  # accumulated on device: no host sync per step
-    window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
-    first_step, tokens_seen, t_loop = state.step, 0, time.perf_counter()
-    perm_epoch, perm = -1, None
-    log.info(f"Start-up took {time.perf_counter() - t_start:.1f}s")
+    try:
+        control_file = cfg.exp_dir / "control.json"
+        heartbeat = Heartbeat(cfg.exp_dir / "status.json", d.is_main, state.step, stop_step)
+        heartbeat.beat(force=True, last_checkpoint=str(candidates[0]) if candidates else None)
+        params = [p for p in model.parameters() if p.requires_grad]
+        timer = PhaseTimer(d.device)
+        metrics = MetricsLogger(cfg, d.is_main, state.step, stop_step)
+        micro_batch = cfg.batch_size * d.world_size
+        global_batch = micro_batch * accum
+        not_finite = torch.zeros((), device=d.device)  # accumulated on device: no host sync per step
+        window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
+        first_step, tokens_seen, t_loop = state.step, 0, time.perf_counter()
+        perm_epoch, perm = -1, None
+        log.info(f"Start-up took {time.perf_counter() - t_start:.1f}s")
 
-    while state.step < stop_step:
-        with timer("data"):
-            if state.offset + global_batch > len(data):
-                state.epoch, state.offset = state.epoch + 1, 0
-            if perm_epoch != state.epoch:
-                perm_epoch, perm = state.epoch, epoch_permutation(len(data), cfg.seed, state.epoch)
-            batches, counts = [], torch.zeros(2, dtype=torch.int64)  # label tokens, real tokens
-            for m in range(accum):
-                idx = rank_batch_indices(perm, state.offset + m * micro_batch, cfg.batch_size, d.rank, d.world_size)
-                trace_samples(state.step + 1, state.epoch, idx, d.rank)
-                ids, labels, real = fetch_batch(data, idx)
-                counts += torch.tensor([int((labels[:, 1:] != -100).sum()), real])
-                batches.append((ids.to(d.device, non_blocking=True), labels.to(d.device, non_blocking=True)))
-            if labels is not ids:  # masked labels: the global token count is known only after an (all-CPU) sum
-                dist.all_reduce(counts)
+        while state.step < stop_step:
+            with timer("data"):
+                if state.offset + global_batch > len(data):
+                    state.epoch, state.offset = state.epoch + 1, 0
+                if perm_epoch != state.epoch:
+                    perm_epoch, perm = state.epoch, epoch_permutation(len(data), cfg.seed, state.epoch)
+                batches, counts = [], torch.zeros(2, dtype=torch.int64)  # label tokens, real tokens
+                for m in range(accum):
+                    idx = rank_batch_indices(perm, state.offset + m * micro_batch, cfg.batch_size, d.rank, d.world_size)
+                    trace_samples(state.step + 1, state.epoch, idx, d.rank)
+                    ids, labels, real = fetch_batch(data, idx)
+                    counts += torch.tensor([int((labels[:, 1:] != -100).sum()), real])
+                    batches.append((ids.to(d.device, non_blocking=True), labels.to(d.device, non_blocking=True)))
+                if labels is not ids:  # masked labels: the global token count is known only after an (all-CPU) sum
+                    dist.all_reduce(counts)
+                else:
+                    counts *= d.world_size
+                # Each rank's loss is its token-loss sum over the per-rank share of the global count, so FSDP's
+                # gradient average over ranks is the mean over every trained token of the step.
+                norm = max(int(counts[0]), 1) / d.world_size
+            loss_sum = torch.zeros((), device=d.device)
+            for m, (ids, labels) in enumerate(batches):
+                model.set_requires_gradient_sync(m == accum - 1)  # reduce-scatter only once per optimizer step
+                with timer("forward"):
+                    loss = model(input_ids=ids, labels=labels, num_items_in_batch=norm).loss
+                    fault_point("crash", state.step + 1)
+                if fault_point("nan_loss", state.step + 1):
+                    loss = loss * float("nan")
+                with timer("backward"):
+                    loss.backward()
+                loss_sum += loss.detach()
+            with timer("update"):
+                grad_norm = clip_grad_norm(params, cfg.max_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            not_finite += (~torch.isfinite(loss_sum)).float() + (~torch.isfinite(grad_norm)).float()
+            state.step += 1
+            state.offset += global_batch
+            window_steps += 1
+            window_tokens += int(counts[1])
+            tokens_seen += int(counts[1])
+            metrics.step()
+
+            stopped_by, command = stop.agreed(control_file if d.is_main else None)
+            if command == "abort":
+                heartbeat.beat(force=True, state="aborted", step=state.step)
+                raise JobError(f"aborted by `fsdp_train.py control abort` at step {state.step}; nothing saved")
+            if command == "stop":
+                stopped_by = "control stop"
+            eval_now = val_data is not None and (
+                state.step == stop_step or (cfg.eval_freq and state.step % cfg.eval_freq == 0)
+            )
+            log_now = state.step % cfg.log_freq == 0 or state.step == stop_step or stopped_by or eval_now
+            save_now = (
+                (cfg.ckpt_freq and state.step % cfg.ckpt_freq == 0)
+                or state.step == stop_step
+                or stopped_by
+                or command == "save"
+            )
+            if log_now or save_now:
+                raise_if_not_finite(not_finite, state.step, ckpt_root)  # a NaN model is never logged as fine or saved
+            if log_now:
+                dist.all_reduce(loss_sum)  # each rank holds world_size x its share of the global token mean
+                loss_sum /= d.world_size
+                phase_ms = timer.mean_ms(window_steps)
+                elapsed = time.perf_counter() - window_start
+                record = {
+                    "global_step": state.step,
+                    "total_steps": stop_step,
+                    "epoch": state.epoch,
+                    "loss": loss_sum.item(),
+                    "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": grad_norm.item(),
+                    "tok/s": window_tokens / elapsed,
+                    **phase_ms,
+                    "time/total": elapsed * 1e3 / window_steps,
+                    **memory_stats(d.device),
+                }
+                if eval_now:
+                    t0 = time.perf_counter()
+                    record.update(evaluate(model, val_data, cfg, d))
+                    record["time/eval"] = (time.perf_counter() - t0) * 1e3
+                metrics.log(record)
+                heartbeat.beat(force=True, step=state.step, loss=record["loss"], **{"tok/s": record["tok/s"]})
+                window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
+            if save_now:
+                saved = save_checkpoint(cfg, d, model, optimizer, scheduler, state, accum)
+                heartbeat.beat(force=True, step=state.step, last_checkpoint=str(saved))
+                window_start = time.perf_counter()  # checkpoint time is not training throughput
             else:
-                counts *= d.world_size
-            # Each rank's loss is its token-loss sum over the per-rank share of the global count, so FSDP's
-            # gradient average over ranks is the mean over every trained token of the step.
-            norm = max(int(counts[0]), 1) / d.world_size
-        loss_sum = torch.zeros((), device=d.device)
-        for m, (ids, labels) in enumerate(batches):
-            model.set_requires_gradient_sync(m == accum - 1)  # reduce-scatter only once per optimizer step
-            with timer("forward"):
-                loss = model(input_ids=ids, labels=labels, num_items_in_batch=norm).loss
-                fault_point("crash", state.step + 1)
-            if fault_point("nan_loss", state.step + 1):
-                loss = loss * float("nan")
-            with timer("backward"):
-                loss.backward()
-            loss_sum += loss.detach()
-        with timer("update"):
-            grad_norm = clip_grad_norm(params, cfg.max_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        not_finite += (~torch.isfinite(loss_sum)).float() + (~torch.isfinite(grad_norm)).float()
-        state.step += 1
-        state.offset += global_batch
-        window_steps += 1
-        window_tokens += int(counts[1])
-        tokens_seen += int(counts[1])
-        metrics.step()
-
-        stopped_by, command = stop.agreed(control_file if d.is_main else None)
-        if command == "abort":
-            heartbeat.beat(force=True, state="aborted", step=state.step)
-            raise JobError(f"aborted by `fsdp_train.py control abort` at step {state.step}; nothing saved")
-        if command == "stop":
-            stopped_by = "control stop"
-        eval_now = val_data is not None and (
-            state.step == stop_step or (cfg.eval_freq and state.step % cfg.eval_freq == 0)
-        )
-        log_now = state.step % cfg.log_freq == 0 or state.step == stop_step or stopped_by or eval_now
-        save_now = (
-            (cfg.ckpt_freq and state.step % cfg.ckpt_freq == 0)
-            or state.step == stop_step
-            or stopped_by
-            or command == "save"
-        )
-        if log_now or save_now:
-            raise_if_not_finite(not_finite, state.step, ckpt_root)  # a NaN model is never logged as fine or saved
-        if log_now:
-            dist.all_reduce(loss_sum)  # each rank holds world_size x its share of the global token mean
-            loss_sum /= d.world_size
-            phase_ms = timer.mean_ms(window_steps)
-            elapsed = time.perf_counter() - window_start
-            record = {
-                "global_step": state.step,
-                "total_steps": stop_step,
-                "epoch": state.epoch,
-                "loss": loss_sum.item(),
-                "lr": scheduler.get_last_lr()[0],
-                "grad_norm": grad_norm.item(),
-                "tok/s": window_tokens / elapsed,
-                **phase_ms,
-                "time/total": elapsed * 1e3 / window_steps,
-                **memory_stats(d.device),
-            }
-            if eval_now:
-                t0 = time.perf_counter()
-                record.update(evaluate(model, val_data, cfg, d))
-                record["time/eval"] = (time.perf_counter() - t0) * 1e3
-            metrics.log(record)
-            heartbeat.beat(force=True, step=state.step, loss=record["loss"], **{"tok/s": record["tok/s"]})
-            window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
-        if save_now:
-            saved = save_checkpoint(cfg, d, model, optimizer, scheduler, state, accum)
-            heartbeat.beat(force=True, step=state.step, last_checkpoint=str(saved))
-            window_start = time.perf_counter()  # checkpoint time is not training throughput
-        else:
-            heartbeat.beat(step=state.step)
-        if stopped_by:
-            metrics.close()
-            heartbeat.beat(force=True, state="stopped")
-            log.info(f"Stopped by {stopped_by} at step {state.step}; checkpoint saved")
-            return
-    metrics.close()
-    train_s = time.perf_counter() - t_loop
-    export_hf(model, cfg, d, cfg.exp_dir / "hf")
-    heartbeat.beat(force=True, state="finished")
-    if d.is_main:
-        plotted = plot_losses(cfg.exp_dir / "metrics.jsonl", cfg.exp_dir / "loss.png")
-        seen = metrics.seen
-        lines = [
-            f"steps {first_step} -> {state.step} ({state.step - first_step} in this run), "
-            f"{tokens_seen:,} tokens in {train_s:.1f}s of training, {time.perf_counter() - t_start:.1f}s in all",
-            f"mean {tokens_seen / max(train_s, 1e-9):,.0f} tok/s (checkpoints and evaluation included)",
-            f"final train loss {seen['loss']:.4f}"
-            + (f", validation loss {seen['val/loss']:.4f}" if "val/loss" in seen else ""),
-            "peak memory (rank 0) "
-            + ", ".join(f"{k[4:]} {v:.2f} GiB" for k, v in seen.items() if k.startswith("mem/")),
-            f"checkpoint {find_latest_checkpoint(ckpt_root)}",
-            f"Hugging Face export {cfg.exp_dir / 'hf'}",
-            f"metrics {cfg.exp_dir / 'metrics.jsonl'}"
-            + (f", loss curve {cfg.exp_dir / 'loss.png'}" if plotted else ""),
-        ]
-        if cfg.tensorboard and metrics.writer is not None:
-            lines.append(f"TensorBoard: tensorboard --logdir {cfg.exp_dir / 'tb'}")
-        log.info("Done.\n    " + "\n    ".join(lines))
-    dist.barrier()  # leave together: a rank tearing down while another still talks to it can abort at exit
+                heartbeat.beat(step=state.step)
+            if stopped_by:
+                metrics.close()
+                heartbeat.beat(force=True, state="stopped")
+                log.info(f"Stopped by {stopped_by} at step {state.step}; checkpoint saved")
+                return
+        metrics.close()
+        train_s = time.perf_counter() - t_loop
+        export_hf(model, cfg, d, cfg.exp_dir / "hf")
+        heartbeat.beat(force=True, state="finished")
+        if d.is_main:
+            plotted = plot_losses(cfg.exp_dir / "metrics.jsonl", cfg.exp_dir / "loss.png")
+            tokens = (
+                f"{tokens_seen:,} tokens in {train_s:.1f}s of training, {time.perf_counter() - t_start:.1f}s in all"
+            )
+            log.info(
+                run_summary(cfg, metrics, first_step, state.step, tokens, tokens_seen / max(train_s, 1e-9), plotted)
+            )
+        dist.barrier()  # leave together: a rank tearing down while another still talks to it can abort at exit
+    finally:
+        stop.restore()
 
 
 def config_to_argv(cfg: Config) -> list[str]:

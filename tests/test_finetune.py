@@ -258,6 +258,7 @@ def test_python_api_in_process_and_through_the_elastic_launcher(prep, tmp_path):
     common = f"dataset_name={str(prep['dataset'])!r}, model_name={str(prep['model'])!r}, save_dir={str(tmp_path)!r}, "
     common += "seq_length=64, batch_size=2, lr=3e-3, max_steps=2, log_freq=1"
     in_process = f"from fsdp_train import Config, train; train(Config(experiment_name='one', {common}))"
+    in_process += "; import signal; assert signal.getsignal(signal.SIGINT) is signal.default_int_handler"
     assert "world 1," in ok(run([sys.executable, "-c", in_process])).stdout
     assert [m["global_step"] for m in read_metrics(tmp_path / "one")] == [1, 2]
     launched = (

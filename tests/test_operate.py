@@ -86,7 +86,8 @@ def test_control_on_a_folder_that_is_no_job(tmp_path):
 
 def test_hsdp_2x2_trains_like_fsdp_over_4_ranks(prep, tmp_path):
     ok(torchrun(train_args(prep, tmp_path, "fsdp", "--max-steps", 3), nproc=4))
-    ok(torchrun(train_args(prep, tmp_path, "hsdp", "--max-steps", 3, "--replicate-degree", 2), nproc=4))
+    hsdp_run = ok(torchrun(train_args(prep, tmp_path, "hsdp", "--max-steps", 3, "--replicate-degree", 2), nproc=4))
+    assert "Device mesh (2, 2) ('replicate', 'shard')" in hsdp_run.stdout  # really hybrid, not plain FSDP
     fsdp, hsdp = read_metrics(tmp_path / "fsdp"), read_metrics(tmp_path / "hsdp")
     assert [m["loss"] for m in hsdp] == pytest.approx([m["loss"] for m in fsdp], abs=1e-5)
     a, b = (
