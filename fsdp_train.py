@@ -1,4 +1,4 @@
-"""fsdp-train: fine-tune a Hugging Face causal LM with PyTorch FSDP2, sharded DCP checkpoints and exact resume.
+r"""fsdp-train: fine-tune a Hugging Face causal LM with PyTorch FSDP2, sharded DCP checkpoints and exact resume.
 
 CPU smoke run (2 processes, gloo; the data and tiny model come from `make demo`):
     torchrun --standalone --nproc_per_node 2 fsdp_train.py --config configs/cpu-smoke.yaml
@@ -101,8 +101,9 @@ class Config:
     num_epochs: int = _opt(1, "epochs over the packed data; sets the LR schedule's length")
     max_steps: int = _opt(
         0,
-        "stop after this many optimizer steps in total (0: epochs decide); never reshapes the "
-        "LR schedule, so a run stopped at N and continued to M equals an M-step run",
+        "stop after this many optimizer steps in total (0: epochs decide). Within --num-epochs it does not change "
+        "the LR schedule, so a run stopped at N and continued to M equals an M-step run; beyond them it stretches "
+        "the schedule (and the data cycles) to M",
     )
     lr: float = _opt(1e-4, "peak learning rate")
     lr_scheduler: str = _opt(
@@ -1043,6 +1044,7 @@ def save_checkpoint(cfg: Config, d: Dist, model, optimizer, scheduler, state: Tr
             "epoch_offset": state.offset,
             "world_size": d.world_size,
             "grad_accum_steps": accum,
+            "schedule_steps": scheduler.lr_lambdas[0].keywords["total_steps"],
             "scheduler": scheduler.state_dict(),
             "config": dataclasses.asdict(cfg),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -1445,11 +1447,16 @@ def export_checkpoint(checkpoint: Path, out: Path) -> None:
 
 
 def check_writable(cfg: Config) -> None:
+    """Fail early on a save dir we cannot write, without leaving a folder behind if the run is refused later."""
+    created = not cfg.exp_dir.exists()
     try:
         cfg.exp_dir.mkdir(parents=True, exist_ok=True)
-        probe = cfg.exp_dir / f".write-probe-{os.getpid()}"
+        probe = cfg.exp_dir / f".write-probe-{os.getpid()}-{os.environ.get('RANK', 0)}"
         probe.write_text("ok")
         probe.unlink()
+        if created:
+            with contextlib.suppress(OSError):  # another rank may have removed it, or written into it, already
+                cfg.exp_dir.rmdir()
     except OSError as e:
         raise InputError(f"cannot write to --save-dir {cfg.save_dir}: {e.strerror or first_line(e)}") from None
 
@@ -1576,10 +1583,11 @@ def train(cfg: Config, d: Dist | None = None) -> None:
     t_start = time.perf_counter()
     quiet_library_progress_bars()
     error = None
-    try:
-        check_writable(cfg)
-    except InputError as e:
-        error = e
+    if d.is_main:  # one rank: the probe folder it may create and remove must not race with another rank's probe
+        try:
+            check_writable(cfg)
+        except InputError as e:
+            error = e
     raise_if_any_failed(error)
 
     model_config = load_model_config(cfg.model_name, cfg.trust_remote_code)
@@ -1621,6 +1629,11 @@ def train(cfg: Config, d: Dist | None = None) -> None:
             return
         for change in config_changes(meta["config"], cfg):
             log.warning(f"Resuming with a changed setting: {change}")
+        if meta.get("schedule_steps", total_steps) != total_steps:
+            log.warning(
+                f"The LR schedule now spans {total_steps} steps instead of {meta['schedule_steps']}: --max-steps "
+                "beyond --num-epochs stretches it, so this run no longer equals an uninterrupted one"
+            )
         saved_batch = meta["config"]["batch_size"] * meta["world_size"] * meta.get("grad_accum_steps", 1)
         if meta["world_size"] != d.world_size:
             log.warning(
@@ -1643,6 +1656,7 @@ def train(cfg: Config, d: Dist | None = None) -> None:
     )
 
     if d.is_main:  # only now: a run refused above leaves the experiment folder exactly as it was
+        cfg.exp_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(cfg.exp_dir / "config.json", dataclasses.asdict(cfg))
         with open(cfg.exp_dir / "runs.jsonl", "a") as f:
             f.write(json.dumps(run_record(cfg, d, state)) + "\n")
@@ -1696,6 +1710,7 @@ def train(cfg: Config, d: Dist | None = None) -> None:
             with timer("update"):
                 grad_norm = clip_grad_norm(params, cfg.max_norm)
                 optimizer.step()
+                lr_used = optimizer.param_groups[0]["lr"]
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             not_finite += (~torch.isfinite(loss_sum)).float() + (~torch.isfinite(grad_norm)).float()
@@ -1734,7 +1749,7 @@ def train(cfg: Config, d: Dist | None = None) -> None:
                     "total_steps": stop_step,
                     "epoch": state.epoch,
                     "loss": loss_sum.item(),
-                    "lr": scheduler.get_last_lr()[0],
+                    "lr": lr_used,
                     "grad_norm": grad_norm.item(),
                     "tok/s": window_tokens / elapsed,
                     **phase_ms,
@@ -1749,9 +1764,10 @@ def train(cfg: Config, d: Dist | None = None) -> None:
                 heartbeat.beat(force=True, step=state.step, loss=record["loss"], **{"tok/s": record["tok/s"]})
                 window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
             if save_now:
+                t_save = time.perf_counter()
                 saved = save_checkpoint(cfg, d, model, optimizer, scheduler, state, accum)
                 heartbeat.beat(force=True, step=state.step, last_checkpoint=str(saved))
-                window_start = time.perf_counter()  # checkpoint time is not training throughput
+                window_start += time.perf_counter() - t_save  # checkpoint time is not training throughput
             else:
                 heartbeat.beat(step=state.step)
             if stopped_by:

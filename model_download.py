@@ -16,7 +16,7 @@ snapshot without allocating any weights (the model is built on the meta device):
 Build a tiny random Llama with a byte-level BPE tokenizer trained on the bundled corpus (what the demo and the tests
 train, since no hub is reachable from CI):
 
-    python model_download.py --tiny outputs/demo/tiny-llama [--corpus data] [--tied]
+    python model_download.py --tiny outputs/demo-data/tiny-llama [--corpus data] [--tied]
 """
 
 from __future__ import annotations

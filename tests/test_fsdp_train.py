@@ -220,6 +220,7 @@ def test_train_checkpoint_and_resume_is_bitwise_equal_to_an_uninterrupted_run(pr
     for key in ("loss", "grad_norm", "lr"):
         assert [m[key] for m in again] == [m[key] for m in straight], key  # bitwise, every step
     assert straight[-1]["loss"] < straight[0]["loss"] - 0.5  # it learns the repeated corpus
+    assert straight[0]["lr"] == pytest.approx(1.5e-3)  # the LR this step used: warmup 1/2 of 3e-3
     for key in ("tok/s", "time/data", "time/forward", "time/backward", "time/update", "time/total", "mem/rss_gib"):
         assert straight[-1][key] > 0, key
 
@@ -241,6 +242,23 @@ def test_train_checkpoint_and_resume_is_bitwise_equal_to_an_uninterrupted_run(pr
     done = ok(torchrun(train_args(prep, tmp_path, "resumed", "--max-steps", "12", "--ckpt-freq", "4")))
     assert "Run already complete at step 12" in done.stdout
     assert tree_digest(tmp_path / "resumed/checkpoints") == before
+
+
+@pytest.mark.slow
+def test_max_steps_beyond_the_epochs_stretches_the_schedule_with_a_warning(prep, tmp_path):
+    ok(torchrun(train_args(prep, tmp_path, "e", "-b", 8, "--max-steps", 2)))  # 942 blocks // 16 = 58 steps/epoch
+    proc = ok(torchrun(train_args(prep, tmp_path, "e", "-b", 8, "--max-steps", 60, "--log-freq", 30)))
+    assert "The LR schedule now spans 60 steps instead of 58" in proc.stdout
+    assert [m["epoch"] for m in read_metrics(tmp_path / "e")][-1] == 1  # the data cycled into a second epoch
+
+
+@pytest.mark.slow
+def test_throughput_window_excludes_checkpoint_time(prep, tmp_path):
+    ok(torchrun(train_args(prep, tmp_path, "w", "--max-steps", 8, "--log-freq", 4, "--ckpt-freq", 2)))
+    for m in read_metrics(tmp_path / "w"):
+        phases = sum(m[f"time/{k}"] for k in ("data", "forward", "backward", "update"))
+        assert phases <= m["time/total"] <= 2 * phases + 50, m  # the step's own time, no save in it
+        assert m["tok/s"] == pytest.approx(2 * 2 * 64 * 1000 / m["time/total"], rel=0.01)
 
 
 def reference_loss(prep, save_dir: Path, model: str, world_size: int = 2, batch_size: int = 2) -> float:
