@@ -63,6 +63,17 @@ def checkpoint_weights(ckpt: Path) -> dict:
     return torch.load(out, weights_only=True)["model"]
 
 
+def assert_runs_close(save_dir: Path, a: str, b: str, step: int, atol: float = 1e-5) -> None:
+    """Two experiments' logged losses and step-`step` weights agree to `atol` (same maths, other layout)."""
+    import pytest
+    import torch
+
+    losses_a, losses_b = ([m["loss"] for m in read_metrics(save_dir / e)] for e in (a, b))
+    assert losses_b == pytest.approx(losses_a, abs=atol)
+    wa, wb = (checkpoint_weights(save_dir / e / "checkpoints" / f"step-{step}") for e in (a, b))
+    assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=atol) for k in wa)
+
+
 def read_metrics(exp_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (exp_dir / "metrics.jsonl").read_text().splitlines()]
 

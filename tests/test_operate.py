@@ -11,6 +11,7 @@ import torch
 from conftest import (
     ROOT,
     Job,
+    assert_runs_close,
     assert_single_error,
     checkpoint_weights,
     ok,
@@ -88,13 +89,7 @@ def test_hsdp_2x2_trains_like_fsdp_over_4_ranks(prep, tmp_path):
     ok(torchrun(train_args(prep, tmp_path, "fsdp", "--max-steps", 3), nproc=4))
     hsdp_run = ok(torchrun(train_args(prep, tmp_path, "hsdp", "--max-steps", 3, "--replicate-degree", 2), nproc=4))
     assert "Device mesh (2, 2) ('replicate', 'shard')" in hsdp_run.stdout  # really hybrid, not plain FSDP
-    fsdp, hsdp = read_metrics(tmp_path / "fsdp"), read_metrics(tmp_path / "hsdp")
-    assert [m["loss"] for m in hsdp] == pytest.approx([m["loss"] for m in fsdp], abs=1e-5)
-    a, b = (
-        checkpoint_weights(tmp_path / "fsdp/checkpoints/step-3"),
-        checkpoint_weights(tmp_path / "hsdp/checkpoints/step-3"),
-    )
-    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert_runs_close(tmp_path, "fsdp", "hsdp", step=3)
     bad = torchrun(train_args(prep, tmp_path, "odd", "--max-steps", 1, "--replicate-degree", 3), nproc=2)
     assert_single_error(bad, "--replicate-degree 3 does not divide the world size 2")
 
