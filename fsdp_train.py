@@ -105,7 +105,17 @@ class Config:
         "the LR schedule, so a run stopped at N and continued to M equals an M-step run; beyond them it stretches "
         "the schedule (and the data cycles) to M",
     )
-    lr: float = _opt(1e-4, "peak learning rate")
+    lr: float = _opt(1e-4, "peak learning rate (adafactor: relative to each weight's RMS; PyTorch's default is 1e-2)")
+    optimizer: str = _opt(
+        "adamw",
+        "adamw (2 states per weight), or adafactor (factored second moment, no momentum: almost no optimizer memory)",
+        choices=("adamw", "adafactor"),
+    )
+    optimizer_in_backward: bool = _opt(
+        False,
+        "step each weight's optimizer as soon as its gradient is reduced, then free the gradient, so the full set of "
+        "gradients never exists (needs --max-norm 0 and one micro-batch per step) (on|off)",
+    )
     lr_scheduler: str = _opt(
         "cosine",
         "LR after warmup: cosine or linear decay to --min-lr-ratio x lr, constant, "
@@ -115,7 +125,7 @@ class Config:
     warmup_steps: int = _opt(10, "linear warmup steps from lr/warmup to lr")
     min_lr_ratio: float = _opt(0.1, "final LR as a fraction of --lr (cosine, linear, wsd)")
     decay_fraction: float = _opt(0.2, "wsd: fraction of the steps after warmup spent decaying")
-    weight_decay: float = _opt(0.0, "AdamW weight decay (matrices only, not norms/biases)")
+    weight_decay: float = _opt(0.0, "decoupled weight decay (matrices only, not norms/biases)")
     max_norm: float = _opt(1.0, "gradient clipping max global L2 norm (0: no clipping, norm still logged)")
     batch_size: int = _opt(4, "sequences per rank per micro-batch", "-b")
     grad_accum_steps: int = _opt(1, "micro-batches per optimizer step (gradients are synced on the last only)")
@@ -123,6 +133,9 @@ class Config:
     seq_length: int = _opt(1024, "tokens per packed sequence", "-s")
     activation_checkpointing: bool = _opt(True, "recompute each block's activations in backward (on|off)")
     cpu_offload: bool = _opt(False, "keep sharded params, grads and optimizer state in CPU memory (on|off)")
+    activation_offload: bool = _opt(
+        False, "CUDA: keep the block inputs that activation checkpointing saves in pinned host memory (on|off)"
+    )
     dtype: str = _opt(
         "auto",
         "compute dtype: bf16 (fp32 master weights and gradient reduction) or fp32; auto = bf16 on CUDA, fp32 on CPU",
@@ -134,6 +147,10 @@ class Config:
         "are lost to rounding; for memory-bound runs (on|off)",
     )
     compile: bool = _opt(False, "torch.compile each block (first step pays the compilation) (on|off)")
+    reshard_after_forward: bool = _opt(
+        True,
+        "free each block's gathered params after its forward (off: keep them until backward, more memory) (on|off)",
+    )
     tensorboard: bool = _opt(True, "TensorBoard events in SAVE_DIR/EXP/tb when the package is installed (on|off)")
     replicate_degree: int = _opt(1, "HSDP: shard within groups of world/R ranks (a node), replicate across R groups")
     log_freq: int = _opt(10, "log metrics every N steps")
@@ -185,6 +202,16 @@ class Config:
             raise InputError(f"--val-split must be in [0, 1), got {self.val_split}")
         if self.val_split and self.val_dataset:
             raise InputError("use either --val-split or --val-dataset, not both")
+        if self.optimizer_in_backward and self.max_norm > 0:
+            raise InputError(
+                "--optimizer-in-backward steps each weight before the global gradient norm is known, so it cannot "
+                "clip: add --max-norm 0 (the norm is still logged)"
+            )
+        if self.activation_offload and not self.activation_checkpointing:
+            raise InputError(
+                "--activation-offload moves the block inputs that activation checkpointing keeps: it needs "
+                "--activation-checkpointing on"
+            )
         if self.pure_bf16 and self.dtype == "fp32":
             raise InputError("--pure-bf16 on needs --dtype bf16 or auto")
         for name in ("min_lr_ratio", "decay_fraction"):
@@ -193,15 +220,21 @@ class Config:
 
     def resolve_grad_accum(self, world_size: int) -> int:
         """Micro-batches per step: --grad-accum-steps, or derived from --global-batch-size for this world size."""
-        if not self.global_batch_size:
-            return self.grad_accum_steps
-        per_micro = self.batch_size * world_size
-        if self.global_batch_size % per_micro:
+        accum = self.grad_accum_steps
+        if self.global_batch_size:
+            per_micro = self.batch_size * world_size
+            if self.global_batch_size % per_micro:
+                raise InputError(
+                    f"--global-batch-size {self.global_batch_size} is not a multiple of --batch-size "
+                    f"{self.batch_size} x {world_size} ranks = {per_micro}"
+                )
+            accum = self.global_batch_size // per_micro
+        if accum > 1 and self.optimizer_in_backward:
             raise InputError(
-                f"--global-batch-size {self.global_batch_size} is not a multiple of --batch-size {self.batch_size} x "
-                f"{world_size} ranks = {per_micro}"
+                f"--optimizer-in-backward steps and frees each gradient inside backward, so there is nothing to "
+                f"accumulate {accum} micro-batches into: use one micro-batch per step (raise --batch-size instead)"
             )
-        return self.global_batch_size // per_micro
+        return accum
 
     def compute_dtype(self, device: torch.device) -> torch.dtype:
         if self.pure_bf16:
@@ -505,6 +538,19 @@ def find_blocks(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str, torc
     return blocks
 
 
+def offloaded_checkpoint(fn, *args, **kwargs):
+    """Non-reentrant activation checkpointing whose saved block inputs go to pinned host memory.
+
+    A checkpointed block keeps only its inputs for backward; checkpoint saves them through autograd's saved-tensor
+    hooks outside its own recompute hooks, so save_on_cpu moves exactly those (one b x s x h tensor per block) to the
+    host and brings each back when backward recomputes that block.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
+        return checkpoint(fn, *args, use_reentrant=False, **kwargs)
+
+
 def shard_model(model: torch.nn.Module, cfg: Config, d: Dist) -> None:
     """Activation checkpointing around each block, then fully_shard each block and the root (FULL_SHARD)."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
@@ -521,7 +567,7 @@ def shard_model(model: torch.nn.Module, cfg: Config, d: Dist) -> None:
     mixed = cfg.compute_dtype(d.device) == torch.bfloat16 and not cfg.pure_bf16
     fsdp_kwargs = dict(
         mesh=mesh,
-        reshard_after_forward=True,
+        reshard_after_forward=cfg.reshard_after_forward,
         # bf16 compute with fp32 master weights and fp32 gradient reduction; with --pure-bf16 the params already
         # are bf16, so there is nothing to cast.
         mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -530,9 +576,13 @@ def shard_model(model: torch.nn.Module, cfg: Config, d: Dist) -> None:
         # Pinned host memory needs a CUDA device; a CPU-only host must not ask for it.
         offload_policy=CPUOffloadPolicy(pin_memory=cuda) if cfg.cpu_offload else OffloadPolicy(),
     )
+    offload = cfg.activation_offload and cuda
+    if cfg.activation_offload and not cuda:
+        log.info("--activation-offload does nothing on a CPU host: activations already live in host memory")
     for parent, attr, block in find_blocks(model):
         if cfg.activation_checkpointing:
-            block = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+            checkpoint_fn = offloaded_checkpoint if offload else None
+            block = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT, checkpoint_fn=checkpoint_fn)
             parent.register_module(attr, block)
         if cfg.compile:  # in place (Module.compile), so parameter names and state dicts keep their keys
             block.compile()
@@ -892,15 +942,203 @@ def lr_factor(
     return 1 - (1 - min_ratio) * progress
 
 
-def build_optimizer(model: torch.nn.Module, cfg: Config, d: Dist, total_steps: int):
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's piece of a DTensor (a view: in-place ops on it update the sharded parameter), or t itself."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def shard_group(p: torch.Tensor):
+    """The process group over which p's rows are split (FSDP shards dim 0), or None for a whole tensor."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(p, DTensor):
+        return None
+    dims = [i for i, placement in enumerate(p.placements) if isinstance(placement, Shard)]
+    assert all(p.placements[i].dim == 0 for i in dims), p.placements  # fully_shard shards dim 0 only
+    return p.device_mesh.get_group(dims[0]) if dims else None
+
+
+def _zeros_like_shard(p: torch.Tensor, local_shape: tuple, global_shape: tuple, replicated: bool) -> torch.Tensor:
+    """A zero DTensor laid out like p (Shard(0) rows) or replicated, so DCP saves and reshards it like p."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    t = torch.zeros(local_shape, dtype=p.dtype, device=local(p).device)
+    if not isinstance(p, DTensor):
+        return t
+    placements = [Replicate()] * p.device_mesh.ndim if replicated else p.placements
+    stride = (global_shape[1], 1)
+    return DTensor.from_local(t, p.device_mesh, placements, run_check=False, shape=global_shape, stride=stride)
+
+
+class Adafactor(torch.optim.Optimizer):
+    """PyTorch's Adafactor algorithm (as torch.optim.Adafactor: no momentum, factored second moment, updates sized
+    relative to each weight's RMS and clipped to RMS d) on FSDP2 shards.
+
+    torch.optim.Adafactor cannot run on DTensor parameters (an in-place pow on a partial norm is refused): its column
+    statistics, mean row statistic and the weight and update RMS are sums over every shard. FSDP shards dim 0, so each
+    rank owns whole rows: row statistics stay local and the sums take two all-reduces per step over the shard group,
+    batched over all parameters. On whole tensors it computes what torch.optim.Adafactor computes (tested to 1e-6),
+    without its per-parameter host syncs. The factored state (row_var like the param's rows, col_var replicated,
+    variance for vectors) is kept as DTensors, so DCP checkpoints reshard it to another world size.
+    """
+
+    def __init__(self, params, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0, weight_decay=0.0):
+        super().__init__(params, dict(lr=lr, beta2_decay=beta2_decay, eps=eps, d=d, weight_decay=weight_decay))
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.ndim > 2:
+                    raise InputError(f"--optimizer adafactor supports 1-D and 2-D parameters, not {tuple(p.shape)}")
+
+    def _state(self, p: torch.Tensor) -> dict:
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0)
+            if p.ndim == 2:
+                (rows, cols), local_rows = p.shape, local(p).shape[0]
+                state["row_var"] = _zeros_like_shard(p, (local_rows, 1), (rows, 1), replicated=False)
+                state["col_var"] = _zeros_like_shard(p, (1, cols), (1, cols), replicated=True)
+            else:
+                state["variance"] = torch.zeros_like(p)
+        return state
+
+    @staticmethod
+    def _all_reduce(params: list, parts: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Sum each parameter's statistics over its shard group: one all-reduce per group for all parameters."""
+        by_group: dict = {}
+        for i, p in enumerate(params):
+            by_group.setdefault(shard_group(p), []).append(i)
+        out = list(parts)
+        for group, idx in by_group.items():
+            if group is None:
+                continue
+            flat = torch.cat([parts[i] for i in idx])
+            dist.all_reduce(flat, group=group)
+            for i, piece in zip(idx, flat.split([parts[i].numel() for i in idx]), strict=True):
+                out[i] = piece
+        return out
+
+    def _update(self, p: torch.Tensor, state: dict, row_mean: torch.Tensor, eps1: float) -> torch.Tensor:
+        """The unscaled update G / sqrt(V) for this rank's rows."""
+        if p.ndim == 2:
+            var = local(state["row_var"]) @ local(state["col_var"])
+            var.div_(row_mean.clamp(min=eps1))
+        else:
+            var = local(state["variance"]).clone()
+        return var.clamp_(min=eps1 * eps1).rsqrt_().mul_(local(p.grad))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        assert closure is None, "closures are not supported"
+        todo = [(g, p) for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not todo:
+            return
+        params = [p for _, p in todo]
+        # 1. Second-moment statistics. Each entry: [sum x^2, (2-D:) sum of row_var, per-column sum of g^2].
+        stats, weights = [], []
+        for group, p in todo:
+            state = self._state(p)
+            state["step"] += 1
+            weights.append(state["step"].item() ** group["beta2_decay"])  # a CPU scalar: no device sync
+            x, grad = local(p), local(p.grad)
+            parts = [x.norm().square().reshape(1)]
+            if p.ndim == 2:
+                row_mean = torch.norm(grad, dim=-1, keepdim=True).square_().div_(grad.size(-1))
+                local(state["row_var"]).lerp_(row_mean, weights[-1])
+                parts += [local(state["row_var"]).sum().reshape(1), torch.norm(grad, dim=-2).square_()]
+            else:
+                local(state["variance"]).lerp_(grad * grad, weights[-1])
+            stats.append(torch.cat(parts).to(torch.promote_types(p.dtype, torch.float32)))
+        stats = self._all_reduce(params, stats)
+        eps1s, row_means = [], []
+        for (group, p), s, w in zip(todo, stats, weights, strict=True):
+            eps1s.append(group["eps"][0] if group["eps"][0] is not None else torch.finfo(p.dtype).eps)
+            if p.ndim == 2:
+                rows = p.shape[0]
+                local(self.state[p]["col_var"]).lerp_((s[2:] / rows).to(p.dtype).reshape(1, -1), w)
+                row_means.append((s[1] / rows).to(p.dtype))
+            else:
+                row_means.append(None)
+        # 2. The update's RMS also sums over shards: compute each update once for its norm, reduce, then recompute
+        # while applying, so no more than one parameter's update is ever held.
+        update_sq = [
+            self._update(p, self.state[p], m, e).to(stats[0].dtype).square().sum().reshape(1)
+            for p, m, e in zip(params, row_means, eps1s, strict=True)
+        ]
+        update_sq = self._all_reduce(params, update_sq)
+        for (group, p), s, u2, m, e in zip(todo, stats, update_sq, row_means, eps1s, strict=True):
+            lr, step = float(group["lr"]), self.state[p]["step"].item()
+            rho = min(lr, 1 / step**0.5)
+            alpha = (s[0] / p.numel()).sqrt().clamp(min=group["eps"][1]) * rho
+            denom = ((u2[0] / p.numel()).sqrt() / group["d"]).clamp(min=1.0)
+            x = local(p)
+            if group["weight_decay"]:
+                x.mul_(1 - lr * group["weight_decay"])
+            x.sub_(self._update(p, self.state[p], m, e).mul_((alpha / denom).to(p.dtype)))
+
+
+class OptimizerInBackward:
+    """--optimizer-in-backward: one optimizer per parameter, stepped by the parameter's post-accumulate-grad hook as
+    soon as FSDP has reduce-scattered its gradient, which is freed right after: the full set of gradients never
+    exists at once. step() and zero_grad() are no-ops for the train loop; param_groups spans every optimizer, so the
+    LR schedule reaches all of them before backward starts; DCP saves `optimizers` as one state dict keyed by
+    parameter name (the same keys as a single optimizer's)."""
+
+    def __init__(self, params: list[torch.nn.Parameter], make_optimizer):
+        self.optimizers = [make_optimizer(p) for p in params]
+        by_param = dict(zip(params, self.optimizers, strict=True))
+        self.grad_sumsq = torch.zeros((), device=local(params[0]).device)  # this rank's share of |g|^2, for logs
+
+        def step_now(p):
+            self.grad_sumsq += local(p.grad).float().square().sum().to(self.grad_sumsq.device)
+            by_param[p].step()
+            by_param[p].zero_grad(set_to_none=True)
+
+        self.hooks = [p.register_post_accumulate_grad_hook(step_now) for p in params]
+
+    @property
+    def param_groups(self) -> list[dict]:
+        # Looked up each time: Optimizer.load_state_dict (resume) replaces each optimizer's group dicts.
+        return [g for o in self.optimizers for g in o.param_groups]
+
+    def step(self) -> None:
+        pass
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        pass
+
+    def grad_norm(self, replicas: int) -> torch.Tensor:
+        """Global L2 norm of the gradients the hooks applied since the last call (one all-reduce)."""
+        sumsq, self.grad_sumsq = self.grad_sumsq, torch.zeros_like(self.grad_sumsq)
+        dist.all_reduce(sumsq)
+        return (sumsq / replicas).sqrt()  # HSDP replicas hold identical shards: count each once
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config, d: Dist):
+    """AdamW or Adafactor over the sharded parameters (weight decay on matrices only), one per parameter with
+    --optimizer-in-backward. The LR is set before every step by set_lr() from the step count alone."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    fused = d.device.type == "cuda" and not cfg.cpu_offload
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, fused=fused, foreach=not fused)
-    schedule = partial(
+
+    def make(params: list[torch.nn.Parameter]):
+        groups = [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ]
+        groups = [g for g in groups if g["params"]]
+        if cfg.optimizer == "adafactor":
+            return Adafactor(groups, lr=cfg.lr)
+        fused = d.device.type == "cuda" and not cfg.cpu_offload
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, fused=fused, foreach=not fused)
+
+    if cfg.optimizer_in_backward:
+        return OptimizerInBackward(params, lambda p: make([p]))
+    return make(params)
+
+
+def schedule_for(cfg: Config, total_steps: int):
+    """step -> LR multiplier for the update after `step` finished steps (a pure function: resume needs no state)."""
+    return partial(
         lr_factor,
         warmup_steps=cfg.warmup_steps,
         total_steps=total_steps,
@@ -908,7 +1146,26 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, d: Dist, total_steps: i
         kind=cfg.lr_scheduler,
         decay_fraction=cfg.decay_fraction,
     )
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def set_lr(optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def optimizer_step(optimizer, params: list[torch.Tensor], cfg: Config) -> torch.Tensor:
+    """Clip, step and clear the gradients; returns the global gradient norm (before clipping)."""
+    if isinstance(optimizer, OptimizerInBackward):  # already stepped inside backward
+        return optimizer.grad_norm(cfg.replicate_degree)
+    grad_norm = clip_grad_norm(params, cfg.max_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def dcp_optimizers(optimizer):
+    """What get_state_dict/set_state_dict take: the optimizer, or the per-parameter list of optimizer-in-backward."""
+    return optimizer.optimizers if isinstance(optimizer, OptimizerInBackward) else optimizer
 
 
 def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
@@ -1001,7 +1258,9 @@ def fault_point(name: str, step: int) -> bool:
     return True
 
 
-def save_checkpoint(cfg: Config, d: Dist, model, optimizer, scheduler, state: TrainState, accum: int = 1) -> Path:
+def save_checkpoint(
+    cfg: Config, d: Dist, model, optimizer, state: TrainState, accum: int = 1, schedule_steps: int = 0
+) -> Path:
     """Write step-N/ atomically: DCP shards + per-rank RNG into a temp folder, then meta, marker, rename, prune.
 
     If any rank fails to write (disk full, I/O error), every rank learns it, the temp folder is removed and the
@@ -1020,7 +1279,7 @@ def save_checkpoint(cfg: Config, d: Dist, model, optimizer, scheduler, state: Tr
     dist.barrier()
     error = None
     try:
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        model_sd, optim_sd = get_state_dict(model, dcp_optimizers(optimizer))
         dcp.save({"model": model_sd, "optim": optim_sd, "buffers": nonpersistent_buffers(model)}, checkpoint_id=tmp)
         with open(tmp / f"rng-rank{d.rank}.pt", "wb") as f:
             torch.save(rng_state(), f)
@@ -1044,8 +1303,7 @@ def save_checkpoint(cfg: Config, d: Dist, model, optimizer, scheduler, state: Tr
             "epoch_offset": state.offset,
             "world_size": d.world_size,
             "grad_accum_steps": accum,
-            "schedule_steps": scheduler.lr_lambdas[0].keywords["total_steps"],
-            "scheduler": scheduler.state_dict(),
+            "schedule_steps": schedule_steps,
             "config": dataclasses.asdict(cfg),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
@@ -1106,18 +1364,20 @@ def check_compatible(path: Path, model) -> None:
     )
 
 
-def load_checkpoint(path: Path, d: Dist, model, optimizer, scheduler) -> TrainState:
-    """Restore model, optimizer, buffers (DCP reshards to this world size), scheduler, data position and RNG."""
+def load_checkpoint(path: Path, d: Dist, model, optimizer) -> TrainState:
+    """Restore model, optimizer, buffers (DCP reshards to this world size), data position and RNG.
+
+    The LR needs no state: it is a function of the restored step count."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     meta = read_meta(path)
     if meta is None:
         raise ValueError("meta.json is missing or unreadable")
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    optimizers = dcp_optimizers(optimizer)
+    model_sd, optim_sd = get_state_dict(model, optimizers)
     dcp.load({"model": model_sd, "optim": optim_sd, "buffers": nonpersistent_buffers(model)}, checkpoint_id=path)
-    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
-    scheduler.load_state_dict(meta["scheduler"])
+    set_state_dict(model, optimizers, model_state_dict=model_sd, optim_state_dict=optim_sd)
     rng_file = path / f"rng-rank{d.rank}.pt"
     if meta["world_size"] == d.world_size and rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=True))
@@ -1126,7 +1386,7 @@ def load_checkpoint(path: Path, d: Dist, model, optimizer, scheduler) -> TrainSt
     return TrainState(step=meta["global_step"], epoch=meta["epoch"], offset=meta["epoch_offset"])
 
 
-def resume(candidates: list[Path], d: Dist, model, optimizer, scheduler) -> TrainState:
+def resume(candidates: list[Path], d: Dist, model, optimizer) -> TrainState:
     """Load the newest checkpoint that loads on every rank; a corrupted one is skipped with a warning."""
     from torch.distributed.checkpoint.api import CheckpointException
 
@@ -1134,7 +1394,7 @@ def resume(candidates: list[Path], d: Dist, model, optimizer, scheduler) -> Trai
         error = None
         try:
             check_compatible(path, model)
-            state = load_checkpoint(path, d, model, optimizer, scheduler)
+            state = load_checkpoint(path, d, model, optimizer)
         except InputError:
             raise
         except (CheckpointException, OSError, ValueError, RuntimeError, KeyError, EOFError) as e:
@@ -1643,9 +1903,9 @@ def train(cfg: Config, d: Dist | None = None) -> None:
             )
 
     model = build_model(cfg, d, load_pretrained=not candidates)
-    optimizer, scheduler = build_optimizer(model, cfg, d, total_steps)
+    optimizer, schedule = build_optimizer(model, cfg, d), schedule_for(cfg, total_steps)
     if candidates:
-        state = resume(candidates, d, model, optimizer, scheduler)
+        state = resume(candidates, d, model, optimizer)
     else:
         torch.manual_seed(cfg.seed + d.rank)  # per-rank streams (dropout) that resume restores exactly
     log.info(
@@ -1696,6 +1956,8 @@ def train(cfg: Config, d: Dist | None = None) -> None:
                 # Each rank's loss is its token-loss sum over the per-rank share of the global count, so FSDP's
                 # gradient average over ranks is the mean over every trained token of the step.
                 norm = max(int(counts[0]), 1) / d.world_size
+            lr_used = cfg.lr * schedule(state.step)
+            set_lr(optimizer, lr_used)  # before backward: --optimizer-in-backward steps inside it
             loss_sum = torch.zeros((), device=d.device)
             for m, (ids, labels) in enumerate(batches):
                 model.set_requires_gradient_sync(m == accum - 1)  # reduce-scatter only once per optimizer step
@@ -1708,11 +1970,7 @@ def train(cfg: Config, d: Dist | None = None) -> None:
                     loss.backward()
                 loss_sum += loss.detach()
             with timer("update"):
-                grad_norm = clip_grad_norm(params, cfg.max_norm)
-                optimizer.step()
-                lr_used = optimizer.param_groups[0]["lr"]
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                grad_norm = optimizer_step(optimizer, params, cfg)
             not_finite += (~torch.isfinite(loss_sum)).float() + (~torch.isfinite(grad_norm)).float()
             state.step += 1
             state.offset += global_batch
@@ -1765,7 +2023,7 @@ def train(cfg: Config, d: Dist | None = None) -> None:
                 window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
             if save_now:
                 t_save = time.perf_counter()
-                saved = save_checkpoint(cfg, d, model, optimizer, scheduler, state, accum)
+                saved = save_checkpoint(cfg, d, model, optimizer, state, accum, total_steps)
                 heartbeat.beat(force=True, step=state.step, last_checkpoint=str(saved))
                 window_start += time.perf_counter() - t_save  # checkpoint time is not training throughput
             else:

@@ -37,6 +37,9 @@ def test_parse_args_maps_every_flag_and_short_alias():
         (["-d", "ds", "-m", "m", "--cpu-offload", "maybe"], "expected on or off"),
         (["-d", "ds", "-m", "m", "--no-such-flag"], "unrecognized arguments"),
         (["-d", "ds", "-m", "m", "-e", "../escape"], "--experiment-name"),
+        (["-d", "ds", "-m", "m", "--optimizer", "sgd"], "--optimizer must be one of adamw, adafactor"),
+        (["-d", "ds", "-m", "m", "--optimizer-in-backward", "on"], "cannot clip: add --max-norm 0"),
+        (["-d", "ds", "-m", "m", "--activation-checkpointing", "off", "--activation-offload", "on"], "needs --act"),
     ],
 )
 def test_parse_args_rejects_bad_input(argv, message):
@@ -311,6 +314,10 @@ BAD_INPUTS = {
     "shorter than one block": (lambda p, t: ["-d", _make_dataset(t / "ds", {"text": ["hi"]})], "fewer than 64 tokens"),
     "seq over model max": (lambda p, t: ["-s", "4096"], "exceeds the model's maximum of 1024"),
     "batch size 0": (lambda p, t: ["-b", "0"], "--batch-size must be >= 1"),
+    "accumulate in backward": (
+        lambda p, t: ["--optimizer-in-backward", "on", "--max-norm", "0", "--global-batch-size", "8"],
+        "nothing to accumulate 2 micro-batches into",
+    ),
     "unwritable save dir": (lambda p, t: ["--save-dir", t / "afile" / "sub"], "cannot write to --save-dir"),
 }
 

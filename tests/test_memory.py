@@ -1,0 +1,103 @@
+"""Memory-saving modes (#7): shard-aware Adafactor, optimizer-in-backward, activation offload."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_runs_close, checkpoint_weights, ok, read_metrics, torchrun, train_args
+
+import fsdp_train as ft
+
+
+def test_adafactor_computes_what_torch_adafactor_computes():
+    torch.manual_seed(0)
+    ours = [torch.randn(37, 19, dtype=torch.float64), torch.randn(19, dtype=torch.float64)]
+    theirs = [p.clone() for p in ours]
+    a = ft.Adafactor(ours, lr=0.05, weight_decay=0.1)
+    b = torch.optim.Adafactor(theirs, lr=0.05, weight_decay=0.1, foreach=False)
+    for _ in range(5):
+        for p, q in zip(ours, theirs, strict=True):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        a.step()
+        b.step()
+    for p, q in zip(ours, theirs, strict=True):
+        assert torch.allclose(p, q, rtol=0, atol=1e-12)
+    assert a.state[ours[0]]["row_var"].shape == (37, 1) and a.state[ours[0]]["col_var"].shape == (1, 19)
+
+
+def test_adafactor_refuses_tensors_it_cannot_factor():
+    with pytest.raises(ft.InputError, match="1-D and 2-D"):
+        ft.Adafactor([torch.zeros(2, 3, 4, requires_grad=True)])
+
+
+def test_activation_offload_moves_only_the_block_inputs(monkeypatch):
+    packed = []
+
+    class CountingSaveOnCpu(torch.autograd.graph.saved_tensors_hooks):
+        def __init__(self, pin_memory=False):
+            super().__init__(lambda t: packed.append(t.shape) or t.clone(), lambda t: t)
+
+    block = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
+    x = torch.randn(4, 8, requires_grad=True)
+    block(x).square().sum().backward()
+    expected = [p.grad.clone() for p in block.parameters()] + [x.grad.clone()]
+    block.zero_grad()
+    x.grad = None
+    monkeypatch.setattr(torch.autograd.graph, "save_on_cpu", CountingSaveOnCpu)
+    ft.offloaded_checkpoint(block, x).square().sum().backward()
+    assert packed == [(4, 8)]  # the block input only: everything inside is recomputed, not kept
+    got = [p.grad for p in block.parameters()] + [x.grad]
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+
+
+def test_optimizer_in_backward_refuses_accumulation_with_the_reason():
+    cfg = ft.Config(dataset_name="d", model_name="m", optimizer_in_backward=True, max_norm=0, global_batch_size=16)
+    assert ft.Config(dataset_name="d", model_name="m", global_batch_size=16).resolve_grad_accum(2) == 2
+    with pytest.raises(ft.InputError, match="nothing to accumulate 2 micro-batches into"):
+        cfg.resolve_grad_accum(2)
+    assert cfg.resolve_grad_accum(4) == 1
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Real torchrun runs
+
+
+ADAFACTOR = ("--optimizer", "adafactor", "--lr", "5e-2")
+
+
+@pytest.mark.slow
+def test_adafactor_on_shards_trains_like_one_process_and_reshards_its_state(prep, tmp_path):
+    steps = ("--max-steps", 6, "--ckpt-freq", 3)
+    ok(torchrun(train_args(prep, tmp_path, "one", *ADAFACTOR, *steps, "-b", 4), nproc=1))
+    ok(torchrun(train_args(prep, tmp_path, "two", *ADAFACTOR, *steps)))
+    assert_runs_close(tmp_path, "one", "two", step=6)
+    losses = [m["loss"] for m in read_metrics(tmp_path / "two")]
+    assert losses[-1] < losses[0] - 0.1, losses  # it learns
+    # Factored state saved by 2 ranks, resumed by 1: DCP reshards row_var (split like the rows) and col_var.
+    ok(torchrun(train_args(prep, tmp_path, "moved", *ADAFACTOR, "--max-steps", 3)))
+    ok(torchrun(train_args(prep, tmp_path, "moved", *ADAFACTOR, *steps, "-b", 4), nproc=1))
+    assert_runs_close(tmp_path, "one", "moved", step=6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
+def test_optimizer_in_backward_equals_normal_steps_and_resumes_exactly(prep, tmp_path, optimizer):
+    opt = ("--optimizer", optimizer, "--lr", "1e-2" if optimizer == "adafactor" else "3e-3", "--max-norm", 0)
+    ok(torchrun(train_args(prep, tmp_path, "normal", *opt, "--max-steps", 5)))
+    ok(torchrun(train_args(prep, tmp_path, "hooked", *opt, "--max-steps", 5, "--optimizer-in-backward", "on")))
+    assert_runs_close(tmp_path, "normal", "hooked", step=5, atol=1e-6)
+    norms = [[m["grad_norm"] for m in read_metrics(tmp_path / e)] for e in ("normal", "hooked")]
+    assert norms[1] == pytest.approx(norms[0], rel=1e-6)  # the hooks still report the global gradient norm
+    if optimizer == "adafactor":  # stop at 3 and resume: per-parameter optimizer states come back exactly
+        args = (*opt, "--optimizer-in-backward", "on", "--ckpt-freq", 3)
+        ok(torchrun(train_args(prep, tmp_path, "resumed", *args, "--max-steps", 3)))
+        ok(torchrun(train_args(prep, tmp_path, "resumed", *args, "--max-steps", 5)))
+        a, b = (checkpoint_weights(tmp_path / e / "checkpoints/step-5") for e in ("hooked", "resumed"))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_activation_offload_is_a_noop_with_a_notice_on_cpu(prep, tmp_path):
+    proc = ok(torchrun(train_args(prep, tmp_path, "off", "--max-steps", 2, "--activation-offload", "on")))
+    assert proc.stdout.count("--activation-offload does nothing on a CPU host") == 1
