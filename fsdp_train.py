@@ -1472,7 +1472,26 @@ class PhaseTimer:
         return {f"time/{k}": v / steps for k, v in totals.items()}
 
 
-def memory_stats(device: torch.device) -> dict[str, float]:
+def rss_bytes(field: str = "VmRSS") -> int:
+    """This process's resident memory (VmRSS) or its high-water mark (VmHWM), from /proc (Linux)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # no /proc field: the lifetime peak
+
+
+def memory_baseline(device: torch.device) -> int:
+    """Bytes in use before the model is built, with the CPU high-water mark reset to it, so that the logged
+    mem/train_peak_gib counts what training itself holds (what `fsdp_train.py plan` estimates)."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    with contextlib.suppress(OSError):  # "5" resets VmHWM (Linux >= 4.0); without it the peak includes start-up
+        Path("/proc/self/clear_refs").write_text("5")
+    return rss_bytes()
+
+
+def memory_stats(device: torch.device, baseline: int = 0) -> dict[str, float]:
     gib = 2**30
     if device.type == "cuda":
         stats = {
@@ -1480,14 +1499,15 @@ def memory_stats(device: torch.device) -> dict[str, float]:
             "mem/peak_allocated_gib": torch.cuda.max_memory_allocated(device) / gib,
             "mem/reserved_gib": torch.cuda.memory_reserved(device) / gib,
             "mem/peak_reserved_gib": torch.cuda.max_memory_reserved(device) / gib,
+            "mem/train_peak_gib": (torch.cuda.max_memory_allocated(device) - baseline) / gib,
         }
         torch.cuda.reset_peak_memory_stats(device)
         return stats
-    with open("/proc/self/statm") as f:
-        rss_pages = int(f.read().split()[1])
+    peak = rss_bytes("VmHWM")
     return {
-        "mem/rss_gib": rss_pages * os.sysconf("SC_PAGE_SIZE") / gib,
-        "mem/peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / gib,  # Linux: KiB
+        "mem/rss_gib": rss_bytes() / gib,
+        "mem/peak_rss_gib": peak / gib,
+        "mem/train_peak_gib": (peak - baseline) / gib,
     }
 
 
@@ -1703,6 +1723,216 @@ def export_checkpoint(checkpoint: Path, out: Path) -> None:
 
 
 # ======================================================================================================================
+# Memory plan
+
+
+@dataclass
+class ModelShape:
+    """What per-rank memory depends on, measured from the model config alone (fake tensors: nothing allocated)."""
+
+    params: int  # all trainable parameters (a tied weight counted once)
+    root_params: int  # those outside the blocks (embeddings, final norm, head): one FSDP unit, gathered all step
+    block_params: int  # the largest block's
+    blocks: int
+    matrices: list[tuple[int, int]]  # 2-D parameter shapes (Adafactor factors them)
+    vectors: int  # elements of 1-D parameters
+    block_saved: int  # bytes autograd keeps for the largest block's backward, without checkpointing
+    block_input: int  # bytes of one block's input: all that a checkpointed block keeps
+    head_saved: int  # bytes kept outside the blocks: embeddings, final norm, logits and the loss
+    logits: int  # elements of the logits (batch x seq x vocab)
+
+
+def model_shape(cfg: Config, batch: int, seq: int, compute_dtype: torch.dtype) -> ModelShape:
+    """Build the model from its config under FakeTensorMode and run one forward with the loss, counting the bytes
+    autograd saves per block: the model's own code decides what it keeps (fp32 norm upcasts, attention kernel),
+    so no per-architecture formula is needed. Takes seconds even for a 70B config."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from transformers import AutoModelForCausalLM
+
+    config = load_model_config(cfg.model_name, cfg.trust_remote_code)
+    config.use_cache = False
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype, trust_remote_code=cfg.trust_remote_code)
+        model.train()
+        blocks = [block for _, _, block in find_blocks(model)]
+        saved: dict[str, int] = {}
+        seen: set[int] = set()
+        where = ["head"]
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            storage = t.untyped_storage()
+            if storage._cdata not in seen:  # a tensor several ops save (e.g. q/k/v's input) costs once
+                seen.add(storage._cdata)
+                saved[where[0]] = saved.get(where[0], 0) + storage.nbytes()
+            return t
+
+        inputs = []
+
+        def enter(i: int, args: tuple, kwargs: dict) -> None:
+            where[0] = i
+            inputs.append(args[0] if args else kwargs["hidden_states"])
+
+        for i, block in enumerate(blocks):
+            block.register_forward_pre_hook(lambda m, args, kwargs, i=i: enter(i, args, kwargs), with_kwargs=True)
+            block.register_forward_hook(lambda m, args, out: where.__setitem__(0, "head"))
+        ids = torch.zeros(batch, seq, dtype=torch.long)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(input_ids=ids, labels=ids)
+        params = list(model.parameters())
+        block_sizes = [sum(p.numel() for p in b.parameters()) for b in blocks]
+        return ModelShape(
+            params=sum(p.numel() for p in params),
+            root_params=sum(p.numel() for p in params) - sum(block_sizes),
+            block_params=max(block_sizes),
+            blocks=len(blocks),
+            matrices=[tuple(p.shape) for p in params if p.ndim == 2],
+            vectors=sum(p.numel() for p in params if p.ndim < 2),
+            block_saved=max(saved.get(i, 0) for i in range(len(blocks))),
+            block_input=inputs[0].numel() * inputs[0].element_size(),
+            head_saved=saved.get("head", 0),
+            logits=batch * seq * config.vocab_size,
+        )
+
+
+def memory_plan(shape: ModelShape, cfg: Config, shard_ranks: int, device: str) -> dict[str, float]:
+    """Estimated peak bytes per rank, by component, for these options (see README "Fitting a big model").
+
+    The peak is the largest of three moments: the start of backward (all saved activations, the loss gradient and
+    the root's unsharded gradient), the end of backward (every gradient plus one block's unsharded gradient and its
+    reduce-scatter buffer) and the optimizer step (its temporaries). Parameters and optimizer state are always there.
+    """
+    n = shard_ranks
+    cb = cfg.compute_dtype(torch.device(device)).itemsize
+    pb = param_dtype(cfg).itemsize
+    host = cfg.cpu_offload  # sharded params, grads and optimizer state live in host memory
+    params = 0 if host else shape.params * pb / n
+    if cfg.optimizer == "adamw":
+        optimizer = 2 * shape.params * pb / n
+    else:
+        optimizer = (sum(r / n + c for r, c in shape.matrices) + shape.vectors / n) * pb
+    optimizer = 0 if host else optimizer
+    grads = shape.block_params * pb / n if cfg.optimizer_in_backward else shape.params * pb / n
+    grads = 0 if host else grads
+    # FSDP keeps the root unit gathered from forward to the end of backward and prefetches one block ahead.
+    gathered = (shape.root_params + 2 * shape.block_params) * cb
+    if not cfg.reshard_after_forward:
+        gathered = (shape.root_params + shape.blocks * shape.block_params) * cb
+    if not cfg.activation_checkpointing:
+        activations = shape.blocks * shape.block_saved
+    else:  # each block keeps its input; backward recomputes one block at a time
+        kept = (
+            2 * shape.block_input if cfg.activation_offload and device == "cuda" else shape.blocks * shape.block_input
+        )
+        activations = kept + shape.block_saved
+    loss_grad = float(shape.logits * (4 + (cb if cb != 4 else 0)))  # fp32 gradient of the logits, and its cast
+    block_grad = shape.block_params * (cb + 4)  # unsharded gradient + fp32 reduce-scatter buffer
+    fused = device == "cuda" and not host and cfg.optimizer == "adamw"
+    step_temp = 0 if fused else (shape.params if not cfg.optimizer_in_backward else shape.block_params) * pb / n
+    moments = {
+        "backward start": gathered + activations + shape.head_saved + loss_grad + shape.root_params * cb,
+        "backward end": gathered + grads + block_grad,
+        "optimizer step": grads + step_temp,
+    }
+    worst = max(moments, key=moments.get)
+    return {
+        "params": params,
+        "optimizer": optimizer,
+        "gradients": grads,
+        "gathered params": gathered,
+        "activations": activations + shape.head_saved,
+        "loss gradient": loss_grad,
+        "peak": params + optimizer + moments[worst],
+        "peak at": worst,
+    }
+
+
+# Options the planner tries for --gpu-mem, cheapest first: each saver costs speed (or precision, for bf16 weights).
+PLAN_OPTIONS = [
+    {},
+    {"activation_checkpointing": True},
+    {"activation_checkpointing": True, "optimizer": "adafactor"},
+    {"activation_checkpointing": True, "optimizer": "adafactor", "optimizer_in_backward": True},
+    {"activation_checkpointing": True, "pure_bf16": True, "optimizer": "adafactor", "optimizer_in_backward": True},
+    {
+        "activation_checkpointing": True,
+        "activation_offload": True,
+        "pure_bf16": True,
+        "optimizer": "adafactor",
+        "optimizer_in_backward": True,
+    },
+    {"activation_checkpointing": True, "cpu_offload": True},
+    {"activation_checkpointing": True, "activation_offload": True, "cpu_offload": True},
+]
+
+
+def option_flags(options: dict) -> str:
+    flags = [f"--{k.replace('_', '-')} {v if isinstance(v, str) else 'on' if v else 'off'}" for k, v in options.items()]
+    if options.get("optimizer_in_backward"):
+        flags.append("--max-norm 0")
+    return " ".join(flags) or "(defaults, checkpointing off)"
+
+
+def plan_main(argv: list[str]) -> int:
+    """`fsdp_train.py plan -m MODEL --nproc N -b B -s S [training flags] [--gpu-mem GiB]`: per-GPU memory estimate."""
+    p = _Parser(prog="fsdp_train.py plan", description=plan_main.__doc__, add_help=True)
+    p.add_argument("--nproc", type=int, default=1, help="ranks that shard the model (GPUs in all)")
+    p.add_argument("--gpu-mem", type=float, default=0.0, help="GiB per GPU: also list the option sets that fit")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="what the ranks run on (default cuda)")
+    p.add_argument("--json", action="store_true", help="print the estimate as JSON")
+    try:
+        args, rest = p.parse_known_args(argv)
+        cfg = parse_args(["-d", "-", *rest])  # training flags, parsed and validated as for a run
+        if args.nproc < 1 or args.nproc % cfg.replicate_degree:
+            raise InputError(f"--nproc {args.nproc} must be a positive multiple of --replicate-degree")
+        shard_ranks = args.nproc // cfg.replicate_degree
+        plans = {}
+        candidates = [{}] + (PLAN_OPTIONS if args.gpu_mem else [])
+        shapes: dict[torch.dtype, ModelShape] = {}
+        for options in candidates:
+            trial = dataclasses.replace(cfg, **options) if options else cfg
+            if trial.pure_bf16 and args.device == "cpu":
+                continue
+            dtype = trial.compute_dtype(torch.device(args.device))
+            if dtype not in shapes:
+                shapes[dtype] = model_shape(trial, trial.batch_size, trial.seq_length, dtype)
+            plans[option_flags(options) if options else "as given"] = memory_plan(
+                shapes[dtype], trial, shard_ranks, args.device
+            )
+    except JobError as e:
+        return report_job_error(e, 0)
+    except (OSError, ValueError) as e:
+        return report_job_error(InputError(first_line(e)), 0)
+    gib = 2**30
+    shape = next(iter(shapes.values()))
+
+    def size(b: float) -> str:
+        return f"{b / gib:8.2f} GiB" if b >= gib / 10 else f"{b / 2**20:8.1f} MiB"
+
+    if args.json:
+        print(json.dumps({"shape": dataclasses.asdict(shape) | {"matrices": len(shape.matrices)}, "plans": plans}))
+        return 0
+    mine = plans["as given"]
+    print(
+        f"{cfg.model_name}: {shape.params / 1e6:,.1f}M params, {shape.blocks} blocks; {args.nproc} rank(s) on "
+        f"{args.device}, {cfg.batch_size} x {cfg.seq_length} tokens per rank, compute "
+        f"{str(cfg.compute_dtype(torch.device(args.device))).removeprefix('torch.')}, params "
+        f"{str(param_dtype(cfg)).removeprefix('torch.')}"
+    )
+    for key in ("params", "optimizer", "gradients", "gathered params", "activations", "loss gradient"):
+        print(f"  {key:<16} {size(mine[key])}")
+    print(f"  {'peak':<16} {size(mine['peak'])} per rank (at {mine['peak at']})")
+    if args.gpu_mem:
+        usable = 0.85 * args.gpu_mem  # CUDA context, NCCL buffers and allocator fragmentation take the rest
+        print(f"Option sets within 85% of --gpu-mem {args.gpu_mem:g} GiB ({usable:.1f} GiB), cheapest first:")
+        fits = [(k, v) for k, v in plans.items() if k != "as given" and v["peak"] / gib <= usable]
+        for flags, plan in fits:
+            print(f"  {size(plan['peak'])}  {flags}")
+        if not fits:
+            print("  none: use more GPUs (--nproc), a shorter --seq-length or a smaller --batch-size")
+    return 0
+
+
+# ======================================================================================================================
 # Training
 
 
@@ -1902,6 +2132,7 @@ def train(cfg: Config, d: Dist | None = None) -> None:
                 f"{state.offset} of epoch {state.epoch} with nothing lost or repeated; per-rank RNG streams are re-seeded"
             )
 
+    memory_base = memory_baseline(d.device)
     model = build_model(cfg, d, load_pretrained=not candidates)
     optimizer, schedule = build_optimizer(model, cfg, d), schedule_for(cfg, total_steps)
     if candidates:
@@ -2012,7 +2243,7 @@ def train(cfg: Config, d: Dist | None = None) -> None:
                     "tok/s": window_tokens / elapsed,
                     **phase_ms,
                     "time/total": elapsed * 1e3 / window_steps,
-                    **memory_stats(d.device),
+                    **memory_stats(d.device, memory_base),
                 }
                 if eval_now:
                     t0 = time.perf_counter()
@@ -2188,6 +2419,8 @@ def main(argv: list[str] | None = None) -> int:
         return export_main(argv[1:])
     if argv[:1] == ["control"]:
         return control_main(argv[1:])
+    if argv[:1] == ["plan"]:
+        return plan_main(argv[1:])
     try:
         cfg = parse_args(argv)
     except InputError as e:

@@ -21,6 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 # Small enough that a 2-process step takes milliseconds, big enough to have several blocks and a real tokenizer.
 TINY = ["--vocab-size", "512", "--hidden-size", "64", "--num-layers", "2"]
+SMALL = ["--vocab-size", "4096", "--hidden-size", "256", "--num-layers", "4"]
 TRAIN = ["-s", "64", "-b", "2", "--lr", "3e-3", "--warmup-steps", "2", "--log-freq", "1"]
 
 
@@ -90,10 +91,12 @@ def prep(tmp_path_factory) -> dict[str, Path]:
     """organize_data.py -> data_to_hf.py -> model_download.py --tiny on the bundled data/, as a user runs them."""
     root = tmp_path_factory.mktemp("prep")
     out = {"splits": root / "splits", "dataset": root / "dataset", "model": root / "tiny", "tied": root / "tiny-tied"}
+    out["small"] = root / "small"  # the issue's `small` shape, for memory measurements
     ok(run([sys.executable, "organize_data.py", "--src_dir", "data", "--dst_root", out["splits"], "--num_dirs", "3"]))
     ok(run([sys.executable, "data_to_hf.py", "--data_folder", out["splits"], "--save_dir", out["dataset"]]))
     ok(run([sys.executable, "model_download.py", "--tiny", out["model"], *TINY]))
     ok(run([sys.executable, "model_download.py", "--tiny", out["tied"], "--tied", *TINY]))
+    ok(run([sys.executable, "model_download.py", "--tiny", out["small"], *SMALL]))
     return out
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import sys
+
 import pytest
 import torch
-from conftest import assert_runs_close, checkpoint_weights, ok, read_metrics, torchrun, train_args
+from conftest import assert_runs_close, checkpoint_weights, ok, read_metrics, run, torchrun, train_args
 
 import fsdp_train as ft
 
@@ -101,3 +104,46 @@ def test_optimizer_in_backward_equals_normal_steps_and_resumes_exactly(prep, tmp
 def test_activation_offload_is_a_noop_with_a_notice_on_cpu(prep, tmp_path):
     proc = ok(torchrun(train_args(prep, tmp_path, "off", "--max-steps", 2, "--activation-offload", "on")))
     assert proc.stdout.count("--activation-offload does nothing on a CPU host") == 1
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The memory planner
+
+
+def test_plan_lists_components_and_the_options_that_fit(prep):
+    proc = ok(run([sys.executable, "fsdp_train.py", "plan", "-m", prep["small"], "--nproc", 2, "-b", 1, "-s", 64,
+                   "--gpu-mem", 0.05]))  # fmt: skip
+    for line in ("params", "optimizer", "gradients", "activations", "peak", "Option sets within 85%"):
+        assert line in proc.stdout
+    fits = proc.stdout.split("cheapest first:")[1]
+    assert "--optimizer adafactor" in fits and "--activation-checkpointing off" not in fits
+
+
+def test_plan_refuses_bad_input_in_one_line(prep, tmp_path):
+    proc = run([sys.executable, "fsdp_train.py", "plan", "-m", tmp_path / "nothing", "--nproc", 1])
+    assert proc.returncode == 2 and proc.stdout.startswith("error:") and len(proc.stdout.splitlines()) == 1
+
+
+def plan(prep, model: str, nproc: int, *flags) -> dict:
+    argv = [sys.executable, "fsdp_train.py", "plan", "-m", prep[model], "--nproc", nproc, "--device", "cpu", "--json"]
+    return json.loads(ok(run(argv + list(flags))).stdout)["plans"]["as given"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "model, flags",
+    [
+        ("model", ["--activation-checkpointing", "off"]),
+        ("small", []),
+        ("small", ["--optimizer", "adafactor", "--optimizer-in-backward", "on", "--max-norm", "0"]),
+    ],
+)
+def test_plan_is_within_25_percent_of_the_measured_peak(prep, tmp_path, model, flags):
+    shape = ["-b", 8, "-s", 512]
+    # glibc keeps freed heap memory, so peak RSS would count allocator retention; mmap-backed large blocks are
+    # returned at free and the peak is then the live memory the plan estimates.
+    env = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+    ok(torchrun(train_args(prep, tmp_path, "m", *shape, "--max-steps", 3, *flags, model=model), env=env))
+    measured = max(m["mem/train_peak_gib"] for m in read_metrics(tmp_path / "m")) * 2**30
+    estimate = plan(prep, model, 2, *shape, *flags)["peak"]
+    assert estimate == pytest.approx(measured, rel=0.25), (estimate / 2**20, measured / 2**20)
