@@ -972,6 +972,18 @@ def _zeros_like_shard(p: torch.Tensor, local_shape: tuple, global_shape: tuple, 
     return DTensor.from_local(t, p.device_mesh, placements, run_check=False, shape=global_shape, stride=stride)
 
 
+def stochastic_round_(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """Write fp32 `src` into bf16 `dst`, rounding up with probability equal to the dropped fraction.
+
+    A bf16 weight near 0.02 cannot move by less than ~1e-4 with round-to-nearest, so fine-tuning updates of that size
+    vanish in pure bf16; rounded stochastically they survive on average (the expected result is exactly `src`).
+    Adding 16 random low bits to the fp32 pattern and truncating does that; the RNG state is in every checkpoint.
+    """
+    bits = src.view(torch.int32)
+    noise = torch.randint_like(bits, 0, 1 << 16)
+    dst.copy_(((bits + noise) & -65536).view(torch.float32))  # low 16 bits zero: the bf16 cast is exact
+
+
 class Adafactor(torch.optim.Optimizer):
     """PyTorch's Adafactor algorithm (as torch.optim.Adafactor: no momentum, factored second moment, updates sized
     relative to each weight's RMS and clipped to RMS d) on FSDP2 shards.
@@ -980,7 +992,7 @@ class Adafactor(torch.optim.Optimizer):
     statistics, mean row statistic and the weight and update RMS are sums over every shard. FSDP shards dim 0, so each
     rank owns whole rows: row statistics stay local and the sums take two all-reduces per step over the shard group,
     batched over all parameters. On whole tensors it computes what torch.optim.Adafactor computes (tested to 1e-6),
-    without its per-parameter host syncs. The factored state (row_var like the param's rows, col_var replicated,
+    without its per-parameter host syncs. bf16 weights (--pure-bf16) are updated in fp32 and rounded stochastically. The factored state (row_var like the param's rows, col_var replicated,
     variance for vectors) is kept as DTensors, so DCP checkpoints reshard it to another world size.
     """
 
@@ -1072,10 +1084,14 @@ class Adafactor(torch.optim.Optimizer):
             rho = min(lr, 1 / step**0.5)
             alpha = (s[0] / p.numel()).sqrt().clamp(min=group["eps"][1]) * rho
             denom = ((u2[0] / p.numel()).sqrt() / group["d"]).clamp(min=1.0)
-            x = local(p)
-            if group["weight_decay"]:
-                x.mul_(1 - lr * group["weight_decay"])
-            x.sub_(self._update(p, self.state[p], m, e).mul_((alpha / denom).to(p.dtype)))
+            x, update = local(p), self._update(p, self.state[p], m, e)
+            if x.dtype == torch.bfloat16:  # --pure-bf16: see stochastic_round_
+                new = x.float().mul_(1 - lr * group["weight_decay"]).sub_(update.float().mul_(alpha / denom))
+                stochastic_round_(x, new)
+            else:
+                if group["weight_decay"]:
+                    x.mul_(1 - lr * group["weight_decay"])
+                x.sub_(update.mul_((alpha / denom).to(p.dtype)))
 
 
 class OptimizerInBackward:
@@ -1827,7 +1843,7 @@ def memory_plan(shape: ModelShape, cfg: Config, shard_ranks: int, device: str) -
     loss_grad = float(shape.logits * (4 + (cb if cb != 4 else 0)))  # fp32 gradient of the logits, and its cast
     block_grad = shape.block_params * (cb + 4)  # unsharded gradient + fp32 reduce-scatter buffer
     fused = device == "cuda" and not host and cfg.optimizer == "adamw"
-    step_temp = 0 if fused else (shape.params if not cfg.optimizer_in_backward else shape.block_params) * pb / n
+    step_temp = 0 if fused or host else (shape.block_params if cfg.optimizer_in_backward else shape.params) * pb / n
     moments = {
         "backward start": gathered + activations + shape.head_saved + loss_grad + shape.root_params * cb,
         "backward end": gathered + grads + block_grad,
@@ -1848,7 +1864,7 @@ def memory_plan(shape: ModelShape, cfg: Config, shard_ranks: int, device: str) -
 
 # Options the planner tries for --gpu-mem, cheapest first: each saver costs speed (or precision, for bf16 weights).
 PLAN_OPTIONS = [
-    {},
+    {"activation_checkpointing": False},
     {"activation_checkpointing": True},
     {"activation_checkpointing": True, "optimizer": "adafactor"},
     {"activation_checkpointing": True, "optimizer": "adafactor", "optimizer_in_backward": True},
@@ -1869,7 +1885,7 @@ def option_flags(options: dict) -> str:
     flags = [f"--{k.replace('_', '-')} {v if isinstance(v, str) else 'on' if v else 'off'}" for k, v in options.items()]
     if options.get("optimizer_in_backward"):
         flags.append("--max-norm 0")
-    return " ".join(flags) or "(defaults, checkpointing off)"
+    return " ".join(flags)
 
 
 def plan_main(argv: list[str]) -> int:

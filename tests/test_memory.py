@@ -147,3 +147,14 @@ def test_plan_is_within_25_percent_of_the_measured_peak(prep, tmp_path, model, f
     measured = max(m["mem/train_peak_gib"] for m in read_metrics(tmp_path / "m")) * 2**30
     estimate = plan(prep, model, 2, *shape, *flags)["peak"]
     assert estimate == pytest.approx(measured, rel=0.25), (estimate / 2**20, measured / 2**20)
+
+
+def test_stochastic_rounding_keeps_updates_smaller_than_a_bf16_step_on_average():
+    torch.manual_seed(0)
+    weight = torch.tensor(0.02).bfloat16().float().item()  # a bf16 value; its spacing there is 1.2e-4
+    target = torch.full((100_000,), weight) - 1e-5
+    stochastic = torch.empty(100_000, dtype=torch.bfloat16)
+    ft.stochastic_round_(stochastic, target)
+    assert target.to(torch.bfloat16).float().unique().tolist() == [weight]  # round-to-nearest loses the update
+    assert stochastic.float().mean().item() == pytest.approx(weight - 1e-5, abs=1e-6)
+    assert len(stochastic.unique()) == 2  # only the two bf16 neighbours of the target
