@@ -579,14 +579,19 @@ def shard_model(model: torch.nn.Module, cfg: Config, d: Dist) -> None:
     offload = cfg.activation_offload and cuda
     if cfg.activation_offload and not cuda:
         log.info("--activation-offload does nothing on a CPU host: activations already live in host memory")
-    for parent, attr, block in find_blocks(model):
+    blocks = find_blocks(model)
+    for i, (parent, attr, block) in enumerate(blocks):
         if cfg.activation_checkpointing:
             checkpoint_fn = offloaded_checkpoint if offload else None
             block = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT, checkpoint_fn=checkpoint_fn)
             parent.register_module(attr, block)
         if cfg.compile:  # in place (Module.compile), so parameter names and state dicts keep their keys
             block.compile()
-        fully_shard(block, **fsdp_kwargs)
+        # Backward starts with the last block, so resharding it after forward would only gather it again at once.
+        last = i == len(blocks) - 1
+        fully_shard(
+            block, **{**fsdp_kwargs, "reshard_after_forward": fsdp_kwargs["reshard_after_forward"] and not last}
+        )
     fully_shard(model, **fsdp_kwargs)
 
 
@@ -888,6 +893,11 @@ def fetch_batch(data, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, i
     labels = rows.get("labels", ids)
     real = int(rows["num_tokens"].sum()) if "num_tokens" in rows else ids.numel()
     return ids, labels, real
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host batch to the device; on CUDA via pinned memory, so the copy is asynchronous and overlaps compute."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
 
 
 def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
@@ -2195,7 +2205,7 @@ def train(cfg: Config, d: Dist | None = None) -> None:
                     trace_samples(state.step + 1, state.epoch, idx, d.rank)
                     ids, labels, real = fetch_batch(data, idx)
                     counts += torch.tensor([int((labels[:, 1:] != -100).sum()), real])
-                    batches.append((ids.to(d.device, non_blocking=True), labels.to(d.device, non_blocking=True)))
+                    batches.append((to_device(ids, d.device), to_device(labels, d.device)))
                 if labels is not ids:  # masked labels: the global token count is known only after an (all-CPU) sum
                     dist.all_reduce(counts)
                 else:
