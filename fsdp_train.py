@@ -551,6 +551,55 @@ def offloaded_checkpoint(fn, *args, **kwargs):
         return checkpoint(fn, *args, use_reentrant=False, **kwargs)
 
 
+LOSS_CHUNK_ELEMENTS = 2**24  # logits handled at once by the loss: 64 MiB in fp32
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """Summed next-token cross-entropy of (tokens, vocab) logits, computed in fp32 chunks, with the gradient written
+    during forward into one buffer of the logits' dtype.
+
+    transformers' loss upcasts all logits to fp32 and autograd keeps the log-softmax, then backward adds two more
+    full-size tensors: ~6 logits-sized bf16 units at the peak (measured), 8 GiB for a 128k vocabulary at 8k tokens.
+    Here the logits plus their gradient are the only full-size tensors (2 units) and fp32 exists one chunk at a time.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        grad = torch.empty_like(logits) if ctx.needs_input_grad[0] else None
+        total = torch.zeros((), dtype=torch.float32, device=logits.device)
+        rows = max(1, LOSS_CHUNK_ELEMENTS // logits.shape[1])
+        for start in range(0, logits.shape[0], rows):
+            x = logits[start : start + rows].to(torch.float32, copy=True)  # a copy: modified in place below
+            y = labels[start : start + rows]
+            keep = y != -100
+            target = y.clamp(min=0).unsqueeze(1)
+            lse = torch.logsumexp(x, dim=1)
+            total += ((lse - x.gather(1, target).squeeze(1)) * keep).sum()
+            if grad is not None:  # d(loss)/d(logits) = softmax - one_hot(target), zero for ignored tokens
+                x.sub_(lse.unsqueeze(1)).exp_()
+                x.scatter_add_(1, target, -torch.ones_like(target, dtype=x.dtype))
+                grad[start : start + rows] = x.mul_(keep.unsqueeze(1))
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_total: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad.mul_(grad_total.to(grad.dtype)), None  # in place: the buffer is used once
+
+
+def causal_lm_loss(logits, labels, vocab_size=None, num_items_in_batch=None, ignore_index=-100, **kwargs):
+    """transformers' ForCausalLMLoss maths (shift, ignore -100, sum over num_items_in_batch or mean) through
+    ChunkedCrossEntropy. Installed as the model's `loss_function` (a transformers setter), so that
+    model(..., labels=...) uses it."""
+    assert ignore_index == -100, ignore_index
+    labels = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:].to(logits.device)
+    total = ChunkedCrossEntropy.apply(logits.flatten(0, -2), labels.flatten())
+    count = num_items_in_batch if num_items_in_batch is not None else (labels != -100).sum()
+    return total / count
+
+
 def shard_model(model: torch.nn.Module, cfg: Config, d: Dist) -> None:
     """Activation checkpointing around each block, then fully_shard each block and the root (FULL_SHARD)."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
@@ -619,6 +668,7 @@ def build_model(cfg: Config, d: Dist, load_pretrained: bool) -> torch.nn.Module:
     dtype = param_dtype(cfg)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    model.loss_function = causal_lm_loss
     shard_model(model, cfg, d)
     model.to_empty(device="cpu" if cfg.cpu_offload else d.device)
     if cfg.cpu_offload:  # FSDP keeps offloaded params on the host, but buffers are used where compute happens
@@ -1766,6 +1816,7 @@ class ModelShape:
     block_input: int  # bytes of one block's input: all that a checkpointed block keeps
     head_saved: int  # bytes kept outside the blocks: embeddings, final norm, logits and the loss
     logits: int  # elements of the logits (batch x seq x vocab)
+    loss_chunk: int  # elements of the logits the loss handles at once (ChunkedCrossEntropy)
 
 
 def model_shape(cfg: Config, batch: int, seq: int, compute_dtype: torch.dtype) -> ModelShape:
@@ -1779,6 +1830,7 @@ def model_shape(cfg: Config, batch: int, seq: int, compute_dtype: torch.dtype) -
     config.use_cache = False
     with FakeTensorMode(allow_non_fake_inputs=True):
         model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype, trust_remote_code=cfg.trust_remote_code)
+        model.loss_function = causal_lm_loss
         model.train()
         blocks = [block for _, _, block in find_blocks(model)]
         saved: dict[str, int] = {}
@@ -1817,15 +1869,16 @@ def model_shape(cfg: Config, batch: int, seq: int, compute_dtype: torch.dtype) -
             block_input=inputs[0].numel() * inputs[0].element_size(),
             head_saved=saved.get("head", 0),
             logits=batch * seq * config.vocab_size,
+            loss_chunk=min(batch * seq, max(1, LOSS_CHUNK_ELEMENTS // config.vocab_size)) * config.vocab_size,
         )
 
 
 def memory_plan(shape: ModelShape, cfg: Config, shard_ranks: int, device: str) -> dict[str, float]:
     """Estimated peak bytes per rank, by component, for these options (see README "Fitting a big model").
 
-    The peak is the largest of three moments: the start of backward (all saved activations, the loss gradient and
-    the root's unsharded gradient), the end of backward (every gradient plus one block's unsharded gradient and its
-    reduce-scatter buffer) and the optimizer step (its temporaries). Parameters and optimizer state are always there.
+    Parameters and optimizer state are always there; on top, the largest of four moments: the end of forward (kept
+    activations, the loss's saved gradient, the logits and one fp32 loss chunk), backward (one block recomputed, the
+    root's unsharded gradient and one block's gradient), the end of backward (every gradient) and the optimizer step.
     """
     n = shard_ranks
     cb = cfg.compute_dtype(torch.device(device)).itemsize
@@ -1844,18 +1897,19 @@ def memory_plan(shape: ModelShape, cfg: Config, shard_ranks: int, device: str) -
     if not cfg.reshard_after_forward:
         gathered = (shape.root_params + shape.blocks * shape.block_params) * cb
     if not cfg.activation_checkpointing:
-        activations = shape.blocks * shape.block_saved
-    else:  # each block keeps its input; backward recomputes one block at a time
-        kept = (
-            2 * shape.block_input if cfg.activation_offload and device == "cuda" else shape.blocks * shape.block_input
-        )
-        activations = kept + shape.block_saved
-    loss_grad = float(shape.logits * (4 + (cb if cb != 4 else 0)))  # fp32 gradient of the logits, and its cast
+        kept, recompute = shape.blocks * shape.block_saved, 0
+    else:  # each block keeps its input (on the host with offload); backward recomputes one block at a time
+        offload = cfg.activation_offload and device == "cuda"
+        kept, recompute = (2 if offload else shape.blocks) * shape.block_input, shape.block_saved
+    loss = shape.logits * cb + shape.loss_chunk * 4  # while the loss runs: the logits and one fp32 chunk
     block_grad = shape.block_params * (cb + 4)  # unsharded gradient + fp32 reduce-scatter buffer
     fused = device == "cuda" and not host and cfg.optimizer == "adamw"
     step_temp = 0 if fused or host else (shape.block_params if cfg.optimizer_in_backward else shape.params) * pb / n
     moments = {
-        "backward start": gathered + activations + shape.head_saved + loss_grad + shape.root_params * cb,
+        "end of forward": gathered + kept + shape.head_saved + loss,
+        # The loss's saved gradient is consumed by the head first; then blocks are recomputed one by one while the
+        # root's unsharded gradient and one block's gradient wait to be reduce-scattered.
+        "backward": gathered + kept + recompute + shape.root_params * cb + block_grad,
         "backward end": gathered + grads + block_grad,
         "optimizer step": grads + step_temp,
     }
@@ -1864,9 +1918,9 @@ def memory_plan(shape: ModelShape, cfg: Config, shard_ranks: int, device: str) -
         "params": params,
         "optimizer": optimizer,
         "gradients": grads,
-        "gathered params": gathered,
-        "activations": activations + shape.head_saved,
-        "loss gradient": loss_grad,
+        "gathered params": float(gathered),
+        "activations": float(kept + recompute + shape.head_saved),
+        "loss": float(loss),
         "peak": params + optimizer + moments[worst],
         "peak at": worst,
     }
@@ -1916,8 +1970,6 @@ def plan_main(argv: list[str]) -> int:
         shapes: dict[torch.dtype, ModelShape] = {}
         for options in candidates:
             trial = dataclasses.replace(cfg, **options) if options else cfg
-            if trial.pure_bf16 and args.device == "cpu":
-                continue
             dtype = trial.compute_dtype(torch.device(args.device))
             if dtype not in shapes:
                 shapes[dtype] = model_shape(trial, trial.batch_size, trial.seq_length, dtype)
@@ -1944,7 +1996,7 @@ def plan_main(argv: list[str]) -> int:
         f"{str(cfg.compute_dtype(torch.device(args.device))).removeprefix('torch.')}, params "
         f"{str(param_dtype(cfg)).removeprefix('torch.')}"
     )
-    for key in ("params", "optimizer", "gradients", "gathered params", "activations", "loss gradient"):
+    for key in ("params", "optimizer", "gradients", "gathered params", "activations", "loss"):
         print(f"  {key:<16} {size(mine[key])}")
     print(f"  {'peak':<16} {size(mine['peak'])} per rank (at {mine['peak at']})")
     if args.gpu_mem:

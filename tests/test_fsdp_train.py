@@ -350,3 +350,24 @@ def test_help_is_fast_and_lists_every_flag():
     proc = ok(run([sys.executable, "fsdp_train.py", "--help"]))
     for f in ft.dataclasses.fields(ft.Config):
         assert f"--{f.name.replace('_', '-')}" in proc.stdout
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_chunked_loss_equals_transformers_loss_and_gradient(monkeypatch, masked):
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    monkeypatch.setattr(ft, "LOSS_CHUNK_ELEMENTS", 8 * 50)  # several chunks of this small batch
+    torch.manual_seed(0)
+    logits = torch.randn(2, 11, 50, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 11))
+    if masked:
+        labels[0, :5] = -100
+    grads = []
+    for fn in (ForCausalLMLoss, ft.causal_lm_loss):
+        loss = fn(logits, labels, vocab_size=50, num_items_in_batch=17.0)
+        (grad,) = torch.autograd.grad(loss, logits)
+        grads.append((loss.detach(), grad))
+    assert torch.allclose(grads[0][0], grads[1][0], atol=1e-12) and torch.allclose(grads[0][1], grads[1][1], atol=1e-12)
+    assert grads[1][1][0, -1].abs().sum() == 0  # the last position predicts nothing
+    mean = ft.causal_lm_loss(logits, labels)  # no count given: the mean over labelled tokens, as transformers does
+    assert torch.allclose(mean, ForCausalLMLoss(logits, labels, vocab_size=50), atol=1e-12)
