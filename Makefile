@@ -1,5 +1,6 @@
 # fsdp-train: `make demo` trains the tiny model on the bundled sample; `make test` runs the test suite.
-# Both create the virtualenv first if needed. Re-running `make demo` resumes the run or reports it complete.
+# `make bench` times fsdp_train.py against the HF Trainer (BENCH_ARGS="--model medium --repeats 1" for more).
+# All create the virtualenv first if needed. Re-running `make demo` resumes the run or reports it complete.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -13,7 +14,7 @@ NPROC ?= $(if $(HAS_GPU),$(shell nvidia-smi -L | wc -l),2)
 DATA := outputs/demo-data
 CORPUS := $(shell find data -type f)
 
-.PHONY: venv demo test lint format tb clean-demo
+.PHONY: venv demo test lint format tb clean-demo bench
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt requirements-dev.txt
@@ -42,6 +43,14 @@ demo: $(DATA)/dataset $(DATA)/tiny-llama
 
 test: $(VENV)/.installed
 	$(PY) -m pytest
+
+# The benchmark's extra packages (accelerate, for the Trainer) go into the same venv once.
+$(VENV)/.bench-installed: requirements-bench.txt $(VENV)/.installed
+	$(PY) -m pip install -q -r requirements-bench.txt
+	touch $@
+
+bench: $(VENV)/.bench-installed
+	$(PY) bench/bench_train.py $(BENCH_ARGS)
 
 tb: $(VENV)/.installed
 	$(VENV)/bin/tensorboard --logdir outputs

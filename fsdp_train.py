@@ -343,6 +343,7 @@ def setup_distributed(timeout_minutes: float = 30.0) -> Dist:
         backend = "cpu:gloo,cuda:nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
+        return_freed_memory()
     if not dist.is_initialized():
         kwargs = dict(device_id=device if device.type == "cuda" else None, timeout=timedelta(minutes=timeout_minutes))
         if "RANK" in os.environ:
@@ -351,6 +352,22 @@ def setup_distributed(timeout_minutes: float = 30.0) -> Dist:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **kwargs)
     setup_logging(rank)
     return Dist(rank, local_rank, world_size, device)
+
+
+def return_freed_memory(threshold: int = 4 << 20) -> None:
+    """CPU training: serve blocks >= 4 MiB from mmap so that free() returns them to the OS at once.
+
+    glibc's mmap threshold grows (up to 32 MiB) each time a large block is freed, after which the buffers FSDP
+    frees and re-allocates every step stay in the heap and peak RSS climbs: bench/bench_train.py measured the medium
+    model at 1.56 GiB per rank by default and 1.06 GiB with this, tok/s unchanged (64 KiB cost 16% tok/s). An explicit
+    MALLOC_MMAP_THRESHOLD_ in the environment wins; other C libraries are left alone.
+    """
+    import ctypes
+
+    if sys.platform != "linux" or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(-3, threshold)  # -3: M_MMAP_THRESHOLD (also stops its growth)
 
 
 def exit_with_parent(poll_seconds: float = 0.2) -> None:
