@@ -15,6 +15,9 @@ Multi-node (run on every node; HF_HOME and --save-dir on shared storage; USR1 fo
 Resume: run the very same command again. It continues from the newest complete checkpoint in
 SAVE_DIR/EXP/checkpoints/ with the same samples in the same order; a finished run says so and exits 0.
 
+Per-GPU memory of a configuration from the model config alone, and which memory savers would fit a 24 GB card:
+    python fsdp_train.py plan -m configs/models/llama-2-7b --nproc 1 -b 1 -s 2048 --gpu-mem 24
+
 Export a checkpoint to a Hugging Face folder (one process, no GPU; a finished run writes SAVE_DIR/EXP/hf itself):
     python fsdp_train.py export --checkpoint outputs/demo/checkpoints/step-99 --out outputs/demo-hf
 """
