@@ -47,6 +47,7 @@ from datetime import timedelta
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -76,6 +77,7 @@ def _opt(default, help: str, short: str | None = None, choices: tuple | None = N
 
 
 LR_SCHEDULERS = ("cosine", "linear", "constant", "wsd")
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flex_attention", "flash_attention_2")
 
 
 @dataclass
@@ -95,6 +97,16 @@ class Config:
     val_dataset: str = _opt("", "validation data, in any form --dataset-name accepts")
     val_split: float = _opt(0.0, "carve this fraction of the training documents out for validation (seeded)")
     eval_freq: int = _opt(0, "evaluate on the validation data every N steps (0: only at the last step)")
+    eval_steps: int = _opt(
+        0,
+        "evaluate on at most N batches per rank, the same seeded subset of the validation blocks every time, so the "
+        "figures stay comparable (0: all of them)",
+    )
+    drop_long_examples: bool = _opt(
+        False,
+        "chat data: drop examples longer than --seq-length instead of truncating them (both are counted and "
+        "reported) (on|off)",
+    )
     chat_template: str = _opt(
         "", "Jinja chat template file for chat data (e.g. configs/chatml.jinja); default: the tokenizer's own"
     )
@@ -131,7 +143,15 @@ class Config:
     weight_decay: float = _opt(0.0, "decoupled weight decay (matrices only, not norms/biases)")
     max_norm: float = _opt(1.0, "gradient clipping max global L2 norm (0: no clipping, norm still logged)")
     batch_size: int = _opt(4, "sequences per rank per micro-batch", "-b")
-    grad_accum_steps: int = _opt(1, "micro-batches per optimizer step (gradients are synced on the last only)")
+    grad_accum_steps: int = _opt(
+        1, "micro-batches per optimizer step (each one's gradients are reduce-scattered into the sharded sum)"
+    )
+    accumulate_unsharded: bool = _opt(
+        False,
+        "with --grad-accum-steps > 1, keep full unsharded fp32 gradients on every rank between micro-batches and "
+        "reduce once per step: fewer reduce-scatters, but 4 bytes x all params per rank (not divided by the "
+        "world size) (on|off)",
+    )
     global_batch_size: int = _opt(0, "sequences per optimizer step over all ranks; sets --grad-accum-steps (0: unset)")
     seq_length: int = _opt(1024, "tokens per packed sequence", "-s")
     activation_checkpointing: bool = _opt(True, "recompute each block's activations in backward (on|off)")
@@ -150,6 +170,12 @@ class Config:
         "are lost to rounding; for memory-bound runs (on|off)",
     )
     compile: bool = _opt(False, "torch.compile each block (first step pays the compilation) (on|off)")
+    attn_implementation: str = _opt(
+        "auto",
+        "attention kernel; every choice keeps packed documents apart (checked at start-up). auto: "
+        "flash_attention_2 on CUDA when the flash-attn package is installed (no S x S mask), else sdpa",
+        choices=ATTN_IMPLEMENTATIONS,
+    )
     reshard_after_forward: bool = _opt(
         True,
         "free each block's gathered params after its forward (off: keep them until backward, more memory) (on|off)",
@@ -179,6 +205,7 @@ class Config:
             "grad_accum_steps",
         )
         non_negative = (
+            "eval_steps",
             "max_steps",
             "warmup_steps",
             "ckpt_freq",
@@ -305,9 +332,10 @@ def parse_args(argv: list[str] | None = None) -> Config:
     for f in dataclasses.fields(Config):
         flags = [f"--{f.name.replace('_', '-')}"] + ([f.metadata["short"]] if f.metadata["short"] else [])
         shown = ("on" if f.default else "off") if isinstance(f.default, bool) else f.default
+        bare = dict(nargs="?", const=True) if isinstance(f.default, bool) else {}  # `--compile` alone means on
         p.add_argument(
             *flags, type=_kind(f), default=f.default, choices=f.metadata["choices"],
-            help=f"{f.metadata['help']} (default: {shown})",
+            help=f"{f.metadata['help']} (default: {shown})", **bare,
         )  # fmt: skip
     config_file = p.parse_known_args(argv)[0].config
     if config_file:
@@ -686,8 +714,14 @@ def build_model(cfg: Config, d: Dist, load_pretrained: bool) -> torch.nn.Module:
 
     config = load_model_config(cfg.model_name, cfg.trust_remote_code)
     dtype = param_dtype(cfg)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    attn = attn_implementation(cfg, d.device)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(
+                config, dtype=dtype, attn_implementation=attn, trust_remote_code=cfg.trust_remote_code
+            )
+    except (ImportError, ValueError) as e:  # e.g. flash_attention_2 without the flash-attn package
+        raise InputError(f"--attn-implementation {attn}: {first_line(e)}") from None
     model.loss_function = causal_lm_loss
     shard_model(model, cfg, d)
     model.to_empty(device="cpu" if cfg.cpu_offload else d.device)
@@ -700,7 +734,11 @@ def build_model(cfg: Config, d: Dist, load_pretrained: bool) -> torch.nn.Module:
         full_sd, ref_buffers = {}, {}
         if d.is_main:
             ref = AutoModelForCausalLM.from_pretrained(
-                cfg.model_name, config=config, dtype=dtype, trust_remote_code=cfg.trust_remote_code
+                cfg.model_name,
+                config=config,
+                dtype=dtype,
+                attn_implementation="eager",  # only its weights are used
+                trust_remote_code=cfg.trust_remote_code,
             )
             full_sd, ref_buffers = ref.state_dict(), dict(ref.named_buffers())
         set_model_state_dict(model, full_sd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
@@ -711,6 +749,57 @@ def build_model(cfg: Config, d: Dist, load_pretrained: bool) -> torch.nn.Module:
         del full_sd, ref_buffers
     model.train()
     return model
+
+
+def attn_implementation(cfg: Config, device: torch.device) -> str:
+    """--attn-implementation, with auto resolved: flash-attention takes packed documents as variable-length segments
+    (no S x S mask, no wasted work across documents) but needs CUDA and the flash-attn package; sdpa is everywhere,
+    and with packed position_ids transformers gives it an explicit block-diagonal mask (B x 1 x S x S booleans)."""
+    import importlib.util
+
+    if cfg.attn_implementation != "auto":
+        return cfg.attn_implementation
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+ISOLATION_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 0.1}  # bf16 rounding differs between the layouts
+
+
+@torch.no_grad()
+def document_isolation_gap(model, device: torch.device, vocab_size: int) -> float:
+    """Collective (an FSDP forward on every rank): the largest log-prob difference between a document packed second
+    in a block, with restarting position_ids, and the same document alone. ~0 when the attention implementation keeps
+    packed documents apart; of order 1 when the second one attends to the first. Uses its own generator and eval
+    mode, so training's RNG streams and results are untouched."""
+    g = torch.Generator().manual_seed(0)
+    first, second = (torch.randint(0, vocab_size, (n,), generator=g) for n in (24, 24))
+    packed = torch.cat([first, second])[None].to(device)
+    packed_pos = torch.cat([torch.arange(len(first)), torch.arange(len(second))])[None].to(device)
+    alone, alone_pos = second[None].to(device), torch.arange(len(second))[None].to(device)
+    model.eval()
+    try:
+        in_block = model(input_ids=packed, position_ids=packed_pos).logits[0, len(first) :].float().log_softmax(-1)
+        by_itself = model(input_ids=alone, position_ids=alone_pos).logits[0].float().log_softmax(-1)
+    finally:
+        model.train()
+    return (in_block - by_itself).abs().max().item()
+
+
+def check_document_isolation(model, cfg: Config, d: Dist) -> None:
+    """Never train on packed documents that see each other: refuse, saying what to change, if this architecture and
+    attention implementation do not isolate them."""
+    gap = document_isolation_gap(model, d.device, model.config.vocab_size)
+    compute = cfg.compute_dtype(d.device)
+    attn = attn_implementation(cfg, d.device)
+    if not gap <= ISOLATION_TOLERANCE[compute]:
+        others = ", ".join(a for a in ATTN_IMPLEMENTATIONS[1:] if a != attn)
+        raise InputError(
+            f"{type(model).__name__} with --attn-implementation {attn} lets packed documents attend to each other "
+            f"(a document's log-probs move by {gap:.3g} next to another): try --attn-implementation {others}"
+        )
+    log.info(f"Packed documents are isolated ({attn}): log-probs within {gap:.1e} of each document alone")
 
 
 def count_params(model: torch.nn.Module) -> int:
@@ -767,17 +856,69 @@ def dataset_kind(ds, name: str) -> str:
     )
 
 
-def pack_sequences(token_lists: list[list[int]], seq_length: int) -> list[list[int]]:
-    """Concatenate documents and cut full `seq_length` blocks; the last partial block is dropped."""
-    flat = [t for tokens in token_lists for t in tokens]
-    return [flat[i : i + seq_length] for i in range(0, len(flat) - seq_length + 1, seq_length)]
-
-
-def tokenize_batch(batch: dict, tokenizer, seq_length: int) -> dict:
+def tokenize_documents(batch: dict, tokenizer) -> dict:
+    """Token ids of each document, ending in EOS (what tells a model reading packed text that a document ended)."""
     eos = tokenizer.eos_token_id
     ids = tokenizer(batch["text"])["input_ids"]
-    docs = [x if x and x[-1] == eos else x + [eos] for x in ids]
-    return {"input_ids": pack_sequences(docs, seq_length)}
+    return {"input_ids": [x if x and x[-1] == eos else x + [eos] for x in ids]}
+
+
+def segment_positions(starts: np.ndarray) -> np.ndarray:
+    """(blocks, seq) positions that restart at 0 wherever `starts` is True (each segment's first token) and at
+    column 0. Given as position_ids, they make transformers (sdpa/eager: a block-diagonal mask; flash/flex
+    attention: varlen segments) keep each document's attention and RoPE positions to itself."""
+    idx = np.broadcast_to(np.arange(starts.shape[1], dtype=np.int32), starts.shape)
+    return idx - np.maximum.accumulate(np.where(starts, idx, 0), axis=1)
+
+
+def block_labels(ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """Text blocks train on every token except a segment's first, whose prediction would cross from the end of the
+    previous document (labels are shifted by the loss, so label t is predicted at t - 1)."""
+    return ids.masked_fill(position_ids == 0, -100)
+
+
+class TextPacker:
+    """Concatenates documents into full `seq_length` blocks with per-document positions.
+
+    The unfinished block carries over from one batch of documents to the next, so the whole dataset loses at most its
+    last partial block, and the blocks do not depend on how the documents were batched or how many workers
+    tokenized them. A document cut at a block boundary continues in the next block from position 0.
+    """
+
+    def __init__(self, seq_length: int):
+        self.seq_length = seq_length
+        self.tokens = np.zeros(0, dtype=np.int32)
+        self.starts = np.zeros(0, dtype=bool)
+
+    def add(self, flat: np.ndarray, lengths: np.ndarray) -> dict[str, np.ndarray]:
+        """Documents given as their concatenated tokens and lengths -> the blocks they complete."""
+        starts = np.zeros(len(flat), dtype=bool)
+        offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        starts[offsets[lengths > 0]] = True
+        tokens = np.concatenate([self.tokens, flat.astype(np.int32, copy=False)])
+        starts = np.concatenate([self.starts, starts])
+        n = len(tokens) // self.seq_length
+        full = n * self.seq_length
+        self.tokens, self.starts = tokens[full:], starts[full:]
+        shape = (n, self.seq_length)
+        return {
+            "input_ids": tokens[:full].reshape(shape),
+            "position_ids": segment_positions(starts[:full].reshape(shape)),
+        }
+
+    @property
+    def leftover(self) -> int:
+        """Tokens of the partial block that the end of the data leaves (dropped: it would need padding)."""
+        return len(self.tokens)
+
+
+def pack_sequences(token_lists: list[list[int]], seq_length: int) -> tuple[list[list[int]], list[list[int]], int]:
+    """(blocks, their positions, dropped tokens) of some documents: TextPacker on one batch, for tests and tools."""
+    packer = TextPacker(seq_length)
+    lengths = np.array([len(t) for t in token_lists], dtype=np.int64)
+    flat = np.array([t for tokens in token_lists for t in tokens], dtype=np.int32)
+    blocks = packer.add(flat, lengths)
+    return blocks["input_ids"].tolist(), blocks["position_ids"].tolist(), packer.leftover
 
 
 def alpaca_to_messages(instruction: str, input: str | None, output: str) -> list[dict]:
@@ -812,32 +953,67 @@ def chat_example(messages: list[dict], tokenizer, template: str | None) -> tuple
     return enc["input_ids"], labels
 
 
-def pack_examples(examples: list[tuple[list[int], list[int]]], seq_length: int, pad_id: int) -> dict:
-    """Greedy packing that never splits an example across blocks; the rest of a block is padding with label -100.
+class ChatPacker:
+    """Greedy packing of (ids, labels) examples that never splits one across blocks; the rest of a block is padding
+    (label -100) with positions of its own, so it is a segment like any example and no example attends to it.
 
-    An example longer than a block is truncated. `num_tokens` counts the real (non-padding) tokens of each block.
+    An example longer than a block is truncated to the block, or dropped with `drop_long`; both are counted.
+    The open block carries over between batches, so the blocks do not depend on batching or worker count.
     """
-    blocks: dict[str, list] = {"input_ids": [], "labels": [], "num_tokens": []}
-    ids: list[int] = []
-    labels: list[int] = []
 
-    def close():
-        if ids:
-            blocks["num_tokens"].append(len(ids))
-            blocks["input_ids"].append(ids + [pad_id] * (seq_length - len(ids)))
-            blocks["labels"].append(labels + [-100] * (seq_length - len(labels)))
+    def __init__(self, seq_length: int, pad_id: int, drop_long: bool = False):
+        self.seq_length, self.pad_id, self.drop_long = seq_length, pad_id, drop_long
+        self.parts: list[tuple[np.ndarray, np.ndarray]] = []
+        self.used = 0
+        self.long_examples = self.long_tokens_lost = 0
 
-    for ex_ids, ex_labels in examples:
-        ex_ids, ex_labels = ex_ids[:seq_length], ex_labels[:seq_length]
-        if len(ids) + len(ex_ids) > seq_length:
-            close()
-            ids, labels = [], []
-        ids, labels = ids + ex_ids, labels + ex_labels
-    close()
-    return blocks
+    def _close(self, out: dict) -> None:
+        if not self.parts:
+            return
+        pad = self.seq_length - self.used
+        ids = np.concatenate([p[0] for p in self.parts] + [np.full(pad, self.pad_id, dtype=np.int32)])
+        labels = np.concatenate([p[1] for p in self.parts] + [np.full(pad, -100, dtype=np.int32)])
+        positions = np.concatenate([np.arange(len(p[0]), dtype=np.int32) for p in self.parts] + [np.arange(pad)])
+        out["input_ids"].append(ids)
+        out["labels"].append(labels)
+        out["position_ids"].append(positions.astype(np.int32))
+        out["num_tokens"].append(self.used)
+        self.parts, self.used = [], 0
+
+    @staticmethod
+    def _empty() -> dict:
+        return {"input_ids": [], "labels": [], "position_ids": [], "num_tokens": []}
+
+    def add(self, examples) -> dict:
+        """(ids, labels) arrays -> the blocks they complete, as lists of arrays."""
+        out = self._empty()
+        for ids, labels in examples:
+            if len(ids) > self.seq_length:
+                self.long_examples += 1
+                self.long_tokens_lost += len(ids) if self.drop_long else len(ids) - self.seq_length
+                if self.drop_long:
+                    continue
+                ids, labels = ids[: self.seq_length], labels[: self.seq_length]
+            if self.used + len(ids) > self.seq_length:
+                self._close(out)
+            self.parts.append((np.asarray(ids, dtype=np.int32), np.asarray(labels, dtype=np.int32)))
+            self.used += len(ids)
+        return out
+
+    def finish(self) -> dict:
+        out = self._empty()
+        self._close(out)
+        return out
 
 
-def tokenize_chat_batch(batch: dict, tokenizer, seq_length: int, template: str | None, kind: str) -> dict:
+def pack_examples(examples, seq_length: int, pad_id: int, drop_long: bool = False) -> dict:
+    """ChatPacker over one list of examples, as lists (for tests and tools)."""
+    packer = ChatPacker(seq_length, pad_id, drop_long)
+    a, b = packer.add(examples), packer.finish()
+    return {k: [x.tolist() if isinstance(x, np.ndarray) else x for x in a[k] + b[k]] for k in a}
+
+
+def tokenize_chat_batch(batch: dict, tokenizer, template: str | None, kind: str) -> dict:
     if kind == "alpaca":
         inputs = batch.get("input") or [None] * len(batch["instruction"])
         conversations = [
@@ -845,9 +1021,8 @@ def tokenize_chat_batch(batch: dict, tokenizer, seq_length: int, template: str |
         ]
     else:
         conversations = batch["messages"]
-    examples = [chat_example(m, tokenizer, template) for m in conversations]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return pack_examples(examples, seq_length, pad)
+    ids, labels = zip(*(chat_example(m, tokenizer, template) for m in conversations), strict=True)
+    return {"input_ids": list(ids), "labels": list(labels)}
 
 
 def chat_template_for(cfg: Config, tokenizer) -> str | None:
@@ -861,7 +1036,8 @@ def chat_template_for(cfg: Config, tokenizer) -> str | None:
 
 
 def data_cache_key(dataset, tokenizer, seq_length: int, extra: str = "") -> str:
-    """Names the packed data by what determines it, so any run with the same inputs reuses it."""
+    """Names the packed data by what determines it, so any run with the same inputs reuses it. The worker count
+    is not part of it: the packers give the same blocks whatever it is."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     tok_id = backend.to_str() if backend is not None else f"{tokenizer.name_or_path}:{len(tokenizer)}"
     # datasets' fingerprint is private API and follows how a dataset was built, not what its files hold now (a
@@ -875,7 +1051,7 @@ def data_cache_key(dataset, tokenizer, seq_length: int, extra: str = "") -> str:
         hashlib.sha256(tok_id.encode()).hexdigest(),
         str(seq_length),
         extra,
-        "pack-v2",
+        "pack-v3",
     ]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
@@ -888,24 +1064,160 @@ def load_datasets(cfg: Config):
     if cfg.val_split > 0:
         if len(train) < 2:
             raise InputError(f"--val-split needs at least 2 documents, dataset '{cfg.dataset_name}' has {len(train)}")
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed)).numpy()
         n_val = max(1, round(len(train) * cfg.val_split))
         # keep_in_memory: the index mapping would otherwise be written into the user's dataset folder.
         return (
-            train.select(sorted(order[n_val:]), keep_in_memory=True),
-            train.select(sorted(order[:n_val]), keep_in_memory=True),
+            train.select(np.sort(order[n_val:]), keep_in_memory=True),
+            train.select(np.sort(order[:n_val]), keep_in_memory=True),
         )
     return train, None
 
 
-def prepare_data(cfg: Config, d: Dist, tokenizer, ds, role: str):
-    """Tokenize and pack once (rank 0, batched map), cache under SAVE_DIR/.cache; every rank memory-maps the result.
+def worker_count(num_docs: int) -> int | None:
+    """Tokenizer processes: the CPUs this process may use (not the node's count under Slurm/cgroups), one per 2,000
+    documents; None (in-process) for small data."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(cpus, num_docs // 2000) or None
 
-    Text documents are concatenated with EOS and cut into full blocks (every token trains); chat/instruction
-    examples are rendered with the chat template, masked to the assistant turns and packed without splitting.
-    """
+
+def list_columns(table, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """A list column of an Arrow table as (concatenated values, lengths), without Python objects per row."""
+    col = table.column(name).combine_chunks()
+    offsets = col.offsets.to_numpy()
+    return col.values.to_numpy()[offsets[0] : offsets[-1]], np.diff(offsets)
+
+
+def write_packed(tokenized, kind: str, cfg: Config, pad_id: int, path: Path) -> dict:
+    """Pack the tokenized documents in their order into an Arrow file of blocks, streaming; returns the counts."""
+    import pyarrow as pa
+
+    s = cfg.seq_length
+    columns = ["input_ids", "position_ids"] + (["labels", "num_tokens"] if kind != "text" else [])
+    types = {"num_tokens": pa.int32()}
+    schema = pa.schema([(c, types.get(c, pa.list_(pa.int32(), s))) for c in columns])
+    packer = TextPacker(s) if kind == "text" else ChatPacker(s, pad_id, cfg.drop_long_examples)
+    stats = {"examples": len(tokenized), "tokens": 0, "blocks": 0, "packed_tokens": 0}
+    last_report = time.monotonic()
+
+    def write(writer, blocks: dict) -> None:
+        n = len(blocks["input_ids"])
+        if n == 0:
+            return
+        arrays = []
+        for c in columns:
+            if c == "num_tokens":
+                arrays.append(pa.array(np.asarray(blocks[c], dtype=np.int32)))
+            else:
+                flat = np.asarray(blocks[c], dtype=np.int32).reshape(-1)
+                arrays.append(pa.FixedSizeListArray.from_arrays(flat, s))
+        writer.write_batch(pa.record_batch(arrays, schema=schema))
+        stats["blocks"] += n
+        stats["packed_tokens"] += int(np.sum(blocks["num_tokens"])) if kind != "text" else n * s
+
+    with pa.OSFile(str(path), "wb") as f, pa.ipc.new_stream(f, schema) as writer:
+        for table in tokenized.with_format("arrow").iter(batch_size=10_000):
+            ids, lengths = list_columns(table, "input_ids")
+            stats["tokens"] += int(lengths.sum())
+            if kind == "text":
+                write(writer, packer.add(ids, lengths))
+            else:
+                labels, _ = list_columns(table, "labels")
+                ends = np.cumsum(lengths)
+                write(
+                    writer, packer.add((ids[e - n : e], labels[e - n : e]) for e, n in zip(ends, lengths, strict=True))
+                )
+            if time.monotonic() - last_report > 30:
+                log.info(f"Packed {stats['blocks']:,} blocks so far")
+                last_report = time.monotonic()
+        if kind != "text":
+            write(writer, packer.finish())
+    if kind == "text":
+        stats["dropped_tokens"] = packer.leftover
+    else:
+        stats.update(long_examples=packer.long_examples, long_tokens_lost=packer.long_tokens_lost)
+        stats["dropped_tokens"] = stats["tokens"] - stats["packed_tokens"]
+    return stats
+
+
+def describe_packing(stats: dict, role: str, cfg: Config) -> str:
+    kept = 100 * stats["packed_tokens"] / max(stats["tokens"], 1)
+    line = (
+        f"{role}: {stats['examples']:,} examples, {stats['tokens']:,} tokens -> {stats['blocks']:,} blocks of "
+        f"{cfg.seq_length}; {stats['packed_tokens']:,} tokens packed ({kept:.2f}%), {stats['dropped_tokens']:,} dropped"
+    )
+    if stats.get("long_examples"):
+        how = (
+            "dropped (--drop-long-examples)"
+            if cfg.drop_long_examples
+            else "truncated (--drop-long-examples drops them)"
+        )
+        line += (
+            f"; {stats['long_examples']:,} examples longer than --seq-length {cfg.seq_length} {how}, "
+            f"{stats['long_tokens_lost']:,} tokens lost"
+        )
+    return line
+
+
+def load_packed(cache: Path):
     import datasets
 
+    return datasets.Dataset.from_file(str(cache / "blocks.arrow")).with_format("torch")
+
+
+def build_packed_cache(cfg: Config, tokenizer, ds, role: str, kind: str, template: str | None, cache: Path) -> None:
+    """Tokenize (datasets.map over worker processes) then pack in one ordered pass into `cache`, atomically."""
+    t0 = time.perf_counter()
+    tmp = cache.with_name(f"{cache.name}.tmp-{os.getpid()}")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we parallelise with processes instead
+        if kind == "text":
+            fn = partial(tokenize_documents, tokenizer=tokenizer)
+        else:
+            fn = partial(tokenize_chat_batch, tokenizer=tokenizer, template=template, kind=kind)
+        num_proc = worker_count(len(ds))
+        log.info(f"Tokenizing {len(ds):,} {role} {kind} examples with {num_proc or 1} process(es) into {cache}")
+        tokenized = ds.map(
+            fn,
+            batched=True,
+            batch_size=1000,
+            remove_columns=ds.column_names,
+            num_proc=num_proc,
+            # Keep map's scratch files out of the user's dataset folder, which may be read-only.
+            cache_file_name=str(tmp / "map" / "tokenized.arrow"),
+            desc=f"tokenize {role}",
+        )
+        stats = write_packed(tokenized, kind, cfg, pad_id_of(tokenizer), tmp / "blocks.arrow")
+        del tokenized
+        if stats["blocks"] == 0:
+            raise InputError(
+                f"the {role} data has {stats['tokens']:,} tokens, fewer than one block of --seq-length {cfg.seq_length}"
+            )
+        info = {"role": role, "kind": kind, "dataset": cfg.dataset_name, "seq_length": cfg.seq_length}
+        write_json_atomic(tmp / "info.json", {**info, "tokenizer": cfg.model_name, **stats})
+        shutil.rmtree(tmp / "map")
+        tmp.rename(cache)
+        log.info(f"Packed in {time.perf_counter() - t0:.1f}s: {describe_packing(stats, role, cfg)}")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def pad_id_of(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def prepare_data(cfg: Config, d: Dist | None, tokenizer, ds, role: str):
+    """Tokenize and pack once into SAVE_DIR/.cache (rank 0, or `fsdp_train.py prepare` with no process group);
+    every rank memory-maps the result.
+
+    Text documents are concatenated with EOS and cut into full blocks; chat/instruction examples are rendered with
+    the chat template, masked to the assistant turns and packed without splitting. Both carry per-document
+    position_ids. The other ranks wait for the cache on the file system, not inside a collective, so tokenizing a
+    big corpus is not bounded by --dist-timeout (SAVE_DIR must be shared by all nodes, as for checkpoints).
+    """
     kind = dataset_kind(ds, role)
     template = chat_template_for(cfg, tokenizer) if kind != "text" else None
     if kind != "text" and not template:
@@ -913,56 +1225,42 @@ def prepare_data(cfg: Config, d: Dist, tokenizer, ds, role: str):
             f"the {role} data is chat/instruction data but the tokenizer has no chat template; "
             "pass --chat-template configs/chatml.jinja (or another Jinja template)"
         )
-    if kind == "text":
-        fn = partial(tokenize_batch, tokenizer=tokenizer, seq_length=cfg.seq_length)
-    else:
-        fn = partial(tokenize_chat_batch, tokenizer=tokenizer, seq_length=cfg.seq_length, template=template, kind=kind)
-    key = data_cache_key(ds, tokenizer, cfg.seq_length, f"{role}|{kind}|{template or ''}")
-    cache = Path(cfg.save_dir) / ".cache" / "tokenized" / key
+    extra = f"{role}|{kind}|{template or ''}|drop_long={cfg.drop_long_examples and kind != 'text'}"
+    cache = Path(cfg.save_dir) / ".cache" / "tokenized" / data_cache_key(ds, tokenizer, cfg.seq_length, extra)
+    if cache.is_dir():
+        info = json.loads((cache / "info.json").read_text())
+        log.info(f"Using tokenized {role} data cache {cache}: {describe_packing(info, role, cfg)}")
+        return load_packed(cache)
+    if d is None:
+        build_packed_cache(cfg, tokenizer, ds, role, kind, template, cache)
+        return load_packed(cache)
+    token = [os.urandom(8).hex() if d.is_main else None]
+    dist.broadcast_object_list(token, src=0)  # names this job's failure marker, so a stale one is never read
+    failed = cache.with_name(f"{cache.name}.failed-{token[0]}")
     error = None
-    if d.is_main and not cache.is_dir():
-        t0 = time.perf_counter()
-        tmp = cache.with_name(f"{cache.name}.tmp-{os.getpid()}")
+    if d.is_main:
         try:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we parallelise with processes instead
-            num_proc = min(os.cpu_count() or 1, len(ds) // 2000) or None
-            packed = ds.map(
-                fn,
-                batched=True,
-                batch_size=1000,
-                remove_columns=ds.column_names,
-                num_proc=num_proc,
-                # Keep map's scratch files out of the user's dataset folder, which may be read-only.
-                cache_file_name=str(tmp / "map" / "packed.arrow"),
-                desc=f"tokenize+pack {role}",
-            )
-            if len(packed) == 0:
-                raise InputError(f"the {role} data has fewer than {cfg.seq_length} tokens: no full block")
-            packed.save_to_disk(str(tmp / "data"))
-            info = {"role": role, "kind": kind, "dataset": cfg.dataset_name, "blocks": len(packed)}
-            write_json_atomic(tmp / "info.json", {**info, "seq_length": cfg.seq_length, "tokenizer": cfg.model_name})
-            del packed
-            shutil.rmtree(tmp / "map")
-            tmp.rename(cache)
-            log.info(f"Tokenized {len(ds):,} {role} {kind} examples into {cache} in {time.perf_counter() - t0:.1f}s")
+            build_packed_cache(cfg, tokenizer, ds, role, kind, template, cache)
         except Exception as e:  # noqa: BLE001 - re-raised on this rank after the other ranks are told
             error = e
-            shutil.rmtree(tmp, ignore_errors=True)
+            failed.parent.mkdir(parents=True, exist_ok=True)
+            failed.write_text(first_line(e))
     else:
-        log.info(f"Using tokenized {role} data cache {cache}")
-    raise_if_any_failed(error)
-    return datasets.load_from_disk(str(cache / "data")).with_format("torch")
+        while not (cache.is_dir() or failed.exists()):
+            time.sleep(1.0)
+    raise_if_any_failed(error)  # everyone is here by now: a quick agreement
+    if d.is_main:
+        failed.unlink(missing_ok=True)
+    return load_packed(cache)
 
 
-def fetch_batch(data, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(input_ids, labels, real tokens) of some packed blocks; text blocks train on every token."""
+def fetch_batch(data, indices) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """(input_ids, labels, position_ids, real tokens) of some packed blocks."""
     rows = data[indices]
-    ids = rows["input_ids"]
-    labels = rows.get("labels", ids)
+    ids, positions = rows["input_ids"].long(), rows["position_ids"].long()
+    labels = rows["labels"].long() if "labels" in rows else block_labels(ids, positions)
     real = int(rows["num_tokens"].sum()) if "num_tokens" in rows else ids.numel()
-    return ids, labels, real
+    return ids, labels, positions, real
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -1040,11 +1338,13 @@ def shard_group(p: torch.Tensor):
     return p.device_mesh.get_group(dims[0]) if dims else None
 
 
-def _zeros_like_shard(p: torch.Tensor, local_shape: tuple, global_shape: tuple, replicated: bool) -> torch.Tensor:
+def _zeros_like_shard(
+    p: torch.Tensor, local_shape: tuple, global_shape: tuple, replicated: bool, dtype: torch.dtype
+) -> torch.Tensor:
     """A zero DTensor laid out like p (Shard(0) rows) or replicated, so DCP saves and reshards it like p."""
     from torch.distributed.tensor import DTensor, Replicate
 
-    t = torch.zeros(local_shape, dtype=p.dtype, device=local(p).device)
+    t = torch.zeros(local_shape, dtype=dtype, device=local(p).device)
     if not isinstance(p, DTensor):
         return t
     placements = [Replicate()] * p.device_mesh.ndim if replicated else p.placements
@@ -1052,16 +1352,26 @@ def _zeros_like_shard(p: torch.Tensor, local_shape: tuple, global_shape: tuple, 
     return DTensor.from_local(t, p.device_mesh, placements, run_check=False, shape=global_shape, stride=stride)
 
 
-def stochastic_round_(dst: torch.Tensor, src: torch.Tensor) -> None:
+def stochastic_round_(dst: torch.Tensor, src: torch.Tensor, generator: torch.Generator | None = None) -> None:
     """Write fp32 `src` into bf16 `dst`, rounding up with probability equal to the dropped fraction.
 
     A bf16 weight near 0.02 cannot move by less than ~1e-4 with round-to-nearest, so fine-tuning updates of that size
     vanish in pure bf16; rounded stochastically they survive on average (the expected result is exactly `src`).
-    Adding 16 random low bits to the fp32 pattern and truncating does that; the RNG state is in every checkpoint.
+    Adding 16 random low bits to the fp32 pattern and truncating does that.
     """
     bits = src.view(torch.int32)
-    noise = torch.randint_like(bits, 0, 1 << 16)
+    noise = torch.randint(0, 1 << 16, bits.shape, generator=generator, dtype=torch.int32, device=bits.device)
     dst.copy_(((bits + noise) & -65536).view(torch.float32))  # low 16 bits zero: the bf16 cast is exact
+
+
+def rounding_generator(seed: int, param_index: int, step: int, p: torch.Tensor) -> torch.Generator:
+    """The noise source for rounding one shard at one step: a function of the shard's place in the shard group, not
+    of the rank, so HSDP replicas that hold the same shard round it identically and never drift apart; and of the
+    step, so a resumed run draws the same noise without any RNG state."""
+    group = shard_group(p)
+    shard = dist.get_rank(group) if group is not None else 0
+    key = hashlib.blake2b(f"{seed}:{param_index}:{step}:{shard}".encode(), digest_size=8).digest()
+    return torch.Generator(device=local(p).device).manual_seed(int.from_bytes(key, "little") >> 1)
 
 
 class Adafactor(torch.optim.Optimizer):
@@ -1076,8 +1386,9 @@ class Adafactor(torch.optim.Optimizer):
     variance for vectors) is kept as DTensors, so DCP checkpoints reshard it to another world size.
     """
 
-    def __init__(self, params, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0, weight_decay=0.0):
+    def __init__(self, params, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0, weight_decay=0.0, seed=0):
         super().__init__(params, dict(lr=lr, beta2_decay=beta2_decay, eps=eps, d=d, weight_decay=weight_decay))
+        self.seed = seed  # of the bf16 rounding noise (see rounding_generator)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.ndim > 2:
@@ -1087,13 +1398,20 @@ class Adafactor(torch.optim.Optimizer):
         state = self.state[p]
         if not state:
             state["step"] = torch.tensor(0.0)
+            dtype = self._stat_dtype(p)
             if p.ndim == 2:
                 (rows, cols), local_rows = p.shape, local(p).shape[0]
-                state["row_var"] = _zeros_like_shard(p, (local_rows, 1), (rows, 1), replicated=False)
-                state["col_var"] = _zeros_like_shard(p, (1, cols), (1, cols), replicated=True)
+                state["row_var"] = _zeros_like_shard(p, (local_rows, 1), (rows, 1), replicated=False, dtype=dtype)
+                state["col_var"] = _zeros_like_shard(p, (1, cols), (1, cols), replicated=True, dtype=dtype)
             else:
-                state["variance"] = torch.zeros_like(p)
+                state["variance"] = torch.zeros_like(p, dtype=dtype)
         return state
+
+    @staticmethod
+    def _stat_dtype(p: torch.Tensor) -> torch.dtype:
+        """Statistics and updates in fp32 at least: in bf16, squared gradients of ~1e-5 round coarsely and the slow
+        running averages stop moving (an increment below 1/256 of the value is lost)."""
+        return torch.promote_types(p.dtype, torch.float32)
 
     @staticmethod
     def _all_reduce(params: list, parts: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -1118,7 +1436,7 @@ class Adafactor(torch.optim.Optimizer):
             var.div_(row_mean.clamp(min=eps1))
         else:
             var = local(state["variance"]).clone()
-        return var.clamp_(min=eps1 * eps1).rsqrt_().mul_(local(p.grad))
+        return var.clamp_(min=eps1 * eps1).rsqrt_().mul_(local(p.grad).to(var.dtype))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -1133,23 +1451,26 @@ class Adafactor(torch.optim.Optimizer):
             state = self._state(p)
             state["step"] += 1
             weights.append(state["step"].item() ** group["beta2_decay"])  # a CPU scalar: no device sync
-            x, grad = local(p), local(p.grad)
-            parts = [x.norm().square().reshape(1)]
+            dtype = self._stat_dtype(p)
+            x, grad = local(p), local(p.grad).to(dtype)
+            parts = [torch.linalg.vector_norm(x, dtype=dtype).square().reshape(1)]
             if p.ndim == 2:
                 row_mean = torch.norm(grad, dim=-1, keepdim=True).square_().div_(grad.size(-1))
                 local(state["row_var"]).lerp_(row_mean, weights[-1])
                 parts += [local(state["row_var"]).sum().reshape(1), torch.norm(grad, dim=-2).square_()]
             else:
                 local(state["variance"]).lerp_(grad * grad, weights[-1])
-            stats.append(torch.cat(parts).to(torch.promote_types(p.dtype, torch.float32)))
+            stats.append(torch.cat(parts))
         stats = self._all_reduce(params, stats)
         eps1s, row_means = [], []
         for (group, p), s, w in zip(todo, stats, weights, strict=True):
-            eps1s.append(group["eps"][0] if group["eps"][0] is not None else torch.finfo(p.dtype).eps)
+            # torch.optim.Adafactor's default eps1 is finfo(param dtype).eps: 7.8e-3 for bf16 weights, which floors
+            # sqrt(V) far above the gradients of a large model (~1e-5) and shrinks their updates ~1000x.
+            eps1s.append(group["eps"][0] if group["eps"][0] is not None else torch.finfo(s.dtype).eps)
             if p.ndim == 2:
                 rows = p.shape[0]
-                local(self.state[p]["col_var"]).lerp_((s[2:] / rows).to(p.dtype).reshape(1, -1), w)
-                row_means.append((s[1] / rows).to(p.dtype))
+                local(self.state[p]["col_var"]).lerp_((s[2:] / rows).reshape(1, -1), w)
+                row_means.append(s[1] / rows)
             else:
                 row_means.append(None)
         # 2. The update's RMS also sums over shards: compute each update once for its norm, reduce, then recompute
@@ -1159,6 +1480,7 @@ class Adafactor(torch.optim.Optimizer):
             for p, m, e in zip(params, row_means, eps1s, strict=True)
         ]
         update_sq = self._all_reduce(params, update_sq)
+        index = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
         for (group, p), s, u2, m, e in zip(todo, stats, update_sq, row_means, eps1s, strict=True):
             lr, step = float(group["lr"]), self.state[p]["step"].item()
             rho = min(lr, 1 / step**0.5)
@@ -1166,12 +1488,12 @@ class Adafactor(torch.optim.Optimizer):
             denom = ((u2[0] / p.numel()).sqrt() / group["d"]).clamp(min=1.0)
             x, update = local(p), self._update(p, self.state[p], m, e)
             if x.dtype == torch.bfloat16:  # --pure-bf16: see stochastic_round_
-                new = x.float().mul_(1 - lr * group["weight_decay"]).sub_(update.float().mul_(alpha / denom))
-                stochastic_round_(x, new)
+                new = x.float().mul_(1 - lr * group["weight_decay"]).sub_(update.mul_(alpha / denom))
+                stochastic_round_(x, new, rounding_generator(self.seed, index[p], int(step), p))
             else:
                 if group["weight_decay"]:
                     x.mul_(1 - lr * group["weight_decay"])
-                x.sub_(update.mul_((alpha / denom).to(p.dtype)))
+                x.sub_(update.mul_(alpha / denom).to(p.dtype))
 
 
 class OptimizerInBackward:
@@ -1182,7 +1504,7 @@ class OptimizerInBackward:
     parameter name (the same keys as a single optimizer's)."""
 
     def __init__(self, params: list[torch.nn.Parameter], make_optimizer):
-        self.optimizers = [make_optimizer(p) for p in params]
+        self.optimizers = [make_optimizer(i, p) for i, p in enumerate(params)]
         by_param = dict(zip(params, self.optimizers, strict=True))
         self.grad_sumsq = torch.zeros((), device=local(params[0]).device)  # this rank's share of |g|^2, for logs
 
@@ -1216,20 +1538,20 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, d: Dist):
     --optimizer-in-backward. The LR is set before every step by set_lr() from the step count alone."""
     params = [p for p in model.parameters() if p.requires_grad]
 
-    def make(params: list[torch.nn.Parameter]):
+    def make(params: list[torch.nn.Parameter], seed: int):
         groups = [
             {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
         ]
         groups = [g for g in groups if g["params"]]
         if cfg.optimizer == "adafactor":
-            return Adafactor(groups, lr=cfg.lr)
+            return Adafactor(groups, lr=cfg.lr, seed=seed)
         fused = d.device.type == "cuda" and not cfg.cpu_offload
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, fused=fused, foreach=not fused)
 
-    if cfg.optimizer_in_backward:
-        return OptimizerInBackward(params, lambda p: make([p]))
-    return make(params)
+    if cfg.optimizer_in_backward:  # one optimizer per parameter: each its own rounding-noise seed
+        return OptimizerInBackward(params, lambda i, p: make([p], seed=cfg.seed * 1_000_003 + i))
+    return make(params, seed=cfg.seed)
 
 
 def schedule_for(cfg: Config, total_steps: int):
@@ -1848,8 +2170,12 @@ def model_shape(cfg: Config, batch: int, seq: int, compute_dtype: torch.dtype) -
 
     config = load_model_config(cfg.model_name, cfg.trust_remote_code)
     config.use_cache = False
+    attn = attn_implementation(cfg, torch.device("cpu")) if cfg.attn_implementation == "auto" else None
     with FakeTensorMode(allow_non_fake_inputs=True):
-        model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype, trust_remote_code=cfg.trust_remote_code)
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=compute_dtype, attn_implementation=attn or cfg.attn_implementation,
+            trust_remote_code=cfg.trust_remote_code,
+        )  # fmt: skip
         model.loss_function = causal_lm_loss
         model.train()
         blocks = [block for _, _, block in find_blocks(model)]
@@ -1874,8 +2200,11 @@ def model_shape(cfg: Config, batch: int, seq: int, compute_dtype: torch.dtype) -
             block.register_forward_pre_hook(lambda m, args, kwargs, i=i: enter(i, args, kwargs), with_kwargs=True)
             block.register_forward_hook(lambda m, args, out: where.__setitem__(0, "head"))
         ids = torch.zeros(batch, seq, dtype=torch.long)
+        # Two documents per block, as packed data has: restarting positions make transformers build the packed mask.
+        half = seq // 2
+        positions = torch.cat([torch.arange(half), torch.arange(seq - half)]).expand(batch, seq)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(input_ids=ids, labels=ids)
+            model(input_ids=ids, position_ids=positions, labels=ids)
         params = list(model.parameters())
         block_sizes = [sum(p.numel() for p in b.parameters()) for b in blocks]
         return ModelShape(
@@ -1912,6 +2241,10 @@ def memory_plan(shape: ModelShape, cfg: Config, shard_ranks: int, device: str) -
     optimizer = 0 if host else optimizer
     grads = shape.block_params * pb / n if cfg.optimizer_in_backward else shape.params * pb / n
     grads = 0 if host else grads
+    # --accumulate-unsharded: between micro-batches FSDP holds every parameter's full gradient in the reduce dtype
+    unsharded = 0
+    if cfg.accumulate_unsharded and cfg.resolve_grad_accum(shard_ranks * cfg.replicate_degree) > 1:
+        unsharded = shape.params * (pb if cfg.pure_bf16 else 4)
     # FSDP keeps the root unit gathered from forward to the end of backward and prefetches one block ahead.
     gathered = (shape.root_params + 2 * shape.block_params) * cb
     if not cfg.reshard_after_forward:
@@ -1929,15 +2262,15 @@ def memory_plan(shape: ModelShape, cfg: Config, shard_ranks: int, device: str) -
         "end of forward": gathered + kept + shape.head_saved + loss,
         # The loss's saved gradient is consumed by the head first; then blocks are recomputed one by one while the
         # root's unsharded gradient and one block's gradient wait to be reduce-scattered.
-        "backward": gathered + kept + recompute + shape.root_params * cb + block_grad,
-        "backward end": gathered + grads + block_grad,
+        "backward": gathered + kept + recompute + shape.root_params * cb + block_grad + unsharded,
+        "backward end": gathered + grads + block_grad + unsharded,
         "optimizer step": grads + step_temp,
     }
     worst = max(moments, key=moments.get)
     return {
         "params": params,
         "optimizer": optimizer,
-        "gradients": grads,
+        "gradients": grads + unsharded,
         "gathered params": float(gathered),
         "activations": float(kept + recompute + shape.head_saved),
         "loss": float(loss),
@@ -2133,6 +2466,13 @@ def run_record(cfg: Config, d: Dist, state: TrainState) -> dict:
     }
 
 
+def eval_blocks(num_blocks: int, cap: int, seed: int) -> np.ndarray:
+    """The validation blocks an evaluation reads: all of them, or (--eval-steps) the same seeded `cap` every time."""
+    if not cap or cap >= num_blocks:
+        return np.arange(num_blocks)
+    return np.sort(np.random.default_rng(seed).permutation(num_blocks)[:cap])
+
+
 @torch.no_grad()
 def evaluate(model, data, cfg: Config, d: Dist) -> dict[str, float]:
     """Token-weighted loss over all validation blocks and ranks (not a mean of per-rank means).
@@ -2141,17 +2481,18 @@ def evaluate(model, data, cfg: Config, d: Dist) -> dict[str, float]:
     block 0 with every label masked, which adds nothing. No RNG is drawn, so training continues unchanged.
     """
     model.eval()
-    per_rank = math.ceil(len(data) / d.world_size)
-    mine = list(range(d.rank, len(data), d.world_size))
+    blocks = eval_blocks(len(data), cfg.eval_steps * cfg.batch_size * d.world_size, cfg.seed)
+    per_rank = math.ceil(len(blocks) / d.world_size)
+    mine = blocks[d.rank :: d.world_size].tolist()
     mine += [-1] * (per_rank - len(mine))
     totals = torch.zeros(2, dtype=torch.float64, device=d.device)  # loss sum, tokens
     for i in range(0, per_rank, cfg.batch_size):
         chunk = mine[i : i + cfg.batch_size]
-        ids, labels, _ = fetch_batch(data, [max(j, 0) for j in chunk])
-        labels = labels.clone()
+        ids, labels, positions, _ = fetch_batch(data, [max(j, 0) for j in chunk])
         labels[torch.tensor([j < 0 for j in chunk])] = -100
-        ids, labels = ids.to(d.device), labels.to(d.device)
-        totals[0] += model(input_ids=ids, labels=labels, num_items_in_batch=1).loss.double()  # a sum: divided by 1
+        ids, labels, positions = ids.to(d.device), labels.to(d.device), positions.to(d.device)
+        out = model(input_ids=ids, position_ids=positions, labels=labels, num_items_in_batch=1)
+        totals[0] += out.loss.double()  # a sum: divided by 1
         totals[1] += (labels[:, 1:] != -100).sum()
     dist.all_reduce(totals)
     model.train()
@@ -2237,6 +2578,7 @@ def train(cfg: Config, d: Dist | None = None) -> None:
         state = resume(candidates, d, model, optimizer)
     else:
         torch.manual_seed(cfg.seed + d.rank)  # per-rank streams (dropout) that resume restores exactly
+    check_document_isolation(model, cfg, d)
     log.info(
         f"{count_params(model):,} params, {len(data):,} sequences x {cfg.seq_length} tokens, world {d.world_size}, "
         f"{accum} micro-batch(es)/step, {steps_per_epoch} steps/epoch, schedule {total_steps} steps, "
@@ -2275,23 +2617,21 @@ def train(cfg: Config, d: Dist | None = None) -> None:
                 for m in range(accum):
                     idx = rank_batch_indices(perm, state.offset + m * micro_batch, cfg.batch_size, d.rank, d.world_size)
                     trace_samples(state.step + 1, state.epoch, idx, d.rank)
-                    ids, labels, real = fetch_batch(data, idx)
+                    ids, labels, positions, real = fetch_batch(data, idx)
                     counts += torch.tensor([int((labels[:, 1:] != -100).sum()), real])
-                    batches.append((to_device(ids, d.device), to_device(labels, d.device)))
-                if labels is not ids:  # masked labels: the global token count is known only after an (all-CPU) sum
-                    dist.all_reduce(counts)
-                else:
-                    counts *= d.world_size
+                    batches.append(tuple(to_device(t, d.device) for t in (ids, labels, positions)))
+                dist.all_reduce(counts)  # masked labels: the global token count is known only after an (all-CPU) sum
                 # Each rank's loss is its token-loss sum over the per-rank share of the global count, so FSDP's
                 # gradient average over ranks is the mean over every trained token of the step.
                 norm = max(int(counts[0]), 1) / d.world_size
             lr_used = cfg.lr * schedule(state.step)
             set_lr(optimizer, lr_used)  # before backward: --optimizer-in-backward steps inside it
             loss_sum = torch.zeros((), device=d.device)
-            for m, (ids, labels) in enumerate(batches):
-                model.set_requires_gradient_sync(m == accum - 1)  # reduce-scatter only once per optimizer step
+            for m, (ids, labels, positions) in enumerate(batches):
+                if cfg.accumulate_unsharded:  # reduce-scatter once per step; FSDP keeps full gradients until then
+                    model.set_requires_gradient_sync(m == accum - 1)
                 with timer("forward"):
-                    loss = model(input_ids=ids, labels=labels, num_items_in_batch=norm).loss
+                    loss = model(input_ids=ids, position_ids=positions, labels=labels, num_items_in_batch=norm).loss
                     fault_point("crash", state.step + 1)
                 if fault_point("nan_loss", state.step + 1):
                     loss = loss * float("nan")
@@ -2441,6 +2781,27 @@ def export_main(argv: list[str]) -> int:
     return 0
 
 
+def prepare_main(argv: list[str]) -> int:
+    """`fsdp_train.py prepare [training flags]`: tokenize and pack the training (and validation) data into
+    SAVE_DIR/.cache, then exit. No process group and no GPU: a cluster runs it as a CPU job before the GPU job, which
+    then finds the cache and starts in seconds. Takes the same flags as training; the cache key uses only the data,
+    tokenizer, --seq-length, --val-split/--val-dataset, --seed, --chat-template and --drop-long-examples."""
+    setup_logging(0)
+    try:
+        cfg = parse_args(argv)
+        quiet_library_progress_bars()
+        tokenizer = load_tokenizer(cfg.model_name, cfg.trust_remote_code)
+        train_raw, val_raw = load_datasets(cfg)
+        prepare_data(cfg, None, tokenizer, train_raw, "train")
+        if val_raw is not None:
+            prepare_data(cfg, None, tokenizer, val_raw, "validation")
+    except JobError as e:
+        return report_job_error(e, 0)
+    except OSError as e:
+        return report_job_error(InputError(f"cannot prepare the data under {cfg.save_dir}: {first_line(e)}"), 0)
+    return 0
+
+
 def job_status(exp_dir: Path) -> dict:
     """A job's status.json plus whether it is alive: its process on this host, or a recent heartbeat elsewhere."""
     import socket
@@ -2519,6 +2880,8 @@ def main(argv: list[str] | None = None) -> int:
         return control_main(argv[1:])
     if argv[:1] == ["plan"]:
         return plan_main(argv[1:])
+    if argv[:1] == ["prepare"]:
+        return prepare_main(argv[1:])
     try:
         cfg = parse_args(argv)
     except InputError as e:

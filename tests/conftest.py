@@ -75,6 +75,25 @@ def assert_runs_close(save_dir: Path, a: str, b: str, step: int, atol: float = 1
     assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=atol) for k in wa)
 
 
+def unpacked_loss(model, ids, labels, cuts: list[int]) -> tuple[float, int]:
+    """(summed next-token loss, tokens) of one packed row computed the independent way: each segment between
+    consecutive `cuts` run alone through the plain transformers model, no position_ids and no mask. A segment's first
+    token is never a target (nothing of its own precedes it)."""
+    import torch
+
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for a, b in zip(cuts, cuts[1:], strict=False):
+            targets = labels[a + 1 : b]
+            keep = targets != -100
+            if not keep.any():
+                continue
+            logits = model(input_ids=ids[a:b][None].long()).logits[0, :-1].float()
+            total += torch.nn.functional.cross_entropy(logits[keep], targets[keep].long(), reduction="sum").item()
+            count += int(keep.sum())
+    return total, count
+
+
 def read_metrics(exp_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (exp_dir / "metrics.jsonl").read_text().splitlines()]
 

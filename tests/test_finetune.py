@@ -19,6 +19,7 @@ from conftest import (
     run,
     torchrun,
     train_args,
+    unpacked_loss,
 )
 
 import fsdp_train as ft
@@ -35,14 +36,12 @@ CONVERSATION = [
 
 def packed(save_dir: Path, role: str):
     """The packed blocks a run trained (or validated) on, from its tokenized cache."""
-    import datasets
-
     (folder,) = [
         f
         for f in (save_dir / ".cache" / "tokenized").iterdir()
         if json.loads((f / "info.json").read_text())["role"] == role
     ]
-    return datasets.load_from_disk(str(folder / "data")).with_format("torch")
+    return ft.load_packed(folder)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -87,7 +86,11 @@ def test_pack_examples_never_splits_an_example_and_masks_padding():
     out = ft.pack_examples(examples, seq_length=6, pad_id=0)
     assert out["input_ids"] == [[1, 2, 3, 4, 5, 0], [6, 7, 8, 9, 0, 0], [10] * 6]
     assert out["labels"] == [[-100, 2, 3, -100, 5, -100], [-100, -100, 8, 9, -100, -100], [10] * 6]
+    # Each example, and the padding run, is a segment of its own.
+    assert out["position_ids"] == [[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 0, 1], [0, 1, 2, 3, 4, 5]]
     assert out["num_tokens"] == [5, 4, 6]
+    dropped = ft.pack_examples(examples, seq_length=6, pad_id=0, drop_long=True)
+    assert dropped["input_ids"] == out["input_ids"][:2]  # the 9-token example is gone, not cut
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -216,15 +219,18 @@ def test_chat_sft_trains_on_assistant_tokens_only(prep, chat_files, tmp_path):
     kept = first["labels"] != -100
     assert torch.equal(first["labels"][kept], first["input_ids"][kept])  # labels line up with their inputs
 
-    # Step-1 loss of the run equals the plain model's token-weighted loss over the masked labels of that step.
+    # Step-1 loss of the run equals the plain model's token-weighted loss over the assistant tokens of that step,
+    # each packed conversation run alone (so packing changed nothing).
     ref = AutoModelForCausalLM.from_pretrained(prep["model"])
     perm = ft.epoch_permutation(len(data), seed=0, epoch=0)
     total, tokens = 0.0, 0
-    with torch.no_grad():
-        for rank in range(2):
-            ids, labels, _ = ft.fetch_batch(data, ft.rank_batch_indices(perm, 0, 2, rank, 2))
-            total += ref(input_ids=ids, labels=labels, num_items_in_batch=1).loss.item()
-            tokens += int((labels[:, 1:] != -100).sum())
+    for rank in range(2):
+        rows = data[ft.rank_batch_indices(perm, 0, 2, rank, 2)]
+        for ids, labels, positions in zip(rows["input_ids"], rows["labels"], rows["position_ids"], strict=True):
+            cuts = [*(positions == 0).nonzero().flatten().tolist(), len(ids)]
+            assert len(cuts) > 2  # several conversations in the block: the comparison is about packing
+            t, n = unpacked_loss(ref, ids, labels, cuts)
+            total, tokens = total + t, tokens + n
     assert read_metrics(tmp_path / "chat")[0]["loss"] == pytest.approx(total / tokens, abs=1e-5)
     from transformers import AutoTokenizer
 

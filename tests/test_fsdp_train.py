@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import checkpoint_weights, ok, read_metrics, run, torchrun, train_args, tree_digest
+from conftest import checkpoint_weights, ok, read_metrics, run, torchrun, train_args, tree_digest, unpacked_loss
 
 import fsdp_train as ft
 
@@ -104,21 +104,35 @@ def test_wsd_holds_the_peak_then_decays_linearly():
     assert ft.lr_factor(5, 0, 10, 0.0, kind="linear") == pytest.approx(0.5)
 
 
-def test_pack_sequences_keeps_order_and_drops_only_the_tail():
-    blocks = ft.pack_sequences([[1, 2, 3], [4, 5], [6, 7, 8, 9, 10]], 4)
+def test_pack_sequences_restarts_positions_per_document_and_counts_the_dropped_tail():
+    blocks, positions, dropped = ft.pack_sequences([[1, 2, 3], [4, 5], [6, 7, 8, 9, 10]], 4)
     assert blocks == [[1, 2, 3, 4], [5, 6, 7, 8]]
-    assert ft.pack_sequences([[1, 2]], 4) == []
+    # A document cut by a block boundary continues from position 0: each block stands alone.
+    assert positions == [[0, 1, 2, 0], [0, 0, 1, 2]]
+    assert dropped == 2
+    assert ft.pack_sequences([[1, 2]], 4) == ([], [], 2)
 
 
-def test_tokenize_batch_appends_eos_to_each_document():
+def test_boundary_predictions_are_not_trained():
+    ids = torch.tensor([[7, 8, 9, 5, 6, 1]])
+    labels = ft.block_labels(ids, torch.tensor([[0, 1, 2, 0, 1, 2]]))
+    assert labels.tolist() == [[-100, 8, 9, -100, 6, 1]]  # 5 would be predicted from 9, across documents
+
+
+def test_tokenize_documents_appends_eos_to_each_document():
     class Tok:
         eos_token_id = 0
 
         def __call__(self, texts):
             return {"input_ids": [[ord(c) for c in t] for t in texts]}
 
-    out = ft.tokenize_batch({"text": ["ab", "c"]}, Tok(), 3)
-    assert out["input_ids"] == [[97, 98, 0]]  # "ab<eos>", then "c<eos>" is an incomplete tail
+    assert ft.tokenize_documents({"text": ["ab", "c", "d\x00"]}, Tok())["input_ids"] == [[97, 98, 0], [99, 0], [100, 0]]
+
+
+def test_bare_boolean_flags_mean_on():
+    cfg = ft.parse_args(["-d", "ds", "-m", "m", "--compile", "--pure-bf16", "--activation-checkpointing", "off"])
+    assert cfg.compile is True and cfg.pure_bf16 is True and cfg.activation_checkpointing is False
+    assert ft.parse_args(["-d", "ds", "-m", "m", "--compile", "off", "-b", "2"]).compile is False
 
 
 def test_data_cache_key_is_stable_and_changes_with_the_dataset_files(prep, tmp_path):
@@ -266,19 +280,21 @@ def test_throughput_window_excludes_checkpoint_time(prep, tmp_path):
 
 def reference_loss(prep, save_dir: Path, model: str, world_size: int = 2, batch_size: int = 2) -> float:
     """Step-0 loss of the plain (unsharded, single-process) HF model on the batches each rank trained on."""
-    import datasets
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     (cache,) = (save_dir / ".cache" / "tokenized").iterdir()
-    data = datasets.load_from_disk(str(cache / "data")).with_format("torch")
+    data = ft.load_packed(cache)
     ref = AutoModelForCausalLM.from_pretrained(prep[model], dtype=torch.float32)
+    eos = AutoTokenizer.from_pretrained(prep[model]).eos_token_id
     perm = ft.epoch_permutation(len(data), seed=0, epoch=0)
-    losses = []
-    with torch.no_grad():
-        for rank in range(world_size):
-            batch = data[ft.rank_batch_indices(perm, 0, batch_size, rank, world_size)]["input_ids"]
-            losses.append(ref(input_ids=batch, labels=batch).loss.item())
-    return sum(losses) / world_size
+    total, count = 0.0, 0
+    for rank in range(world_size):
+        batch = data[ft.rank_batch_indices(perm, 0, batch_size, rank, world_size)]["input_ids"]
+        for row in batch:  # documents end at EOS: each one alone through the plain model
+            cuts = [0, *((row == eos).nonzero().flatten() + 1).tolist(), len(row)]
+            t, n = unpacked_loss(ref, row, row, sorted(set(cuts)))
+            total, count = total + t, count + n
+    return total / count
 
 
 @pytest.mark.slow
