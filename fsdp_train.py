@@ -201,7 +201,6 @@ class Config:
             "num_epochs",
             "log_freq",
             "keep_latest_k",
-            "dist_timeout",
             "grad_accum_steps",
         )
         non_negative = (
@@ -220,6 +219,8 @@ class Config:
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise InputError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if not self.dist_timeout > 0:
+            raise InputError(f"--dist-timeout must be > 0 minutes, got {self.dist_timeout}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise InputError(f"--lr must be a positive number, got {self.lr}")
         for f in dataclasses.fields(self):
@@ -703,6 +704,20 @@ def param_dtype(cfg: Config) -> torch.dtype:
     return torch.bfloat16 if cfg.pure_bf16 else torch.float32
 
 
+def import_model_code(cfg: Config, device: torch.device) -> None:
+    """Import the model's code and all it pulls in before the memory baseline is read: imported modules are a
+    start-up cost, not training memory. (transformers 5.24 first imports torch._dynamo from masking_utils when the
+    model class loads, ~25 MiB per process; 5.23 had already imported it with the config.) A meta-device build
+    allocates no tensor memory."""
+    from transformers import AutoModelForCausalLM
+
+    config = load_model_config(cfg.model_name, cfg.trust_remote_code)
+    with contextlib.suppress(ImportError, ValueError), torch.device("meta"):  # build_model reports those
+        AutoModelForCausalLM.from_config(
+            config, attn_implementation=attn_implementation(cfg, device), trust_remote_code=cfg.trust_remote_code
+        )
+
+
 def build_model(cfg: Config, d: Dist, load_pretrained: bool) -> torch.nn.Module:
     """Meta-device build, shard, allocate only the local shards, then fill them.
 
@@ -757,6 +772,8 @@ def attn_implementation(cfg: Config, device: torch.device) -> str:
     and with packed position_ids transformers gives it an explicit block-diagonal mask (B x 1 x S x S booleans)."""
     import importlib.util
 
+    if cfg.attn_implementation in ("flex_attention", "flash_attention_2") and device.type != "cuda":
+        raise InputError(f"--attn-implementation {cfg.attn_implementation} trains on CUDA only: use sdpa or eager")
     if cfg.attn_implementation != "auto":
         return cfg.attn_implementation
     if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
@@ -1189,6 +1206,7 @@ def build_packed_cache(cfg: Config, tokenizer, ds, role: str, kind: str, templat
             cache_file_name=str(tmp / "map" / "tokenized.arrow"),
             desc=f"tokenize {role}",
         )
+        fault_point("sleep_in_prepare", 0)
         stats = write_packed(tokenized, kind, cfg, pad_id_of(tokenizer), tmp / "blocks.arrow")
         del tokenized
         if stats["blocks"] == 0:
@@ -1658,7 +1676,8 @@ def set_rng_state(state: dict) -> None:
 def fault_point(name: str, step: int) -> bool:
     """Test-only fault injection, a no-op unless FSDP_TRAIN_FAULT=NAME:STEP[:SECONDS] names this point.
 
-    sleep_in_save holds a save open so tests can kill the job inside it deterministically; enospc_in_save fails
+    sleep_in_save holds a save open so tests can kill the job inside it deterministically; sleep_in_prepare makes
+    tokenizing slow (at step 0); enospc_in_save fails
     the save like a full disk; nan_loss (checked by the caller) poisons the loss; crash raises on rank 1 alone.
     """
     spec = os.environ.get("FSDP_TRAIN_FAULT", "")
@@ -1666,8 +1685,8 @@ def fault_point(name: str, step: int) -> bool:
     at, _, arg = rest.partition(":")
     if kind != name or not at or int(at) != step:
         return False
-    if kind == "sleep_in_save":
-        say(f"FAULT sleep_in_save step {step} rank {os.environ.get('RANK', 0)} pid {os.getpid()}")
+    if kind in ("sleep_in_save", "sleep_in_prepare"):
+        say(f"FAULT {kind} step {step} rank {os.environ.get('RANK', 0)} pid {os.getpid()}")
         time.sleep(float(arg or 60))
     elif kind == "enospc_in_save" and int(os.environ.get("RANK", 0)) == 0:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -2571,6 +2590,7 @@ def train(cfg: Config, d: Dist | None = None) -> None:
                 f"{state.offset} of epoch {state.epoch} with nothing lost or repeated; per-rank RNG streams are re-seeded"
             )
 
+    import_model_code(cfg, d.device)
     memory_base = memory_baseline(d.device)
     model = build_model(cfg, d, load_pretrained=not candidates)
     optimizer, schedule = build_optimizer(model, cfg, d), schedule_for(cfg, total_steps)

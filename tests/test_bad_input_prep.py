@@ -218,6 +218,17 @@ CASES = [
         id="organize-no-extensions",
     ),
     organize(
+        *("--src_dir", "{w}/raw", *SPLITS, "--num_dirs", "2", "--exts", ""),
+        message="no file extensions given; pass e.g. --exts .txt,.md (or --extensionless)",
+        id="organize-empty-exts-without-extensionless",
+    ),
+    organize(
+        *("--src_dir", "{w}/bins", *SPLITS, "--num_dirs", "2", "--exts", "", "--extensionless"),
+        files={"bins/tool": b"\x7fELF\0\0", "bins/notes.txt": "has an extension, not asked for"},
+        message="no extension-less text files found under {w}/bins (skipped 1 files: 1 binary (no extension))",
+        id="organize-extensionless-only-binaries",
+    ),
+    organize(
         *("--src_dir", "{w}/raw", *SPLITS, "--num_dirs", "2", "--bogus"),
         message="unrecognized arguments: --bogus",
         id="organize-unknown-flag",
@@ -250,6 +261,13 @@ CASES = [
         links={"linked/loop": "linked", "linked/out": "outside", "linked/leak.txt": "outside/secret.txt"},
         message=f"no {TO_HF_EXTS} files found under {{w}}/linked",
         id="to_hf-only-symlink-loop-and-outside-links",
+    ),
+    to_hf(
+        *("--data_folder", "{w}/bins", "--save_dir", "{w}/dataset", "--overwrite", "--extensionless"),
+        files={"bins/tool": b"\x7fELF\0\0", "bins/sub/copyright": "café".encode("latin-1"), "bins/a.png": b"\x89PNG"},
+        message=f"no {TO_HF_EXTS} or extension-less text files found under {{w}}/bins"
+        " (skipped 2 files: 1 binary (no extension), 1 not UTF-8 (no extension))",
+        id="to_hf-extensionless-only-binaries",
     ),
     model(
         *("--tiny", "{w}/model", "--corpus", "{w}/raw", *TINY),

@@ -206,8 +206,35 @@ def test_cli_bad_input_is_one_error_line(corpus: Path, tmp_path: Path, args: lis
     assert snapshot(tmp_path) == before  # nothing written, nothing removed
 
 
+def test_extensionless_files_are_plain_text(tmp_path: Path):
+    assert docs(write(tmp_path / "LICENSE", "MIT License\n\nPermission is hereby granted")) == [
+        "MIT License\n\nPermission is hereby granted"
+    ]
+    assert docs(write(tmp_path / "README", '{"looks": "like JSON"}')) == ['{"looks": "like JSON"}']  # not parsed
+
+
+def test_extensionless_organize_cli_then_convert(tmp_path: Path):
+    """LICENSE/README are taken only with --extensionless (by both scripts); binaries are skipped and counted."""
+    write(tmp_path / "raw" / "a.txt", "a text")
+    write(tmp_path / "raw" / "LICENSE", "MIT License")
+    write(tmp_path / "raw" / "sub" / "README", "Read me")
+    write(tmp_path / "raw" / "tool", b"\x7fELF\0\0")
+    organize_args = ["--src_dir", "raw", "--dst_root", "splits", "--num_dirs", "2", "--extensionless"]
+    res = run_script("organize_data.py", *organize_args, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "organized 3 files" in res.stdout and "skipped 1 files: 1 binary (no extension)" in res.stdout
+    write(tmp_path / "splits" / "split_01" / "blob", b"\0\1\2")
+
+    without = convert(tmp_path / "splits", tmp_path / "ds", num_proc=1)  # as before: extension-less files ignored
+    assert load_texts(tmp_path / "ds") == ["a text"] and not without.skipped
+    summary = convert(tmp_path / "splits", tmp_path / "ds", num_proc=1, overwrite=True, extensionless=True)
+    assert sorted(load_texts(tmp_path / "ds")) == ["MIT License", "Read me", "a text"]
+    assert (summary.files_read, summary.documents) == (3, 3)
+    assert summary.skipped == {"binary (no extension)": 1}
+
+
 def test_import_and_help_do_not_import_datasets():
     code = "import sys, data_to_hf; assert 'datasets' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
     res = run_script("data_to_hf.py", "--help", cwd=ROOT)
-    assert res.returncode == 0 and "--num_proc" in res.stdout
+    assert res.returncode == 0 and "--num_proc" in res.stdout and "--extensionless" in res.stdout

@@ -12,7 +12,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import organize_data  # noqa: E402
-from organize_data import assign_splits, find_files, organize, split_name  # noqa: E402
+from organize_data import (  # noqa: E402
+    SNIFF_BYTES,
+    assign_splits,
+    find_files,
+    normalize_exts,
+    organize,
+    split_name,
+    text_problem,
+)
 
 
 def run_script(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -126,6 +134,66 @@ def test_find_files_does_not_follow_symlink_loops_or_links_outside(tmp_path: Pat
 
     assert [p.relative_to(src).as_posix() for p in files] == ["a/real.txt", "alias.txt"]
     assert skipped == {"symlink outside source": 2, "broken symlink": 1, "duplicate (symlink)": 1}
+
+
+# ----------------------------------------------------------------------------- files without an extension
+
+
+def test_text_problem_reads_only_the_head_and_tolerates_a_cut_character(tmp_path: Path):
+    assert text_problem(write(tmp_path / "LICENSE", "MIT License\n")) is None
+    assert text_problem(write(tmp_path / "empty", b"")) is None
+    assert text_problem(write(tmp_path / "bom", "\ufeffcafé")) is None
+    cut = "a" * (SNIFF_BYTES - 1) + "é"  # the 2-byte é straddles the end of the head
+    assert text_problem(write(tmp_path / "cut", cut)) is None
+    assert text_problem(write(tmp_path / "late_nul", b"a" * SNIFF_BYTES + b"\0")) is None  # beyond the head
+    assert text_problem(write(tmp_path / "elf", b"\x7fELF\x02\x01\x01\0\0")) == "binary"
+    assert text_problem(write(tmp_path / "latin", "café\n".encode("latin-1"))) == "not UTF-8"
+    with pytest.raises(OSError):
+        text_problem(tmp_path / "missing")
+
+
+@pytest.fixture
+def mixed(raw: Path) -> Path:
+    """raw plus files without an extension: two text, two binary, and names that only look extension-less."""
+    write(raw / "LICENSE", "MIT License\n")
+    write(raw / "docs" / "README", "Read me, café.\n")
+    write(raw / "copyright", "Copyright café\n".encode("latin-1"))
+    write(raw / "tool", b"\x7fELF\x02\x01\x01\0\0")
+    write(raw / ".gitignore", "*.pyc\n")  # a dot file: has no extension-less name, ignored
+    write(raw / "LICENSE.old", "old\n")  # another extension: ignored
+    (raw / "LICENCE").symlink_to("LICENSE")  # a second name for a taken file
+    (raw / "tool_link").symlink_to("tool")  # a link to a binary is sniffed too
+    return raw
+
+
+def test_find_files_extensionless_takes_text_by_content_and_counts_binaries(mixed: Path):
+    files, skipped = find_files(mixed)  # without the option: exactly as before
+    assert [p.relative_to(mixed).as_posix() for p in files] == [
+        "a/x.txt", "b/deep/notes.MD", "b/x.txt", "c.json", "d.yaml", "e.jsonl"
+    ]  # fmt: skip
+    assert not skipped
+
+    files, skipped = find_files(mixed, extensionless=True)
+    assert [p.relative_to(mixed).as_posix() for p in files] == [
+        "LICENSE", "a/x.txt", "b/deep/notes.MD", "b/x.txt", "c.json", "d.yaml", "docs/README", "e.jsonl"
+    ]  # fmt: skip
+    assert skipped == {"binary (no extension)": 2, "not UTF-8 (no extension)": 1, "duplicate (symlink)": 1}
+
+    only, _ = find_files(mixed, [], extensionless=True)
+    assert [p.relative_to(mixed).as_posix() for p in only] == ["LICENSE", "docs/README"]
+    with pytest.raises(ValueError, match="no file extensions given"):
+        normalize_exts([""])
+
+
+def test_organize_extensionless_copies_text_and_reports_skips(mixed: Path, tmp_path: Path):
+    summary = organize(mixed, tmp_path / "splits", 2, extensionless=True)
+    out = {rel.partition("/")[2]: data for rel, data in snapshot(tmp_path / "splits").items()}
+    assert out["LICENSE"] == b"MIT License\n" and out["docs/README"] == "Read me, café.\n".encode()
+    assert not {"tool", "tool_link", "copyright", ".gitignore", "LICENCE"} & set(out)
+    assert summary.files == 8
+    assert str(summary).endswith(
+        "skipped 4 files: 2 binary (no extension), 1 duplicate (symlink), 1 not UTF-8 (no extension)"
+    )
 
 
 # ----------------------------------------------------------------------------- organize
