@@ -11,7 +11,10 @@ Example output (datasets' progress bars on stderr when it is a terminal, then th
       saved to outputs/demo-data/dataset (reload with datasets.load_from_disk)
 
 What becomes a document:
-- .txt / .md (and any other extension): the whole file.
+- .txt / .md (and any other extension): the whole file. Files with no extension at all (LICENSE, README,
+  copyright) are read only with --extensionless, as plain text, when their first 8 KiB are UTF-8 without NUL
+  bytes; other extension-less files are skipped and counted ("binary (no extension)", "not UTF-8 (no extension)").
+  Pass it to organize_data.py too, or its splits will not contain them.
 - .json: a top-level list is a list of records, anything else is one record. .jsonl: one record per line.
   .yaml / .yml: every document of the stream is treated like a JSON top-level value (loaded with
   a safe loader, so tags such as !!python/object are refused, never executed).
@@ -43,14 +46,17 @@ import yaml
 
 from organize_data import (
     DEFAULT_EXTS,
+    EXTENSIONLESS_HELP,
     OneLineParser,
     assign_splits,
     check_output_dir,
     check_source_dir,
     find_files,
     run_cli,
+    skip_note,
     skipped_line,
     staged_dir,
+    wanted_label,
 )
 
 # libyaml's safe loader parses ~25x faster than the pure-Python one (measured by bench/bench_prep.py: 43 vs 1.7 MB/s);
@@ -136,7 +142,10 @@ def _jsonl_documents(path: Path) -> Iterator[str]:
 
 
 def iter_file_documents(path: Path) -> Iterator[str]:
-    """The documents of one file; a bad file raises BadFileError(reason) before yielding anything."""
+    """The documents of one file; a bad file raises BadFileError(reason) before yielding anything.
+
+    .jsonl, .json and .yaml/.yml are parsed; anything else, including a file without an extension, is one text.
+    """
     path = Path(path)
     ext = path.suffix.lower()
     if ext == ".jsonl":
@@ -201,18 +210,25 @@ def _generate(shards: list[list[str]], report_dir: str) -> Iterator[dict[str, st
 
 
 def convert(
-    data_folder: str | Path, save_dir: str | Path, num_proc: int | None = None, overwrite: bool = False
+    data_folder: str | Path,
+    save_dir: str | Path,
+    num_proc: int | None = None,
+    overwrite: bool = False,
+    extensionless: bool = False,
 ) -> Summary:
-    """Read every document under data_folder and save them as a one-column (`text`) dataset at save_dir."""
+    """Read every document under data_folder and save them as a one-column (`text`) dataset at save_dir.
+
+    extensionless: also read files without an extension whose content is UTF-8 text (organize_data.find_files).
+    """
     t0 = time.perf_counter()
     src, dst = Path(data_folder), Path(save_dir)
     if num_proc is not None and num_proc < 1:
         raise ValueError(f"num_proc must be >= 1, got {num_proc}")
     check_source_dir(src)
     check_output_dir(src, dst, overwrite)
-    files, skipped = find_files(src)
+    files, skipped = find_files(src, DEFAULT_EXTS, extensionless)
     if not files:
-        raise ValueError(f"no {' '.join(DEFAULT_EXTS)} files found under {src}")
+        raise ValueError(f"no {wanted_label(DEFAULT_EXTS, extensionless)} files found under {src}{skip_note(skipped)}")
     num_proc = min(num_proc or os.cpu_count() or 1, len(files))
     shards = assign_splits({str(p): p.stat().st_size for p in files}, num_proc)
 
@@ -275,11 +291,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data_folder", "--data-folder", required=True, help="folder to read recursively")
     parser.add_argument("--save_dir", "--save-dir", required=True, help="where to save the dataset")
     parser.add_argument("--num_proc", "--num-proc", type=int, help="worker processes (default: CPU count)")
+    parser.add_argument("--extensionless", action="store_true", help=EXTENSIONLESS_HELP)
     parser.add_argument("--overwrite", action="store_true", help="replace save_dir if it exists (default: refuse)")
     args = parser.parse_args(argv)
     if args.num_proc is not None and args.num_proc < 1:
         parser.error(f"--num_proc must be >= 1, got {args.num_proc}")
-    return run_cli(lambda: convert(args.data_folder, args.save_dir, args.num_proc, args.overwrite))
+    return run_cli(lambda: convert(args.data_folder, args.save_dir, args.num_proc, args.overwrite, args.extensionless))
 
 
 if __name__ == "__main__":

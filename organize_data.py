@@ -15,6 +15,9 @@ Example output (a progress bar on stderr when it is a terminal, then the summary
 
 How it works:
 - Text-like files (--exts, default .txt .md .json .jsonl .yaml .yml, case-insensitive) are found recursively.
+  With --extensionless, files whose name has no dot at all (LICENSE, README, copyright) are taken too, when their
+  content looks like text: the first 8 KiB hold no NUL byte and are valid UTF-8. Others are skipped and counted
+  ("binary (no extension)", "not UTF-8 (no extension)"). --exts '' --extensionless takes only those files.
   Real folders are walked; symlinked folders are never entered (their target is either outside the source, or
   inside it and walked anyway), which also makes symlink loops harmless. A symlinked file is used when it
   resolves to a regular file inside the source that is not already included; otherwise it is skipped with a reason.
@@ -33,6 +36,7 @@ How it works:
 from __future__ import annotations
 
 import argparse
+import codecs
 import heapq
 import os
 import shutil
@@ -46,25 +50,67 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_EXTS = (".txt", ".md", ".json", ".jsonl", ".yaml", ".yml")
+SNIFF_BYTES = 8192  # how much of an extension-less file is read to decide whether it is text
 
 
 # ----------------------------------------------------------------------------- finding files
 
 
-def normalize_exts(exts: Iterable[str]) -> frozenset[str]:
-    """'.TXT', 'md' -> {'.txt', '.md'}."""
+def normalize_exts(exts: Iterable[str], allow_empty: bool = False) -> frozenset[str]:
+    """'.TXT', 'md' -> {'.txt', '.md'}. Empty is an error unless allow_empty (--extensionless gives the files)."""
     out = frozenset("." + e.strip().lower().lstrip(".") for e in exts if e.strip().lstrip("."))
-    if not out:
-        raise ValueError("no file extensions given; pass e.g. --exts .txt,.md")
+    if not out and not allow_empty:
+        raise ValueError("no file extensions given; pass e.g. --exts .txt,.md (or --extensionless)")
     return out
 
 
-def find_files(root: str | Path, exts: Iterable[str] = DEFAULT_EXTS) -> tuple[list[Path], Counter]:
+def has_no_extension(path: Path) -> bool:
+    """LICENSE, README, copyright: no dot anywhere in the name (so not .gitignore, LICENSE.old or v1.2)."""
+    return "." not in path.name
+
+
+def text_problem(path: str | Path, size: int = SNIFF_BYTES) -> str | None:
+    """None if the first `size` bytes look like UTF-8 text, else the reason: "binary" (a NUL byte) or "not UTF-8".
+
+    A multi-byte character cut off at `size` is fine. Raises OSError if the file cannot be read.
+    """
+    with open(path, "rb") as f:
+        head = f.read(size)
+    if b"\0" in head:
+        return "binary"
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+    except UnicodeDecodeError:
+        return "not UTF-8"
+    return None
+
+
+def wanted_label(exts: Iterable[str], extensionless: bool = False) -> str:
+    """How error messages name the files looked for: '.txt .md', '.txt .md or extension-less text'."""
+    parts = [" ".join(exts)] if exts else []
+    if extensionless:
+        parts.append("extension-less text")
+    return " or ".join(parts)
+
+
+def skip_note(skipped: Counter) -> str:
+    """' (skipped 1 files: 1 binary (no extension))' after a 'no ... files found' error, if an extension-less file
+    was skipped; nothing otherwise, so errors without --extensionless read as they always did."""
+    if not any(reason.endswith("(no extension)") for reason in skipped):
+        return ""
+    return f" ({skipped_line(skipped).strip()})"
+
+
+def find_files(
+    root: str | Path, exts: Iterable[str] = DEFAULT_EXTS, extensionless: bool = False
+) -> tuple[list[Path], Counter]:
     """Sorted files under root whose extension is in exts, plus a Counter of skip reasons.
 
-    Files with other extensions are ignored, not counted. Returned paths are root / relative path.
+    Files with other extensions are ignored, not counted. With extensionless, files without any extension are
+    taken as well when text_problem() finds none in them; otherwise they are skipped and counted with the reason.
+    Returned paths are root / relative path.
     """
-    root, wanted = Path(root), normalize_exts(exts)
+    root, wanted = Path(root), normalize_exts(exts, allow_empty=extensionless)
     root_real = Path(os.path.realpath(root))
     skipped: Counter = Counter()
     files: list[Path] = []
@@ -84,7 +130,7 @@ def find_files(root: str | Path, exts: Iterable[str] = DEFAULT_EXTS) -> tuple[li
                 skipped["symlink outside source"] += 1
         for name in names:
             path = Path(dirpath, name)
-            if path.suffix.lower() not in wanted:
+            if path.suffix.lower() not in wanted and not (extensionless and has_no_extension(path)):
                 continue
             try:
                 mode = path.lstat().st_mode
@@ -98,6 +144,21 @@ def find_files(root: str | Path, exts: Iterable[str] = DEFAULT_EXTS) -> tuple[li
             else:  # a FIFO named x.txt would block the reader forever
                 skipped["not a regular file"] += 1
 
+    def is_text(path: Path) -> bool:
+        """Files with a wanted extension are taken by name; extension-less ones (regular files only) by content."""
+        if not has_no_extension(path):
+            return True
+        try:
+            problem = text_problem(path)
+        except OSError:
+            problem = "unreadable file"
+        else:
+            problem = problem and f"{problem} (no extension)"
+        if problem:
+            skipped[problem] += 1
+        return not problem
+
+    files = [p for p in files if is_text(p)]
     # Symlinked files last, so a real file always wins over a link to it.
     seen = {os.path.realpath(p) for p in files}
     for path in sorted(links):
@@ -108,7 +169,7 @@ def find_files(root: str | Path, exts: Iterable[str] = DEFAULT_EXTS) -> tuple[li
             skipped["symlink outside source"] += 1
         elif real in seen:
             skipped["duplicate (symlink)"] += 1
-        else:
+        elif is_text(path):
             seen.add(real)
             files.append(path)
     return sorted(files), skipped
@@ -251,8 +312,12 @@ def organize(
     exts: Iterable[str] = DEFAULT_EXTS,
     link: bool = False,
     overwrite: bool = False,
+    extensionless: bool = False,
 ) -> Summary:
-    """Copy (or link) the text files under src_dir into dst_root/split_XX/<relative path>, balanced by bytes."""
+    """Copy (or link) the text files under src_dir into dst_root/split_XX/<relative path>, balanced by bytes.
+
+    extensionless: also take files without an extension whose content is UTF-8 text (see find_files).
+    """
     from tqdm import tqdm
 
     t0 = time.perf_counter()
@@ -261,10 +326,12 @@ def organize(
         raise ValueError(f"num_dirs must be >= 1, got {num_dirs}")
     check_source_dir(src)
     check_output_dir(src, dst, overwrite)
-    wanted = normalize_exts(exts)
-    files, skipped = find_files(src, wanted)
+    wanted = normalize_exts(exts, allow_empty=extensionless)
+    files, skipped = find_files(src, wanted, extensionless)
     if not files:
-        raise ValueError(f"no {' '.join(sorted(wanted))} files found under {src}")
+        raise ValueError(
+            f"no {wanted_label(sorted(wanted), extensionless)} files found under {src}{skip_note(skipped)}"
+        )
 
     sizes = {p.relative_to(src).as_posix(): p.stat().st_size for p in files}
     splits = assign_splits(sizes, num_dirs)
@@ -304,6 +371,12 @@ def run_cli(job: Callable[[], object]) -> int:
     return 0
 
 
+EXTENSIONLESS_HELP = (
+    "also take files with no extension (LICENSE, README, copyright) whose first 8 KiB are UTF-8 text without NUL"
+    " bytes; other extension-less files are skipped and counted"
+)
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse that reports bad flags as a single `error: ...` line, like every other input error here."""
 
@@ -322,13 +395,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--exts", default=",".join(DEFAULT_EXTS), help="comma-separated extensions (default: %(default)s)"
     )
+    parser.add_argument("--extensionless", action="store_true", help=EXTENSIONLESS_HELP)
     parser.add_argument("--link", action="store_true", help="hard-link (symlink across filesystems), don't copy")
     parser.add_argument("--overwrite", action="store_true", help="replace dst_root if it exists (default: refuse)")
     args = parser.parse_args(argv)
     if args.num_dirs < 1:
         parser.error(f"--num_dirs must be >= 1, got {args.num_dirs}")
+    exts = args.exts.split(",")
     return run_cli(
-        lambda: organize(args.src_dir, args.dst_root, args.num_dirs, args.exts.split(","), args.link, args.overwrite)
+        lambda: organize(
+            args.src_dir, args.dst_root, args.num_dirs, exts, args.link, args.overwrite, args.extensionless
+        )
     )
 
 

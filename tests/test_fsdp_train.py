@@ -327,7 +327,10 @@ BAD_INPUTS = {
     "missing model": (lambda p, t: ["-m", t / "no-model"], "cannot load model"),
     "no text column": (lambda p, t: ["-d", _make_dataset(t / "ds", {"body": ["a b c"]})], "has no 'text' column"),
     "empty dataset": (lambda p, t: ["-d", _make_dataset(t / "ds", {"text": []})], "is empty"),
-    "shorter than one block": (lambda p, t: ["-d", _make_dataset(t / "ds", {"text": ["hi"]})], "fewer than one block of --seq-length 64"),
+    "shorter than one block": (
+        lambda p, t: ["-d", _make_dataset(t / "ds", {"text": ["hi"]})],
+        "fewer than one block of --seq-length 64",
+    ),
     "seq over model max": (lambda p, t: ["-s", "4096"], "exceeds the model's maximum of 1024"),
     "batch size 0": (lambda p, t: ["-b", "0"], "--batch-size must be >= 1"),
     "accumulate in backward": (
