@@ -72,14 +72,16 @@ def has_no_extension(path: Path) -> bool:
 def text_problem(path: str | Path, size: int = SNIFF_BYTES) -> str | None:
     """None if the first `size` bytes look like UTF-8 text, else the reason: "binary" (a NUL byte) or "not UTF-8".
 
-    A multi-byte character cut off at `size` is fine. Raises OSError if the file cannot be read.
+    A multi-byte character cut off at `size` is fine; one cut off by the end of the file is not.
+    Raises OSError if the file cannot be read.
     """
     with open(path, "rb") as f:
         head = f.read(size)
+        whole = not f.read(1)
     if b"\0" in head:
         return "binary"
     try:
-        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=whole)
     except UnicodeDecodeError:
         return "not UTF-8"
     return None

@@ -148,6 +148,10 @@ def test_text_problem_reads_only_the_head_and_tolerates_a_cut_character(tmp_path
     assert text_problem(write(tmp_path / "late_nul", b"a" * SNIFF_BYTES + b"\0")) is None  # beyond the head
     assert text_problem(write(tmp_path / "elf", b"\x7fELF\x02\x01\x01\0\0")) == "binary"
     assert text_problem(write(tmp_path / "latin", "café\n".encode("latin-1"))) == "not UTF-8"
+    assert text_problem(write(tmp_path / "latin_end", "café".encode("latin-1"))) == "not UTF-8"  # é cut by EOF
+    exact = b"a" * (SNIFF_BYTES - 1)  # files of exactly SNIFF_BYTES: nothing is cut, so a lone lead byte is bad
+    assert text_problem(write(tmp_path / "exact_ok", exact[1:] + "é".encode())) is None
+    assert text_problem(write(tmp_path / "exact_bad", exact + b"\xc3")) == "not UTF-8"
     with pytest.raises(OSError):
         text_problem(tmp_path / "missing")
 
