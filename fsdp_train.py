@@ -801,7 +801,20 @@ def document_isolation_gap(model, device: torch.device, vocab_size: int) -> floa
         by_itself = model(input_ids=alone, position_ids=alone_pos).logits[0].float().log_softmax(-1)
     finally:
         model.train()
+        reshard_all(model)
     return (in_block - by_itself).abs().max().item()
+
+
+def reshard_all(model: torch.nn.Module) -> None:
+    """Free every gathered FSDP unit after a forward without backward (evaluation, the isolation check). The last
+    block is not resharded after forward (backward would gather it again at once); without a backward it stays
+    gathered, and the next training step then ran on it that way: measured, --optimizer-in-backward's hooks saw
+    gradients that made the logged norm 8% off."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def check_document_isolation(model, cfg: Config, d: Dist) -> None:
@@ -2515,6 +2528,7 @@ def evaluate(model, data, cfg: Config, d: Dist) -> dict[str, float]:
         totals[1] += (labels[:, 1:] != -100).sum()
     dist.all_reduce(totals)
     model.train()
+    reshard_all(model)
     loss = (totals[0] / totals[1].clamp(min=1)).item()
     return {"val/loss": loss, "val/ppl": math.exp(min(loss, 700.0))}
 
