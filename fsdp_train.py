@@ -181,6 +181,11 @@ class Config:
         "free each block's gathered params after its forward (off: keep them until backward, more memory) (on|off)",
     )
     tensorboard: bool = _opt(True, "TensorBoard events in SAVE_DIR/EXP/tb when the package is installed (on|off)")
+    peak_tflops: float = _opt(
+        0.0,
+        "dense peak TFLOP/s of one device in the compute dtype, for the MFU figure (0: looked up for known GPUs; "
+        "MFU is left out where unknown, e.g. on CPU)",
+    )
     replicate_degree: int = _opt(1, "HSDP: shard within groups of world/R ranks (a node), replicate across R groups")
     log_freq: int = _opt(10, "log metrics every N steps")
     ckpt_freq: int = _opt(100, "checkpoint every N steps (0: only at the end); always at the end")
@@ -212,6 +217,7 @@ class Config:
             "weight_decay",
             "eval_freq",
             "global_batch_size",
+            "peak_tflops",
         )
         for name in positive:
             if getattr(self, name) < 1:
@@ -1941,6 +1947,49 @@ def memory_baseline(device: torch.device) -> int:
     return rss_bytes()
 
 
+# Dense (no sparsity) peak TFLOP/s per device from the vendors' datasheets, matched against
+# torch.cuda.get_device_name in this order: (pattern, bf16, fp32 without TF32). Others: --peak-tflops.
+PEAK_TFLOPS = [
+    (r"H100 NVL", 835.0, 60.0),
+    (r"H100.*PCIe", 756.0, 51.2),
+    (r"H100|H200", 989.4, 66.9),
+    (r"A100", 312.0, 19.5),
+    (r"L40S", 362.1, 91.6),
+    (r"\bL4\b", 121.0, 30.3),
+    (r"RTX 4090", 165.2, 82.6),
+    (r"MI300X", 1307.4, 163.4),
+]
+
+
+def peak_tflops(device_name: str, dtype: torch.dtype) -> float | None:
+    for pattern, bf16, fp32 in PEAK_TFLOPS:
+        if re.search(pattern, device_name):
+            return bf16 if dtype == torch.bfloat16 else fp32
+    return None
+
+
+def device_peak_tflops(cfg: Config, device: torch.device) -> float | None:
+    """--peak-tflops, or the table's figure for this GPU and compute dtype; None (no MFU) when unknown."""
+    if cfg.peak_tflops:
+        return cfg.peak_tflops
+    if device.type != "cuda":
+        return None
+    return peak_tflops(torch.cuda.get_device_name(device), cfg.compute_dtype(device))
+
+
+def flops_per_token(config, num_params: int, seq_length: int) -> float:
+    """Model FLOPs of training on one token (forward + backward), as PaLM's appendix B counts them:
+    6 x N, N = the parameters taking part in matmuls (all but an untied input embedding, a table lookup), plus
+    attention 12 x layers x (heads x head_dim) x seq_length. The attention term is the full S x S score matrix, as
+    sdpa computes it under the packed mask: neither causal masking nor document boundaries are subtracted, so with
+    flash-attention on short documents the figure is an upper bound. Activation-checkpointing recompute is not
+    counted (MFU, not hardware FLOPs utilisation)."""
+    embed = 0 if getattr(config, "tie_word_embeddings", False) else config.vocab_size * config.hidden_size
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    attention = 12 * config.num_hidden_layers * config.num_attention_heads * head_dim * seq_length
+    return 6 * (num_params - embed) + attention
+
+
 def memory_stats(device: torch.device, baseline: int = 0) -> dict[str, float]:
     gib = 2**30
     if device.type == "cuda":
@@ -2032,7 +2081,7 @@ class MetricsLogger:
         with open(self.path, "a") as f:
             f.write(json.dumps(metrics) + "\n")  # json writes floats with full precision (repr)
         for key, value in metrics.items():
-            if key.startswith(("mem/peak", "val/")) or key in ("loss", "tok/s"):
+            if key.startswith(("mem/peak", "val/")) or key in ("loss", "tok/s", "mfu"):
                 self.seen[key] = max(value, self.seen.get(key, value)) if key.startswith("mem/") else value
             if self.writer is not None and key not in ("global_step", "total_steps"):
                 self.writer.add_scalar(key, value, metrics["global_step"])
@@ -2040,6 +2089,8 @@ class MetricsLogger:
             self.writer.flush()
         if self.bar is not None:
             postfix = {"loss": f"{metrics['loss']:.4f}", "tok/s": f"{metrics['tok/s']:,.0f}"}
+            if "mfu" in metrics:
+                postfix["mfu"] = f"{metrics['mfu']:.1%}"
             if "val/loss" in metrics:
                 postfix["val"] = f"{metrics['val/loss']:.4f}"
             self.bar.set_postfix(postfix, refresh=False)
@@ -2047,10 +2098,11 @@ class MetricsLogger:
         times = " ".join(f"{k[5:]} {v:.1f}ms" for k, v in metrics.items() if k.startswith("time/"))
         mem = " ".join(f"{k[4:]} {v:.2f}" for k, v in metrics.items() if k.startswith("mem/"))
         val = f" | val_loss {metrics['val/loss']:.4f} val_ppl {metrics['val/ppl']:.2f}" if "val/loss" in metrics else ""
+        mfu = f" | mfu {metrics['mfu']:.1%}" if "mfu" in metrics else ""
         log.info(
             f"step {metrics['global_step']}/{metrics['total_steps']} | epoch {metrics['epoch']} | "
             f"loss {metrics['loss']:.4f} | lr {metrics['lr']:.2e} | grad_norm {metrics['grad_norm']:.3f} | "
-            f"tok/s {metrics['tok/s']:,.0f}{val} | {times} | GiB {mem}"
+            f"tok/s {metrics['tok/s']:,.0f}{mfu}{val} | {times} | GiB {mem}"
         )
 
     def close(self) -> None:
@@ -2063,13 +2115,21 @@ class MetricsLogger:
 
 
 def run_summary(
-    cfg: Config, metrics: MetricsLogger, first: int, last: int, tokens: str, tok_s: float, plotted: bool
+    cfg: Config,
+    metrics: MetricsLogger,
+    first: int,
+    last: int,
+    tokens: str,
+    tok_s: float,
+    plotted: bool,
+    mfu: float | None = None,
 ) -> str:
     seen, exp = metrics.seen, cfg.exp_dir
     val = f", validation loss {seen['val/loss']:.4f}" if "val/loss" in seen else ""
+    mean_mfu = f", MFU {mfu:.1%}" if mfu is not None else ""
     lines = [
         f"steps {first} -> {last} ({last - first} in this run), {tokens}",
-        f"mean {tok_s:,.0f} tok/s (checkpoints and evaluation included)",
+        f"mean {tok_s:,.0f} tok/s{mean_mfu} (checkpoints and evaluation included)",
         f"final train loss {seen['loss']:.4f}{val}",
         "peak memory (rank 0) " + ", ".join(f"{k[4:]} {v:.2f} GiB" for k, v in seen.items() if k.startswith("mem/")),
         f"checkpoint {find_latest_checkpoint(exp / 'checkpoints')}",
@@ -2635,6 +2695,10 @@ def train(cfg: Config, d: Dist | None = None) -> None:
         metrics = MetricsLogger(cfg, d.is_main, state.step, stop_step)
         micro_batch = cfg.batch_size * d.world_size
         global_batch = micro_batch * accum
+        peak, flops = (
+            device_peak_tflops(cfg, d.device),
+            flops_per_token(model.config, count_params(model), cfg.seq_length),
+        )
         not_finite = torch.zeros((), device=d.device)  # accumulated on device: no host sync per step
         window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
         first_step, tokens_seen, t_loop = state.step, 0, time.perf_counter()
@@ -2713,6 +2777,7 @@ def train(cfg: Config, d: Dist | None = None) -> None:
                     "lr": lr_used,
                     "grad_norm": grad_norm.item(),
                     "tok/s": window_tokens / elapsed,
+                    **({"mfu": flops * window_tokens / elapsed / d.world_size / (peak * 1e12)} if peak else {}),
                     **phase_ms,
                     "time/total": elapsed * 1e3 / window_steps,
                     **memory_stats(d.device, memory_base),
@@ -2745,9 +2810,9 @@ def train(cfg: Config, d: Dist | None = None) -> None:
             tokens = (
                 f"{tokens_seen:,} tokens in {train_s:.1f}s of training, {time.perf_counter() - t_start:.1f}s in all"
             )
-            log.info(
-                run_summary(cfg, metrics, first_step, state.step, tokens, tokens_seen / max(train_s, 1e-9), plotted)
-            )
+            tok_s = tokens_seen / max(train_s, 1e-9)
+            mfu = flops * tok_s / d.world_size / (peak * 1e12) if peak else None
+            log.info(run_summary(cfg, metrics, first_step, state.step, tokens, tok_s, plotted, mfu))
         dist.barrier()  # leave together: a rank tearing down while another still talks to it can abort at exit
     finally:
         stop.restore()

@@ -271,11 +271,33 @@ def test_max_steps_beyond_the_epochs_stretches_the_schedule_with_a_warning(prep,
 
 @pytest.mark.slow
 def test_throughput_window_excludes_checkpoint_time(prep, tmp_path):
-    ok(torchrun(train_args(prep, tmp_path, "w", "--max-steps", 8, "--log-freq", 4, "--ckpt-freq", 2)))
+    from transformers import AutoModelForCausalLM
+
+    args = train_args(prep, tmp_path, "w", "--max-steps", 8, "--log-freq", 4, "--ckpt-freq", 2, "--peak-tflops", 0.01)
+    proc = ok(torchrun(args))
+    # MFU from the outside: 6 x the matmul parameters (all but the untied input embedding) + 12 x layers x width x
+    # sequence, per token, times each rank's tokens/s, over the given peak.
+    hf = AutoModelForCausalLM.from_pretrained(prep["model"])
+    c = hf.config
+    matmul_params = sum(p.numel() for p in hf.parameters()) - hf.get_input_embeddings().weight.numel()
+    flops = 6 * matmul_params + 12 * c.num_hidden_layers * c.hidden_size * 64
     for m in read_metrics(tmp_path / "w"):
         phases = sum(m[f"time/{k}"] for k in ("data", "forward", "backward", "update"))
         assert phases <= m["time/total"] <= 2 * phases + 50, m  # the step's own time, no save in it
         assert m["tok/s"] == pytest.approx(2 * 2 * 64 * 1000 / m["time/total"], rel=0.01)
+        assert m["mfu"] == pytest.approx(flops * m["tok/s"] / 2 / 0.01e12, rel=1e-9)
+    assert "| mfu " in proc.stdout and ", MFU " in proc.stdout
+
+
+def test_mfu_peaks_come_from_the_device_name_or_the_flag_and_are_never_guessed():
+    assert ft.peak_tflops("NVIDIA H100 80GB HBM3", torch.bfloat16) == 989.4
+    assert ft.peak_tflops("NVIDIA H100 PCIe", torch.float32) == 51.2
+    assert ft.peak_tflops("NVIDIA A100-SXM4-80GB", torch.bfloat16) == 312.0
+    assert ft.peak_tflops("NVIDIA L4", torch.bfloat16) == 121.0
+    assert ft.peak_tflops("NVIDIA L40", torch.bfloat16) is None  # not the L4, not the L40S: unknown
+    cpu = torch.device("cpu")
+    assert ft.device_peak_tflops(ft.Config(dataset_name="d", model_name="m"), cpu) is None
+    assert ft.device_peak_tflops(ft.Config(dataset_name="d", model_name="m", peak_tflops=2.5), cpu) == 2.5
 
 
 def reference_loss(prep, save_dir: Path, model: str, world_size: int = 2, batch_size: int = 2) -> float:
@@ -304,6 +326,7 @@ def test_sharded_step0_loss_equals_the_single_process_model(prep, tmp_path, mode
     ok(torchrun(train_args(prep, tmp_path, "a", "--max-steps", "2", model=model)))
     ok(torchrun(train_args(prep, tmp_path, "b", "--max-steps", "2", "--activation-checkpointing", "off", model=model)))
     first = read_metrics(tmp_path / "a")[0]
+    assert "mfu" not in first  # CPU: no known peak, none given
     assert first["loss"] == pytest.approx(reference_loss(prep, tmp_path, model), abs=1e-5)
     assert [m["loss"] for m in read_metrics(tmp_path / "b")] == [m["loss"] for m in read_metrics(tmp_path / "a")]
     weights = checkpoint_weights(tmp_path / "a/checkpoints/step-2")
