@@ -180,6 +180,11 @@ class Config:
         True,
         "free each block's gathered params after its forward (off: keep them until backward, more memory) (on|off)",
     )
+    export_dtype: str = _opt(
+        "auto",
+        "dtype of the Hugging Face export written at the end (auto: the base model's, from its config)",
+        choices=("auto", "bf16", "fp32"),
+    )
     tensorboard: bool = _opt(True, "TensorBoard events in SAVE_DIR/EXP/tb when the package is installed (on|off)")
     peak_tflops: float = _opt(
         0.0,
@@ -2170,45 +2175,90 @@ def plot_losses(metrics_path: Path, out: Path) -> bool:
 # Hugging Face export
 
 
-def write_hf_folder(state_dict: dict, cfg: Config, out: Path) -> None:
-    """A from_pretrained-loadable folder (sharded safetensors, config with use_cache on, generation config,
-    tokenizer) from a full state dict, written to a temp folder and renamed into place."""
-    from transformers import AutoModelForCausalLM
+def export_dtype(cfg: Config, config) -> torch.dtype:
+    """--export-dtype, auto: the base model's own dtype (its config's, usually bf16), else fp32."""
+    if cfg.export_dtype != "auto":
+        return {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.export_dtype]
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    return dtype if dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.float32
+
+
+def hf_files(state_dict: dict, max_bytes: int = 5 << 30) -> dict[str, int]:
+    """Which model-0000i-of-N.safetensors file each tensor goes to: in order, a new file every ~5 GB."""
+    mapping, index, size = {}, 1, 0
+    for name, t in state_dict.items():
+        nbytes = t.numel() * t.element_size()  # DTensor: the global size
+        if size and size + nbytes > max_bytes:
+            index, size = index + 1, 0
+        mapping[name], size = index, size + nbytes
+    return mapping
+
+
+def tied_names(model: torch.nn.Module) -> set[str]:
+    """Parameter names that are another name's tensor (lm_head.weight when tied to embed_tokens): stored once, and
+    from_pretrained ties them again."""
+    first: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        first.setdefault(id(p), clean_fqn(name))
+    return {clean_fqn(n) for n, p in model.named_parameters(remove_duplicate=False) if first[id(p)] != clean_fqn(n)}
+
+
+def write_hf_folder(state_dict: dict, cfg: Config, out: Path, tied: set[str], d: Dist | None = None) -> None:
+    """A from_pretrained-loadable folder: safetensors files of ~5 GB with their index, the config (use_cache on, the
+    export dtype), generation config and tokenizer; written into a temp folder and renamed into place.
+
+    With `d`, the state dict holds DTensor shards and every rank writes its own slices (DCP's HuggingFaceStorageWriter),
+    which rank 0 then consolidates into the final files from disk: no rank ever holds the whole model. Without,
+    one process writes plain tensors (`fsdp_train.py export`). A weight tied to another is stored once.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+    from transformers import GenerationConfig
 
     config = load_model_config(cfg.model_name, cfg.trust_remote_code)
-    config.use_cache = True
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
-    model.load_state_dict(state_dict, strict=False, assign=True)  # the gathered tensors, no copy
-    model.tie_weights()
-    tokenizer = load_tokenizer(cfg.model_name, cfg.trust_remote_code)
-    if cfg.chat_template:
-        tokenizer.chat_template = chat_template_for(cfg, tokenizer)
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, state_dict=state_dict, max_shard_size="5GB")
-    tokenizer.save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    dtype = export_dtype(cfg, config)
+    tensors = {name: t.to(dtype) for name, t in state_dict.items() if name not in tied}
+    tmp = out.with_name(f"{out.name}.tmp")
+    is_main = d is None or d.is_main
+    if is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    if d is not None:
+        dist.barrier()  # the temp folder is fresh before anyone writes into it
+    writer = HuggingFaceStorageWriter(
+        str(tmp), fqn_to_index_mapping=hf_files(tensors), save_distributed=d is not None,
+        enable_consolidation=d is not None,
+    )  # fmt: skip
+    dcp.save(tensors, storage_writer=writer, no_dist=d is None)
+    if is_main:
+        shutil.rmtree(tmp / "sharded", ignore_errors=True)  # the per-rank files, consolidated by now
+        config.use_cache, config.dtype = True, dtype
+        config.save_pretrained(tmp)
+        GenerationConfig.from_model_config(config).save_pretrained(tmp)
+        tokenizer = load_tokenizer(cfg.model_name, cfg.trust_remote_code)
+        if cfg.chat_template:
+            tokenizer.chat_template = chat_template_for(cfg, tokenizer)
+        tokenizer.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
 
 
 def export_hf(model, cfg: Config, d: Dist, out: Path) -> None:
-    """Gather the full weights on rank 0 only, in CPU memory, and write the HF folder there. save_pretrained is
-    never called on other ranks: for tied models they would enter a collective rank 0 never joins."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    """Write the HF folder from the shards, every rank its own part (see write_hf_folder)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     t0 = time.perf_counter()
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     error = None
-    if d.is_main:
-        try:
-            write_hf_folder(full, cfg, out)
-        except OSError as e:
-            error = JobError(f"cannot write the Hugging Face export to {out}: {e.strerror or first_line(e)}")
-    del full
+    try:
+        write_hf_folder(get_model_state_dict(model), cfg, out, tied_names(model), d)
+    except OSError as e:
+        error = JobError(f"cannot write the Hugging Face export to {out}: {e.strerror or first_line(e)}")
     raise_if_any_failed(error)
-    log.info(f"Exported Hugging Face model to {out} in {time.perf_counter() - t0:.1f}s")
+    log.info(
+        f"Exported Hugging Face model to {out} ({export_dtype(cfg, model.config)}) in {time.perf_counter() - t0:.1f}s"
+    )
 
 
 def export_checkpoint(checkpoint: Path, out: Path) -> None:
@@ -2227,9 +2277,10 @@ def export_checkpoint(checkpoint: Path, out: Path) -> None:
             config, dtype=param_dtype(cfg), trust_remote_code=cfg.trust_remote_code
         )
     model.to_empty(device="cpu")
+    model.tie_weights()  # to_empty made new tensors: tied names must share one again (stored once)
     state = model.state_dict()
     dcp.load({"model": state}, checkpoint_id=checkpoint, no_dist=True)
-    write_hf_folder(state, cfg, out)
+    write_hf_folder(state, cfg, out, tied_names(model))
 
 
 # ======================================================================================================================

@@ -144,13 +144,19 @@ def test_validation_is_token_weighted_over_all_ranks_and_leaves_training_unchang
 def test_export_loads_in_transformers_with_the_trained_weights(prep, tmp_path, model):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    ok(torchrun(train_args(prep, tmp_path, "exp", "--max-steps", 2, model=model)))
+    # Written by both ranks from their shards; the tied model exported in bf16, the other in its own fp32.
+    dtype = ["--export-dtype", "bf16"] if model == "tied" else []
+    ok(torchrun(train_args(prep, tmp_path, "exp", "--max-steps", 2, *dtype, model=model)))
     hf = tmp_path / "exp" / "hf"
     loaded = AutoModelForCausalLM.from_pretrained(hf)
     trained = checkpoint_weights(tmp_path / "exp/checkpoints/step-2")
     state = loaded.state_dict()
-    assert all(torch.equal(state[k], trained[k]) for k in trained)
+    cast = torch.bfloat16 if model == "tied" else torch.float32
+    assert loaded.dtype == cast and all(torch.equal(state[k], trained[k].to(cast)) for k in trained)
     assert loaded.config.use_cache is True and (hf / "generation_config.json").is_file()
+    stored = json.loads((hf / "model.safetensors.index.json").read_text())["weight_map"]
+    assert set(stored) == set(trained) - ({"lm_head.weight"} if model == "tied" else set())  # a tie stored once
+    assert not (hf / "sharded").exists()
     if model == "tied":
         assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
     tok = AutoTokenizer.from_pretrained(hf)
@@ -173,9 +179,11 @@ def test_export_loads_in_transformers_with_the_trained_weights(prep, tmp_path, m
             ]
         )
     )
-    again = AutoModelForCausalLM.from_pretrained(out)
-    with torch.no_grad():
-        assert torch.equal(again(ids).logits, loaded(ids).logits)
+    again = AutoModelForCausalLM.from_pretrained(out)  # the dtype the run asked for, from the checkpoint's config
+    assert again.dtype == cast and all(torch.equal(v, state[k]) for k, v in again.state_dict().items())
+    if cast == torch.float32:
+        with torch.no_grad():
+            assert torch.equal(again(ids).logits, loaded(ids).logits)
 
 
 def test_export_of_a_folder_that_is_no_checkpoint(tmp_path):
