@@ -2,7 +2,8 @@
 sharded per-rank state shrinks with the number of ranks.
 
     .venv/bin/python bench/bench_memory.py [--repeats 1] [--modes baseline,ac,adafactor,in-backward,pure-bf16]
-        [--shapes 8x512,1x64] [--ranks 1,2,4] [--parts modes,scaling] [--workdir DIR] [--keep]
+        [--shapes 8x512,1x64] [--ranks 1,2,4] [--accum-shapes 1x64,4x256] [--accum-steps 6]
+        [--parts modes,scaling,accum] [--workdir DIR] [--keep]
 
 (1) Modes. The `small` Llama (hidden 256, 4 layers, vocab 4096, tokenizer trained on data/ by model_download.py
     --tiny) trains 3 steps on the bundled data, 2 ranks on CPU (gloo), once per mode and --repeats times, modes
@@ -23,6 +24,16 @@ sharded per-rank state shrinks with the number of ranks.
     (DTensor.to_local(), FSDP padding included) of the parameters, of the gradients (right after backward, before the
     step clears them) and of the optimizer state (after the step). Reported: the max over ranks for N = --ranks.
     Target: per-rank bytes <= 1.10 x (1-rank bytes / N).
+(3) Gradient accumulation. The `small` Llama (as in (1)), 2 ranks, `--grad-accum-steps 4`, adamw, activation
+    checkpointing on, --accum-steps optimizer steps (--log-freq 1), once per variant and --repeats times, alternating:
+      sharded      the default: FSDP reduce-scatters every micro-batch, the accumulated gradient stays sharded
+      unsharded    --accumulate-unsharded on: no gradient sync on the first 3 micro-batches, so every rank holds
+                   every parameter's full fp32 gradient until the 4th reduce-scatters it
+    Measured as in (1): max over steps of rank 0's `mem/train_peak_gib` (same MALLOC_MMAP_THRESHOLD_), and the
+    median over steps >= 2 of metrics.jsonl's per-step `tok/s` (step 1 pays warm-up); medians over repeats, and the
+    ratio to sharded per repeat (the two ran one after the other), then median'd. Planned:
+    `fsdp_train.py plan --nproc 2 --device cpu --json` with the same flags ("as given" peak and gradient bytes).
+    Shapes: --accum-shapes, per-micro-batch BATCHxSEQ (the weight-heavy 1x64, where the gradients count, and 4x256).
 
 Prints markdown tables; the full record goes to bench/results/memory-<time>.json.
 """
@@ -218,6 +229,87 @@ def report_modes(args, results: dict) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Part 3: gradient accumulation, sharded vs unsharded
+
+ACCUM = 4
+ACCUM_VARIANTS = [
+    ("sharded", "sharded (default: reduce-scatter per micro-batch)", ["--grad-accum-steps", ACCUM]),
+    ("unsharded", "--accumulate-unsharded on", ["--grad-accum-steps", ACCUM, "--accumulate-unsharded", "on"]),
+]
+
+
+def run_accum(args, model: Path, dataset: Path, work: Path) -> dict:
+    save_dir, logs = work / "runs", work / "logs"
+    results = {}
+    for batch, seq in args.accum_shapes:
+        key = f"{batch}x{seq}"
+        runs: dict[str, list[dict]] = {v[0]: [] for v in ACCUM_VARIANTS}
+        for r in range(args.repeats):
+            for name, _, flags in ACCUM_VARIANTS:  # alternating, so a change in load hits both alike
+                exp = f"accum-{name}-{key}-{r}"
+                cmd = [*TORCHRUN, ROOT / "fsdp_train.py", "-e", exp, "-d", dataset, "-m", model, "--save-dir", save_dir]
+                cmd += ["-b", batch, "-s", seq, "--max-steps", args.accum_steps, "--log-freq", 1, "--warmup-steps", 1]
+                cmd += ["--tensorboard", "off", "--ckpt-freq", 0, *flags]
+                run = run_timed(cmd, env=MALLOC_ENV, log=logs / f"{exp}.log").check()
+                rows = [json.loads(x) for x in (save_dir / exp / "metrics.jsonl").read_text().splitlines() if x.strip()]
+                rec = {
+                    "peak_bytes": max(x["mem/train_peak_gib"] for x in rows) * 2**30,
+                    "tok_s": median([x["tok/s"] for x in rows if x["global_step"] >= 2]),
+                    "losses": [x["loss"] for x in rows],
+                    "wall_s": run.wall,
+                }
+                runs[name].append(rec)
+                shutil.rmtree(save_dir / exp)
+                print(f"  accum {key} {name} #{r}: {rec['peak_bytes'] / MIB:.1f} MiB, {rec['tok_s']:,.0f} tok/s "
+                      f"({run.wall:.0f}s)", flush=True)  # fmt: skip
+        results[key] = {
+            name: {
+                "flags": [str(f) for f in flags],
+                "runs": runs[name],
+                "peak_median_bytes": median([x["peak_bytes"] for x in runs[name]]),
+                "tok_s_median": median([x["tok_s"] for x in runs[name]]),
+                "plan": plan(model, 2, batch, seq, [str(f) for f in flags]),
+            }
+            for name, _, flags in ACCUM_VARIANTS
+        }
+    return results
+
+
+def loss_gap(runs: list[dict], base: list[dict]) -> float:
+    """Max |loss - the sharded run's loss| over the steps of runs of the same repeat (the maths is the same)."""
+    pairs = zip(runs, base, strict=True)
+    return max(abs(a - b) for x, y in pairs for a, b in zip(x["losses"], y["losses"], strict=True))
+
+
+def tok_s_ratio(runs: list[dict], base: list[dict]) -> float:
+    """Median over repeats of tok/s / the sharded run's tok/s in the same repeat (runs side by side in time)."""
+    return median([x["tok_s"] / y["tok_s"] for x, y in zip(runs, base, strict=True)])
+
+
+def report_accum(args, results: dict) -> None:
+    labels = {name: label for name, label, _ in ACCUM_VARIANTS}
+    for key, by_variant in results.items():
+        batch, seq = map(int, key.split("x"))
+        print(f"\n## gradient accumulation: small model, -b {batch} -s {seq} --grad-accum-steps {ACCUM}, 2 ranks CPU, "
+              f"per rank (measured: median of {args.repeats})\n")  # fmt: skip
+        base = by_variant["sharded"]
+        rows = []
+        for name, v in by_variant.items():
+            meas, est = v["peak_median_bytes"], v["plan"]["peak"]
+            rows.append([
+                labels[name], meas / MIB, f"{est / MIB:.1f}", f"{est / meas:.2f}", v["plan"]["peak at"],
+                f"{v['plan']['gradients'] / MIB:.1f}", f"{v['tok_s_median']:,.0f}",
+                f"{tok_s_ratio(v['runs'], base['runs']):.2f}", f"{(meas - base['peak_median_bytes']) / MIB:+.1f}",
+                f"{(est - base['plan']['peak']) / MIB:+.1f}",
+                f"{loss_gap(v['runs'], base['runs']):.1e}",
+            ])  # fmt: skip
+        heads = ["variant", "measured peak MiB", "planned peak MiB", "plan/measured", "planned peak at",
+                 "planned grads MiB", "tok/s", "x sharded (paired)", "measured - sharded MiB", "planned - sharded MiB",
+                 "max Δloss vs sharded"]  # fmt: skip
+        print(table(heads, rows))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Part 2: scaling with ranks
 
 
@@ -291,7 +383,14 @@ def main() -> int:
     p.add_argument("--scaling-batch", type=int, default=1, help="sequences per rank of the scaling step (1)")
     p.add_argument("--scaling-seq", type=int, default=128, help="tokens per sequence of the scaling step (128)")
     p.add_argument("--scaling-flags", default="", help="extra fsdp_train.py flags for the scaling part, quoted")
-    p.add_argument("--parts", default="modes,scaling", help="which parts to run (modes,scaling)")
+    p.add_argument(
+        "--accum-shapes",
+        type=shape_list,
+        default=[(1, 64), (4, 256)],
+        help="micro-batch BATCHxSEQ list of the accumulation part (1x64,4x256)",
+    )
+    p.add_argument("--accum-steps", type=int, default=6, help="optimizer steps per accumulation run (6)")
+    p.add_argument("--parts", default="modes,scaling,accum", help="which parts to run (modes,scaling,accum)")
     p.add_argument("--workdir", type=Path, help="keep models, data and runs here (default: a temp dir)")
     p.add_argument("--keep", action="store_true", help="do not delete the temp dir")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -306,10 +405,12 @@ def main() -> int:
     args.parts = args.parts.split(",")
     args.ranks = [int(n) for n in args.ranks.split(",")]
     known = [m[0] for m in MODES]
-    if args.repeats < 1 or not set(args.modes) <= set(known) or not set(args.parts) <= {"modes", "scaling"}:
-        p.error(f"need --repeats >= 1, --modes from {known} and --parts from modes,scaling")
-    if min(args.ranks) < 1 or any(b < 1 or s < 1 for b, s in args.shapes):
+    if args.repeats < 1 or not set(args.modes) <= set(known) or not set(args.parts) <= {"modes", "scaling", "accum"}:
+        p.error(f"need --repeats >= 1, --modes from {known} and --parts from modes,scaling,accum")
+    if min(args.ranks) < 1 or any(b < 1 or s < 1 for b, s in args.shapes + args.accum_shapes):
         p.error("--ranks, batch sizes and sequence lengths must be >= 1")
+    if args.accum_steps < 2:
+        p.error("--accum-steps must be >= 2 (tok/s leaves out step 1)")
 
     t_start = time.perf_counter()
     work = args.workdir.resolve() if args.workdir else Path(tempfile.mkdtemp(prefix="bench-memory-", dir="/tmp"))
@@ -328,6 +429,9 @@ def main() -> int:
     if "modes" in args.parts:
         payload["modes"] = run_modes(args, small, prepare_dataset(work), work)
         report_modes(args, payload["modes"])
+    if "accum" in args.parts:
+        payload["accum"] = run_accum(args, small, prepare_dataset(work), work)
+        report_accum(args, payload["accum"])
     if "scaling" in args.parts:
         medium = write_llama(work / "medium-v32000", "medium", 32000, small)
         payload["scaling"] = run_scaling(args, medium, work)

@@ -8,9 +8,11 @@
     (interpreter start included; the script's own "in X s" is reported too). Target: 2 workers >= 1.7x 1 worker.
 (b) On --tok-mb MB of the same documents, with the tokenizer `model_download.py --tiny` trains: tokens/s of raw
     `tokenizers` (backend encode_batch, 2 threads) vs fsdp_train.prepare_data run for real (datasets.map over
-    tokenize_batch + pack_sequences, num_proc as it picks, save_to_disk, load_from_disk). Every mode runs in a fresh
-    process (prepare_data sets TOKENIZERS_PARALLELISM=false for its process), modes alternate, and every rate uses
-    the same numerator: the text's token count. Target: prepare_data >= 80% of encode_batch.
+    tokenize_documents, num_proc as it picks, then write_packed streaming the documents through a TextPacker into
+    SAVE_DIR/.cache/tokenized/<key>/blocks.arrow, then load_packed). Also in-process: tokenize_documents + TextPacker
+    without datasets, and TextPacker alone on documents tokenized beforehand. Every mode runs in a fresh process
+    (prepare_data sets TOKENIZERS_PARALLELISM=false for its process), modes alternate, and every rate uses the same
+    numerator: the text's token count. Target: prepare_data >= 80% of encode_batch.
 
 Prints markdown tables; the full record goes to bench/results/bench_prep-<time>.json.
 """
@@ -32,7 +34,7 @@ from pathlib import Path
 from benchlib import ROOT, build_tokenizer, machine, median, python, run_timed, save_results, table, verdict
 
 KINDS = {"txt": 0.6, "json": 0.3, "yaml": 0.1}  # share of files (not bytes)
-MODES = ("encode_batch", "prepare_data", "tokenize_batch", "call", "encode_batch_fast", "pack_sequences")
+MODES = ("encode_batch", "prepare_data", "tokenize_documents", "call", "encode_batch_fast", "text_packer")
 BATCH = 1000  # documents per batch, as prepare_data's map uses
 
 
@@ -218,6 +220,15 @@ def cpu_seconds() -> float:
     )
 
 
+def flat_lengths(token_lists: list[list[int]]):
+    """Documents as (concatenated int32 tokens, lengths): what write_packed hands TextPacker from an Arrow column."""
+    import numpy as np
+
+    lengths = np.array([len(t) for t in token_lists], dtype=np.int64)
+    flat = np.fromiter((t for tokens in token_lists for t in tokens), dtype=np.int32, count=int(lengths.sum()))
+    return flat, lengths
+
+
 def tok_worker(mode: str, dataset: Path, tokenizer_dir: Path, seq_length: int, save_dir: Path) -> dict:
     """One timed mode, in this fresh process; prints a RESULT line for the driver."""
     sys.path.insert(0, str(ROOT))
@@ -242,11 +253,22 @@ def tok_worker(mode: str, dataset: Path, tokenizer_dir: Path, seq_length: int, s
         result["seconds"] = time.perf_counter() - t0
         result["blocks"] = len(data)
         ft.teardown_distributed()
-    elif mode == "pack_sequences":  # the pure-Python packing alone, on documents tokenized beforehand
-        eos = tokenizer.eos_token_id
-        docs = [[x + [eos] for x in tokenizer(b)["input_ids"]] for b in batches]
+    elif mode == "text_packer":  # the packing alone, on documents tokenized beforehand (as write_packed feeds it)
+        docs = [flat_lengths(ft.tokenize_documents({"text": b}, tokenizer)["input_ids"]) for b in batches]
+        packer = ft.TextPacker(seq_length)
         cpu0, t0 = cpu_seconds(), time.perf_counter()
-        result["blocks"] = sum(len(ft.pack_sequences(b, seq_length)) for b in docs)
+        result["blocks"] = sum(len(packer.add(flat, lengths)["input_ids"]) for flat, lengths in docs)
+        result["seconds"] = time.perf_counter() - t0
+    elif mode == "tokenize_documents":  # prepare_data's work in this process: no datasets.map, no Arrow file
+        packer = ft.TextPacker(seq_length)
+
+        def tokenize_and_pack(b: list[str]) -> list[int]:
+            ids = ft.tokenize_documents({"text": b}, tokenizer)["input_ids"]
+            result["blocks"] = result.get("blocks", 0) + len(packer.add(*flat_lengths(ids))["input_ids"])
+            return [len(x) for x in ids]
+
+        cpu0, t0 = cpu_seconds(), time.perf_counter()
+        result["tokens"] = sum(sum(tokenize_and_pack(b)) for b in batches)
         result["seconds"] = time.perf_counter() - t0
     else:
         backend = tokenizer.backend_tokenizer
@@ -254,9 +276,6 @@ def tok_worker(mode: str, dataset: Path, tokenizer_dir: Path, seq_length: int, s
             "encode_batch": lambda b: [len(e.ids) for e in backend.encode_batch(b)],
             "encode_batch_fast": lambda b: [len(e.ids) for e in backend.encode_batch_fast(b)],
             "call": lambda b: [len(x) for x in tokenizer(b)["input_ids"]],
-            "tokenize_batch": lambda b: [
-                len(x) for x in ft.tokenize_batch({"text": b}, tokenizer, seq_length)["input_ids"]
-            ],
         }[mode]
         cpu0, t0 = cpu_seconds(), time.perf_counter()
         result["tokens"] = sum(sum(encode(b)) for b in batches)
@@ -346,9 +365,9 @@ def main() -> int:
         "encode_batch": "tokenizers backend encode_batch (Rust threads)",
         "encode_batch_fast": "tokenizers encode_batch_fast (no offsets)",
         "call": "transformers fast tokenizer __call__",
-        "tokenize_batch": "fsdp_train.tokenize_batch in-process (tokenize + EOS + pack)",
-        "pack_sequences": "fsdp_train.pack_sequences alone (pure Python)",
-        "prepare_data": "fsdp_train.prepare_data for real (map + save + load)",
+        "tokenize_documents": "fsdp_train.tokenize_documents + TextPacker in-process (tokenize + EOS + pack)",
+        "text_packer": "fsdp_train.TextPacker alone (numpy), on documents tokenized beforehand",
+        "prepare_data": "fsdp_train.prepare_data for real (map + write_packed to blocks.arrow + load_packed)",
     }
     tok_cpu = {m: median([r["cpu_s"] for r in tok_runs if r["mode"] == m]) for m in MODES}
     rows_b = [

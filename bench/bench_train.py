@@ -16,10 +16,14 @@ fresh `torchrun --standalone --nproc_per_node N` job with OMP_NUM_THREADS = core
 Model and data (cached under --workdir, default outputs/bench, keyed by the content of data/): the documents of data/
 (data_to_hf.convert), a random-init Llama of the chosen shape with a BPE tokenizer trained on data/
 (model_download.build_tiny). fsdp_train.py gets the text dataset and packs it itself; the bench packs it with
-fsdp_train.tokenize_batch, checks the blocks equal fsdp_train.py's cached ones token for token, and gives the Trainer
-those blocks in fsdp_train.py's sample order (epoch permutations, rank r = r-th slice of each global batch), so both
-train on the same sequences per step and rank and their per-step losses agree (the Δloss column). A 1-step run of
-each side first warms the tokenized-data cache and the file cache; it is not measured.
+fsdp_train.tokenize_documents + TextPacker (the same functions, the same 1000-document batches), checks the blocks and
+their per-document position_ids equal those in fsdp_train.py's cache (SAVE_DIR/.cache/tokenized/<key>/blocks.arrow,
+read with fsdp_train.load_packed) token for token, and gives the Trainer those blocks with the same position_ids and
+labels (fsdp_train.block_labels: a document's first token is not trained on) in fsdp_train.py's sample order (epoch
+permutations, rank r = r-th slice of each global batch). Both then train the same thing: the same sequences per step
+and rank, documents kept apart by the same block-diagonal mask (sdpa: transformers builds it from the restarting
+position_ids), the same trained tokens, and their per-step losses agree (the Δloss column). A 1-step run of each side
+first warms the tokenized-data cache and the file cache; it is not measured.
 
 Metrics, per run, then the median over rounds (ratios vs the Trainer are taken per round, then median'd):
   tok/s       steady-state tokens/s: median over steps > --skip-steps of (global tokens of the step / its wall time);
@@ -68,6 +72,8 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -199,28 +205,36 @@ def prepare_inputs(workdir: Path, shape: Shape, corpus: Path = ROOT / "data") ->
     return dataset, model
 
 
-def pack_blocks(dataset: Path, model: Path, seq: int) -> list[list[int]]:
-    """The text documents tokenized and packed as fsdp_train.py does (same functions, same 1000-document batches)."""
+def pack_blocks(dataset: Path, model: Path, seq: int) -> tuple[np.ndarray, np.ndarray]:
+    """(input_ids, position_ids), each (blocks, seq): the text documents tokenized and packed as fsdp_train.py does
+    (tokenize_documents over 1000-document batches, then one TextPacker over all documents in order)."""
     from functools import partial
 
     import datasets
 
-    from fsdp_train import load_tokenizer, tokenize_batch
+    from fsdp_train import TextPacker, list_columns, load_tokenizer, tokenize_documents
 
     ds = datasets.load_from_disk(str(dataset))
-    fn = partial(tokenize_batch, tokenizer=load_tokenizer(str(model)), seq_length=seq)
-    packed = ds.map(fn, batched=True, batch_size=1000, remove_columns=ds.column_names, keep_in_memory=True)
-    return packed["input_ids"]
+    fn = partial(tokenize_documents, tokenizer=load_tokenizer(str(model)))
+    docs = ds.map(fn, batched=True, batch_size=1000, remove_columns=ds.column_names, keep_in_memory=True)
+    packer, ids, positions = TextPacker(seq), [], []
+    for table in docs.with_format("arrow").iter(batch_size=10_000):
+        blocks = packer.add(*list_columns(table, "input_ids"))
+        ids.append(blocks["input_ids"])
+        positions.append(blocks["position_ids"])
+    return np.concatenate(ids), np.concatenate(positions)
 
 
-def fsdp_train_blocks(save_root: Path, dataset: Path, seq: int) -> list[list[int]] | None:
-    """The packed training blocks fsdp_train.py cached under SAVE_DIR/.cache (None if its layout is not found)."""
-    import datasets
+def fsdp_train_blocks(save_root: Path, dataset: Path, seq: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """(input_ids, position_ids) of the training blocks fsdp_train.py cached under SAVE_DIR/.cache (None if no
+    cache for this dataset and sequence length is found)."""
+    from fsdp_train import load_packed
 
     for info_path in sorted((save_root / ".cache" / "tokenized").glob("*/info.json")):
         info = json.loads(info_path.read_text())
         if info.get("role") == "train" and info.get("seq_length") == seq and info.get("dataset") == str(dataset):
-            return datasets.load_from_disk(str(info_path.parent / "data"))["input_ids"]
+            data = load_packed(info_path.parent).with_format("numpy")
+            return data["input_ids"], data["position_ids"]
     return None
 
 
@@ -238,12 +252,19 @@ def sample_order(num_samples: int, steps: int, global_batch: int, seed: int) -> 
     return order
 
 
-def write_trainer_data(blocks: list[list[int]], order: list[int], out: Path) -> Path:
+def write_trainer_data(blocks: tuple[np.ndarray, np.ndarray], order: list[int], out: Path) -> Path:
+    """The Trainer's data in training order: input_ids, position_ids (the Trainer hands every column the model's
+    forward accepts to it) and fsdp_train.py's labels for text blocks."""
     import datasets
+    import torch
 
-    rows = [blocks[i] for i in order]
+    from fsdp_train import block_labels
+
+    ids, positions = (torch.from_numpy(a[order]).long() for a in blocks)
+    labels = block_labels(ids, positions)
     shutil.rmtree(out, ignore_errors=True)
-    datasets.Dataset.from_dict({"input_ids": rows, "labels": rows}).save_to_disk(str(out))
+    columns = {"input_ids": ids.tolist(), "position_ids": positions.tolist(), "labels": labels.tolist()}
+    datasets.Dataset.from_dict(columns).save_to_disk(str(out))
     return out
 
 
@@ -635,9 +656,9 @@ def main(argv: list[str] | None = None) -> int:
     # The schedule both sides use: fsdp_train.py's own flag parsing and step planning, then its packed blocks.
     blocks = pack_blocks(dataset, model, shape.seq)
     cfg = fsdp_parse_args(plan.fsdp_argv("plan", args.steps, []))
-    _, plan.schedule_steps = plan_steps(cfg, len(blocks), nproc)
+    _, plan.schedule_steps = plan_steps(cfg, len(blocks[0]), nproc)
     global_batch = batch * nproc
-    order = sample_order(len(blocks), args.steps, global_batch, cfg.seed)
+    order = sample_order(len(blocks[0]), args.steps, global_batch, cfg.seed)
     plan.trainer_data = write_trainer_data(blocks, order, runs_dir / "trainer-data")
 
     print("warm-up: 1 step of each runner (fills fsdp_train.py's tokenized-data cache; not measured)")
@@ -648,17 +669,20 @@ def main(argv: list[str] | None = None) -> int:
             print(rec["error"], file=sys.stderr)
             raise SystemExit(f"error: the {rec['variant']} warm-up run failed (log {rec['log']})")
     cached = fsdp_train_blocks(runs_dir, dataset, shape.seq) if "fsdp" in runners else None
-    token_check = {"blocks": len(blocks), "tokens": len(blocks) * shape.seq, "seq": shape.seq}
+    n_blocks = len(blocks[0])
+    docs = int((blocks[1] == 0).sum())
+    token_check = {"blocks": n_blocks, "tokens": n_blocks * shape.seq, "seq": shape.seq, "segments": docs}
     if cached is None:
         token_check["matches_fsdp_train"] = None
         print("token check: fsdp_train.py's data cache not found, blocks not compared")
     else:
-        token_check["matches_fsdp_train"] = cached == blocks
+        same = all(np.array_equal(a, b) for a, b in zip(cached, blocks, strict=True))
+        token_check["matches_fsdp_train"] = same
         print(
-            f"token check: bench {len(blocks)} blocks / fsdp_train.py {len(cached)} blocks of {shape.seq} tokens, "
-            f"identical: {cached == blocks}"
+            f"token check: bench {n_blocks} blocks / fsdp_train.py {len(cached[0])} blocks of {shape.seq} tokens "
+            f"({docs} document segments), input_ids and position_ids identical: {same}"
         )
-        if cached != blocks:
+        if not same:
             raise SystemExit("error: the Trainer would not see fsdp_train.py's sequences; packing differs")
     trainer_warm = next((r for r in warm if r["variant"] == "trainer"), None)
     backend = trainer_warm["backend"] if trainer_warm else None
