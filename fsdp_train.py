@@ -2386,9 +2386,11 @@ def memory_plan(shape: ModelShape, cfg: Config, shard_ranks: int, device: str) -
     grads = shape.block_params * pb / n if cfg.optimizer_in_backward else shape.params * pb / n
     grads = 0 if host else grads
     # --accumulate-unsharded: between micro-batches FSDP holds every parameter's full gradient in the reduce dtype
-    unsharded = 0
-    if cfg.accumulate_unsharded and cfg.resolve_grad_accum(shard_ranks * cfg.replicate_degree) > 1:
-        unsharded = shape.params * (pb if cfg.pure_bf16 else 4)
+    # instead of the sharded one (which appears only as the last micro-batch reduce-scatters, group by group).
+    accum = cfg.resolve_grad_accum(shard_ranks * cfg.replicate_degree)
+    if cfg.accumulate_unsharded and accum > 1 and not host:
+        grads = shape.params * (pb if cfg.pure_bf16 else 4)
+    accumulated = grads if accum > 1 else 0  # the earlier micro-batches' gradients, held through each backward
     # FSDP keeps the root unit gathered from forward to the end of backward and prefetches one block ahead.
     gathered = (shape.root_params + 2 * shape.block_params) * cb
     if not cfg.reshard_after_forward:
@@ -2406,15 +2408,15 @@ def memory_plan(shape: ModelShape, cfg: Config, shard_ranks: int, device: str) -
         "end of forward": gathered + kept + shape.head_saved + loss,
         # The loss's saved gradient is consumed by the head first; then blocks are recomputed one by one while the
         # root's unsharded gradient and one block's gradient wait to be reduce-scattered.
-        "backward": gathered + kept + recompute + shape.root_params * cb + block_grad + unsharded,
-        "backward end": gathered + grads + block_grad + unsharded,
+        "backward": gathered + kept + recompute + shape.root_params * cb + block_grad + accumulated,
+        "backward end": gathered + grads + block_grad,
         "optimizer step": grads + step_temp,
     }
     worst = max(moments, key=moments.get)
     return {
         "params": params,
         "optimizer": optimizer,
-        "gradients": grads + unsharded,
+        "gradients": grads,
         "gathered params": float(gathered),
         "activations": float(kept + recompute + shape.head_saved),
         "loss": float(loss),

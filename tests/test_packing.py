@@ -246,9 +246,12 @@ def test_planner_counts_unsharded_accumulation_only_when_asked(prep):
     def peak(**kw):
         return ft.memory_plan(shape, ft.Config(**{**ft.dataclasses.asdict(base), **kw}), 8, "cuda")["peak"]
 
-    assert peak(grad_accum_steps=8) == peak(grad_accum_steps=1)  # reduce-scattered every micro-batch
-    extra = peak(grad_accum_steps=8, accumulate_unsharded=True) - peak(grad_accum_steps=1)
-    assert extra == pytest.approx(shape.params * 4 * 1.0, rel=0.01)  # fp32, every parameter, not divided by 8
+    sharded = shape.params * 4 / 8
+    # Reduce-scattered every micro-batch: at most the sharded gradients more, held through the later backwards.
+    assert 0 <= peak(grad_accum_steps=8) - peak(grad_accum_steps=1) <= sharded * 1.001
+    # Unsharded: every parameter's fp32 gradient on every rank, not divided by 8, instead of the sharded ones.
+    extra = peak(grad_accum_steps=8, accumulate_unsharded=True) - peak(grad_accum_steps=8)
+    assert extra == pytest.approx(shape.params * 4 - sharded, rel=0.01)
     assert peak(grad_accum_steps=1, accumulate_unsharded=True) == peak(grad_accum_steps=1)
 
 
