@@ -29,7 +29,7 @@ def worker(code: str, model: str, out: str) -> None:
     base = ft.memory_baseline(ft.torch.device("cpu"))  # resets VmHWM
     ft.export_hf(model_, cfg, d, Path(out) / f"hf-{os.getpid()}")
     rise = (ft.rss_bytes("VmHWM") - base) / 2**20
-    print(json.dumps({"rank": d.rank, "export_peak_rise_mib": round(rise, 1)}), flush=True)
+    ft.say(json.dumps({"rank": d.rank, "export_peak_rise_mib": round(rise, 1)}))  # one write: no interleaving
     ft.teardown_distributed()
 
 
