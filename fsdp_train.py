@@ -1289,8 +1289,10 @@ def prepare_data(cfg: Config, d: Dist | None, tokenizer, ds, role: str):
             failed.parent.mkdir(parents=True, exist_ok=True)
             failed.write_text(first_line(e))
     else:
+        poll = 0.02  # short data waits briefly, long ones poll the (maybe network) file system once a second
         while not (cache.is_dir() or failed.exists()):
-            time.sleep(1.0)
+            time.sleep(poll)
+            poll = min(1.0, poll * 1.5)
     raise_if_any_failed(error)  # everyone is here by now: a quick agreement
     if d.is_main:
         failed.unlink(missing_ok=True)
