@@ -277,8 +277,11 @@ def test_chat_data_without_a_template_is_refused(prep, chat_files, tmp_path):
 def test_python_api_in_process_and_through_the_elastic_launcher(prep, tmp_path):
     common = f"dataset_name={str(prep['dataset'])!r}, model_name={str(prep['model'])!r}, save_dir={str(tmp_path)!r}, "
     common += "seq_length=64, batch_size=2, lr=3e-3, max_steps=2, log_freq=1"
-    in_process = f"from fsdp_train import Config, train; train(Config(experiment_name='one', {common}))"
-    in_process += "; import signal; assert signal.getsignal(signal.SIGINT) is signal.default_int_handler"
+    # train() gives the signal handlers back as it found them (whatever the parent process left: pytest's may be
+    # inherited as ignored).
+    in_process = "import signal; before = signal.getsignal(signal.SIGINT); from fsdp_train import Config, train; "
+    in_process += f"train(Config(experiment_name='one', {common})); after = signal.getsignal(signal.SIGINT); "
+    in_process += "assert after is before, (before, after)"
     assert "world 1," in ok(run([sys.executable, "-c", in_process])).stdout
     assert [m["global_step"] for m in read_metrics(tmp_path / "one")] == [1, 2]
     launched = (
