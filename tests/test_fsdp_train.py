@@ -324,11 +324,12 @@ def reference_loss(prep, save_dir: Path, model: str, world_size: int = 2, batch_
 def test_sharded_step0_loss_equals_the_single_process_model(prep, tmp_path, model):
     # Activation checkpointing off and on must not change the numbers either.
     ok(torchrun(train_args(prep, tmp_path, "a", "--max-steps", "2", model=model)))
-    ok(torchrun(train_args(prep, tmp_path, "b", "--max-steps", "2", "--activation-checkpointing", "off", model=model)))
     first = read_metrics(tmp_path / "a")[0]
     assert "mfu" not in first  # CPU: no known peak, none given
     assert first["loss"] == pytest.approx(reference_loss(prep, tmp_path, model), abs=1e-5)
-    assert [m["loss"] for m in read_metrics(tmp_path / "b")] == [m["loss"] for m in read_metrics(tmp_path / "a")]
+    if model == "model":  # checkpointing changes no bit (once is enough: it does not care about ties)
+        ok(torchrun(train_args(prep, tmp_path, "b", "--max-steps", "2", "--activation-checkpointing", "off")))
+        assert [m["loss"] for m in read_metrics(tmp_path / "b")] == [m["loss"] for m in read_metrics(tmp_path / "a")]
     weights = checkpoint_weights(tmp_path / "a/checkpoints/step-2")
     if model == "tied":  # one tensor saved under both names, still equal after training
         assert torch.equal(weights["lm_head.weight"], weights["model.embed_tokens.weight"])

@@ -125,8 +125,15 @@ def test_plan_refuses_bad_input_in_one_line(prep, tmp_path):
 
 
 def plan(prep, model: str, nproc: int, *flags) -> dict:
-    argv = [sys.executable, "fsdp_train.py", "plan", "-m", prep[model], "--nproc", nproc, "--device", "cpu", "--json"]
-    return json.loads(ok(run(argv + list(flags))).stdout)["plans"]["as given"]
+    """`fsdp_train.py plan ... --json`, run in this process (the CLI's own code, without a Python start-up)."""
+    import contextlib
+    import io
+
+    argv = ["-m", prep[model], "--nproc", nproc, "--device", "cpu", "--json", *flags]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert ft.plan_main([str(a) for a in argv]) == 0
+    return json.loads(out.getvalue())["plans"]["as given"]
 
 
 @pytest.mark.slow
