@@ -28,7 +28,7 @@ def worker(code: str, model: str, out: str) -> None:
     model_ = ft.build_model(cfg, d, load_pretrained=True)
     base = ft.memory_baseline(ft.torch.device("cpu"))  # resets VmHWM
     ft.export_hf(model_, cfg, d, Path(out) / f"hf-{os.getpid()}")
-    rise = (ft.rss_bytes("VmHWM") - base) / 2**20
+    rise = (ft.anon_peak() - base) / 2**20
     ft.say(json.dumps({"rank": d.rank, "export_peak_rise_mib": round(rise, 1)}))  # one write: no interleaving
     ft.teardown_distributed()
 

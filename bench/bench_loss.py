@@ -34,7 +34,7 @@ def worker(loss: str, dtype: str, batch: int, seq: int, vocab: int) -> None:
     t0 = time.perf_counter()
     fn(logits, labels, vocab_size=vocab, num_items_in_batch=float(batch * seq)).backward()
     seconds = time.perf_counter() - t0
-    units = (ft.rss_bytes("VmHWM") - base) / (logits.numel() * logits.element_size())
+    units = (ft.anon_peak() - base) / (logits.numel() * logits.element_size())
     print(json.dumps({"loss": loss, "dtype": dtype, "units": units, "seconds": seconds}))
 
 
