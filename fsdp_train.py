@@ -1252,6 +1252,14 @@ def pad_id_of(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
+def wait_for(ready) -> None:
+    """Poll `ready()` on the file system: briefly for short waits, then once a second (maybe a network file system)."""
+    poll = 0.02
+    while not ready():
+        time.sleep(poll)
+        poll = min(1.0, poll * 1.5)
+
+
 def prepare_data(cfg: Config, d: Dist | None, tokenizer, ds, role: str):
     """Tokenize and pack once into SAVE_DIR/.cache (rank 0, or `fsdp_train.py prepare` with no process group);
     every rank memory-maps the result.
@@ -1270,16 +1278,22 @@ def prepare_data(cfg: Config, d: Dist | None, tokenizer, ds, role: str):
         )
     extra = f"{role}|{kind}|{template or ''}|drop_long={cfg.drop_long_examples and kind != 'text'}"
     cache = Path(cfg.save_dir) / ".cache" / "tokenized" / data_cache_key(ds, tokenizer, cfg.seq_length, extra)
-    if cache.is_dir():
-        info = json.loads((cache / "info.json").read_text())
-        log.info(f"Using tokenized {role} data cache {cache}: {describe_packing(info, role, cfg)}")
+    # Rank 0's view decides for all (a rank on another node may see a new folder later): one quick collective that
+    # also names this job's failure marker, so a stale one is never read.
+    decision = [cache.is_dir(), os.urandom(8).hex()]
+    if d is not None:
+        dist.broadcast_object_list(decision, src=0)
+    cached, token = decision
+    if cached:
+        if d is None or d.is_main:
+            info = json.loads((cache / "info.json").read_text())
+            log.info(f"Using tokenized {role} data cache {cache}: {describe_packing(info, role, cfg)}")
+        wait_for(cache.is_dir)
         return load_packed(cache)
     if d is None:
         build_packed_cache(cfg, tokenizer, ds, role, kind, template, cache)
         return load_packed(cache)
-    token = [os.urandom(8).hex() if d.is_main else None]
-    dist.broadcast_object_list(token, src=0)  # names this job's failure marker, so a stale one is never read
-    failed = cache.with_name(f"{cache.name}.failed-{token[0]}")
+    failed = cache.with_name(f"{cache.name}.failed-{token}")
     error = None
     if d.is_main:
         try:
@@ -1289,10 +1303,7 @@ def prepare_data(cfg: Config, d: Dist | None, tokenizer, ds, role: str):
             failed.parent.mkdir(parents=True, exist_ok=True)
             failed.write_text(first_line(e))
     else:
-        poll = 0.02  # short data waits briefly, long ones poll the (maybe network) file system once a second
-        while not (cache.is_dir() or failed.exists()):
-            time.sleep(poll)
-            poll = min(1.0, poll * 1.5)
+        wait_for(lambda: cache.is_dir() or failed.exists())
     raise_if_any_failed(error)  # everyone is here by now: a quick agreement
     if d.is_main:
         failed.unlink(missing_ok=True)
