@@ -7,9 +7,11 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -59,19 +61,22 @@ def checkpoint_weights(ckpt: Path) -> dict:
     import torch
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    out = ckpt.parent / f"{ckpt.name}.pt"
-    dcp_to_torch_save(ckpt, out)
-    return torch.load(out, weights_only=True)["model"]
+    with tempfile.TemporaryDirectory() as tmp:  # not next to the checkpoint: shared runs stay as they were written
+        out = Path(tmp) / "weights.pt"
+        dcp_to_torch_save(ckpt, out)
+        return torch.load(out, weights_only=True)["model"]
 
 
-def assert_runs_close(save_dir: Path, a: str, b: str, step: int, atol: float = 1e-5) -> None:
-    """Two experiments' logged losses and step-`step` weights agree to `atol` (same maths, other layout)."""
+def assert_runs_close(a: Path, b: Path, step: int, atol: float = 1e-5) -> None:
+    """Two experiment folders' logged losses up to `step` and step-`step` weights agree to `atol` (same maths, other
+    layout)."""
     import pytest
     import torch
 
-    losses_a, losses_b = ([m["loss"] for m in read_metrics(save_dir / e)] for e in (a, b))
-    assert losses_b == pytest.approx(losses_a, abs=atol)
-    wa, wb = (checkpoint_weights(save_dir / e / "checkpoints" / f"step-{step}") for e in (a, b))
+    losses_a, losses_b = (losses_by_step(e, step) for e in (a, b))
+    assert list(losses_b) == list(losses_a) == list(range(1, step + 1))
+    assert list(losses_b.values()) == pytest.approx(list(losses_a.values()), abs=atol)
+    wa, wb = (checkpoint_weights(e / "checkpoints" / f"step-{step}") for e in (a, b))
     assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=atol) for k in wa)
 
 
@@ -98,6 +103,12 @@ def read_metrics(exp_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (exp_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def losses_by_step(exp_dir: Path, last: int) -> dict[int, float]:
+    """Logged loss of steps 1..last, in step order; a step logged again after a resume counts with its last value."""
+    by_step = {m["global_step"]: m["loss"] for m in read_metrics(exp_dir) if m["global_step"] <= last}
+    return dict(sorted(by_step.items()))
+
+
 def tree_digest(path: Path) -> dict[str, str]:
     """Content hash of every file under path (to prove a failed run touched nothing)."""
     return {
@@ -117,6 +128,46 @@ def prep(tmp_path_factory) -> dict[str, Path]:
     ok(run([sys.executable, "model_download.py", "--tiny", out["tied"], "--tied", *TINY]))
     ok(run([sys.executable, "model_download.py", "--tiny", out["small"], *SMALL]))
     return out
+
+
+@pytest.fixture(scope="session")
+def reference_run(prep, tmp_path_factory) -> dict:
+    """One uninterrupted 30-step run of the tiny model with the default TRAIN flags and a checkpoint after every step
+    (all kept), shared by the tests that compare with an uninterrupted run. Its first k steps are exactly a k-step
+    run's: the LR schedule spans the epoch whatever --max-steps says, and saving changes no number.
+    {"save_dir", "exp", "stdout", "metrics", "step": k -> checkpoint folder}."""
+    save_dir = tmp_path_factory.mktemp("reference")
+    proc = ok(torchrun(train_args(prep, save_dir, "ref", "--max-steps", 30, "--ckpt-freq", 1, "--keep-latest-k", 99)))
+    exp = save_dir / "ref"
+    return {
+        "save_dir": save_dir,
+        "exp": exp,
+        "stdout": proc.stdout,
+        "metrics": read_metrics(exp),
+        "step": lambda k: exp / "checkpoints" / f"step-{k}",
+    }
+
+
+@pytest.fixture(scope="session")
+def four_steps(prep, tmp_path_factory) -> Path:
+    """The save dir of a finished 4-step run with complete checkpoints step-2 and step-4 (copy it before changing)."""
+    save_dir = tmp_path_factory.mktemp("four")
+    ok(torchrun(train_args(prep, save_dir, "exp", "--max-steps", 4, "--ckpt-freq", 2)))
+    return save_dir
+
+
+@pytest.fixture(scope="session")
+def big_batch_run(prep, tmp_path_factory) -> Path:
+    """3 steps of batch 4 per rank on 2 ranks: the one-big-batch reference for accumulation and HSDP."""
+    save_dir = tmp_path_factory.mktemp("big")
+    ok(torchrun(train_args(prep, save_dir, "big", "-b", 4, "--max-steps", 3)))
+    return save_dir / "big"
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    """A private copy of a shared run's folder, to resume or damage without touching the original."""
+    shutil.copytree(src, dst)
+    return dst
 
 
 def assert_single_error(proc: subprocess.CompletedProcess, fragment: str) -> str:

@@ -98,15 +98,14 @@ def test_pack_examples_never_splits_an_example_and_masks_padding():
 
 
 @pytest.mark.slow
-def test_accumulated_micro_batches_give_the_update_of_one_big_batch(prep, tmp_path):
-    ok(torchrun(train_args(prep, tmp_path, "big", "-b", 4, "--max-steps", 3)))
+def test_accumulated_micro_batches_give_the_update_of_one_big_batch(prep, big_batch_run, tmp_path):
     accum = ok(torchrun(train_args(prep, tmp_path, "accum", "-b", 2, "--grad-accum-steps", 2, "--max-steps", 3)))
     assert "2 micro-batch(es)/step" in accum.stdout
-    assert_runs_close(tmp_path, "big", "accum", step=3)  # sharded accumulation: reduce-scatter per micro-batch
+    assert_runs_close(big_batch_run, tmp_path / "accum", step=3)  # sharded: reduce-scatter per micro-batch
     # The global batch derives the same K; unsharded accumulation (one reduce-scatter per step) is the same maths.
     unsharded = ["-b", 2, "--global-batch-size", 8, "--accumulate-unsharded", "--max-steps", 3]
     assert "2 micro-batch(es)/step" in ok(torchrun(train_args(prep, tmp_path, "global", *unsharded))).stdout
-    assert_runs_close(tmp_path, "big", "global", step=3)
+    assert_runs_close(big_batch_run, tmp_path / "global", step=3)
 
 
 @pytest.mark.slow
@@ -141,15 +140,19 @@ def test_validation_is_token_weighted_over_all_ranks_and_leaves_training_unchang
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["model", "tied"])
-def test_export_loads_in_transformers_with_the_trained_weights(prep, tmp_path, model):
+def test_export_loads_in_transformers_with_the_trained_weights(prep, reference_run, tmp_path, model):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    # Written by both ranks from their shards; the tied model exported in bf16, the other in its own fp32.
-    dtype = ["--export-dtype", "bf16"] if model == "tied" else []
-    ok(torchrun(train_args(prep, tmp_path, "exp", "--max-steps", 2, *dtype, model=model)))
-    hf = tmp_path / "exp" / "hf"
+    # Written by both ranks from their shards; the tied model exported in bf16, the other (the shared 30-step run)
+    # in its own fp32.
+    if model == "tied":
+        ok(torchrun(train_args(prep, tmp_path, "exp", "--max-steps", 2, "--export-dtype", "bf16", model=model)))
+        exp, last = tmp_path / "exp", tmp_path / "exp/checkpoints/step-2"
+    else:
+        exp, last = reference_run["exp"], reference_run["step"](30)
+    hf = exp / "hf"
     loaded = AutoModelForCausalLM.from_pretrained(hf)
-    trained = checkpoint_weights(tmp_path / "exp/checkpoints/step-2")
+    trained = checkpoint_weights(last)
     state = loaded.state_dict()
     cast = torch.bfloat16 if model == "tied" else torch.float32
     assert loaded.dtype == cast and all(torch.equal(state[k], trained[k].to(cast)) for k in trained)
@@ -173,7 +176,7 @@ def test_export_loads_in_transformers_with_the_trained_weights(prep, tmp_path, m
                 "fsdp_train.py",
                 "export",
                 "--checkpoint",
-                tmp_path / "exp/checkpoints/step-2",
+                last,
                 "--out",
                 out,
             ]
@@ -274,9 +277,9 @@ def test_chat_data_without_a_template_is_refused(prep, chat_files, tmp_path):
 
 
 @pytest.mark.slow
-def test_python_api_in_process_and_through_the_elastic_launcher(prep, tmp_path):
+def test_python_api_in_process_and_through_the_elastic_launcher(prep, reference_run, tmp_path):
     common = f"dataset_name={str(prep['dataset'])!r}, model_name={str(prep['model'])!r}, save_dir={str(tmp_path)!r}, "
-    common += "seq_length=64, batch_size=2, lr=3e-3, max_steps=2, log_freq=1"
+    common += "seq_length=64, batch_size=2, lr=3e-3, warmup_steps=2, max_steps=2, log_freq=1"  # = TRAIN
     # train() gives the signal handlers back as it found them (whatever the parent process left: pytest's may be
     # inherited as ignored).
     in_process = "import signal; before = signal.getsignal(signal.SIGINT); from fsdp_train import Config, train; "
@@ -289,12 +292,13 @@ def test_python_api_in_process_and_through_the_elastic_launcher(prep, tmp_path):
     )
     proc = ok(run([sys.executable, "-c", launched]))
     assert "world 2" in proc.stdout
-    assert [m["global_step"] for m in read_metrics(tmp_path / "two")] == [1, 2]
+    # The same job as the torchrun command line's, to the bit.
+    expected = [m["loss"] for m in reference_run["metrics"][:2]]
+    assert [m["loss"] for m in read_metrics(tmp_path / "two")] == expected
 
 
 @pytest.mark.slow
-def test_compiled_blocks_train_like_eager_ones(prep, tmp_path):
-    ok(torchrun(train_args(prep, tmp_path, "eager", "--max-steps", 2)))
+def test_compiled_blocks_train_like_eager_ones(prep, reference_run, tmp_path):
     ok(torchrun(train_args(prep, tmp_path, "compiled", "--max-steps", 2, "--compile", "on")))
-    eager, compiled = read_metrics(tmp_path / "eager"), read_metrics(tmp_path / "compiled")
+    eager, compiled = reference_run["metrics"][:2], read_metrics(tmp_path / "compiled")
     assert [m["loss"] for m in compiled] == pytest.approx([m["loss"] for m in eager], abs=1e-4)

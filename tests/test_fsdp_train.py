@@ -9,7 +9,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import checkpoint_weights, ok, read_metrics, run, torchrun, train_args, tree_digest, unpacked_loss
+from conftest import (
+    checkpoint_weights,
+    copy_run,
+    ok,
+    read_metrics,
+    run,
+    torchrun,
+    train_args,
+    tree_digest,
+    unpacked_loss,
+)
 
 import fsdp_train as ft
 
@@ -225,14 +235,13 @@ def test_config_changes_flags_only_settings_that_change_the_maths():
 
 
 @pytest.mark.slow
-def test_train_checkpoint_and_resume_is_bitwise_equal_to_an_uninterrupted_run(prep, tmp_path):
-    ok(torchrun(train_args(prep, tmp_path, "straight", "--max-steps", "12", "--ckpt-freq", "4")))
+def test_train_checkpoint_and_resume_is_bitwise_equal_to_an_uninterrupted_run(prep, reference_run, tmp_path):
     ok(torchrun(train_args(prep, tmp_path, "resumed", "--max-steps", "8", "--ckpt-freq", "4")))
     resumed = ok(torchrun(train_args(prep, tmp_path, "resumed", "--max-steps", "12", "--ckpt-freq", "4")))
     assert "Resuming from step 8" in resumed.stdout
     assert "Tokenized" not in resumed.stdout and "Using tokenized train data cache" in resumed.stdout
 
-    straight, again = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "resumed")
+    straight, again = reference_run["metrics"][:12], read_metrics(tmp_path / "resumed")
     assert [m["global_step"] for m in again] == list(range(1, 13))
     for key in ("loss", "grad_norm", "lr"):
         assert [m[key] for m in again] == [m[key] for m in straight], key  # bitwise, every step
@@ -241,7 +250,7 @@ def test_train_checkpoint_and_resume_is_bitwise_equal_to_an_uninterrupted_run(pr
     for key in ("tok/s", "time/data", "time/forward", "time/backward", "time/update", "time/total", "mem/rss_gib"):
         assert straight[-1][key] > 0, key
 
-    a = checkpoint_weights(tmp_path / "straight/checkpoints/step-12")
+    a = checkpoint_weights(reference_run["step"](12))
     b = checkpoint_weights(tmp_path / "resumed/checkpoints/step-12")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -321,16 +330,19 @@ def reference_loss(prep, save_dir: Path, model: str, world_size: int = 2, batch_
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["model", "tied"])
-def test_sharded_step0_loss_equals_the_single_process_model(prep, tmp_path, model):
-    # Activation checkpointing off and on must not change the numbers either.
-    ok(torchrun(train_args(prep, tmp_path, "a", "--max-steps", "2", model=model)))
-    first = read_metrics(tmp_path / "a")[0]
+def test_sharded_step0_loss_equals_the_single_process_model(prep, reference_run, tmp_path, model):
+    if model == "model":  # the shared run of the tiny model
+        save_dir, exp = reference_run["save_dir"], reference_run["exp"]
+    else:
+        save_dir, exp = tmp_path, tmp_path / "a"
+        ok(torchrun(train_args(prep, tmp_path, "a", "--max-steps", "2", model=model)))
+    first = read_metrics(exp)[0]
     assert "mfu" not in first  # CPU: no known peak, none given
-    assert first["loss"] == pytest.approx(reference_loss(prep, tmp_path, model), abs=1e-5)
+    assert first["loss"] == pytest.approx(reference_loss(prep, save_dir, model), abs=1e-5)
     if model == "model":  # checkpointing changes no bit (once is enough: it does not care about ties)
         ok(torchrun(train_args(prep, tmp_path, "b", "--max-steps", "2", "--activation-checkpointing", "off")))
-        assert [m["loss"] for m in read_metrics(tmp_path / "b")] == [m["loss"] for m in read_metrics(tmp_path / "a")]
-    weights = checkpoint_weights(tmp_path / "a/checkpoints/step-2")
+        assert [m["loss"] for m in read_metrics(tmp_path / "b")] == [m["loss"] for m in read_metrics(exp)[:2]]
+    weights = checkpoint_weights(exp / "checkpoints/step-2")
     if model == "tied":  # one tensor saved under both names, still equal after training
         assert torch.equal(weights["lm_head.weight"], weights["model.embed_tokens.weight"])
 
@@ -365,23 +377,15 @@ BAD_INPUTS = {
 }
 
 
-@pytest.fixture(scope="module")
-def finished_run(prep, tmp_path_factory) -> Path:
-    save_dir = tmp_path_factory.mktemp("finished")
-    ok(torchrun(train_args(prep, save_dir, "exp", "--max-steps", "2")))
-    return save_dir
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("case", BAD_INPUTS)
-def test_bad_input_one_line_from_rank0_and_checkpoint_untouched(prep, finished_run, tmp_path, case):
+def test_bad_input_one_line_from_rank0_and_checkpoint_untouched(prep, four_steps, tmp_path, case):
     make_args, message = BAD_INPUTS[case]
-    save_dir = tmp_path / "save"
-    shutil.copytree(finished_run, save_dir)
+    save_dir = copy_run(four_steps, tmp_path / "save")
     (tmp_path / "afile").write_text("not a folder")
     before = tree_digest(save_dir / "exp")
-    # argparse keeps the last value, so the bad flag overrides the good default; --max-steps 4 would train on.
-    proc = torchrun(train_args(prep, save_dir, "exp", "--max-steps", "4") + make_args(prep, tmp_path))
+    # argparse keeps the last value, so the bad flag overrides the good default; --max-steps 6 would train on.
+    proc = torchrun(train_args(prep, save_dir, "exp", "--max-steps", "6") + make_args(prep, tmp_path))
     assert proc.returncode != 0
     errors = [line for line in proc.stdout.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], proc.stdout[-3000:]

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_runs_close, checkpoint_weights, ok, read_metrics, run, torchrun, train_args
+from conftest import assert_runs_close, checkpoint_weights, copy_run, ok, read_metrics, run, torchrun, train_args
 
 import fsdp_train as ft
 
@@ -66,38 +68,60 @@ def test_optimizer_in_backward_refuses_accumulation_with_the_reason():
 # Real torchrun runs
 
 
-ADAFACTOR = ("--optimizer", "adafactor", "--lr", "5e-2")
+# No clipping, so optimizer-in-backward (which cannot clip) runs the same maths.
+ADAFACTOR = ("--optimizer", "adafactor", "--lr", "5e-2", "--max-norm", 0)
+
+
+@pytest.fixture(scope="module")
+def adafactor_runs(prep, tmp_path_factory) -> dict[str, Path]:
+    """6 Adafactor steps with checkpoints at 3 and 6: on 1 process (batch 4), on 2 ranks (batch 2 each), and on 2 ranks
+    with the optimizer in backward. The tests resume copies of them."""
+    save_dir, runs = tmp_path_factory.mktemp("adafactor"), {}
+    steps = (*ADAFACTOR, "--max-steps", 6, "--ckpt-freq", 3)
+    for name, nproc, extra in [("one", 1, ("-b", 4)), ("two", 2, ()), ("hooked", 2, ("--optimizer-in-backward", "on"))]:
+        ok(torchrun(train_args(prep, save_dir, name, *steps, *extra), nproc=nproc))
+        runs[name] = save_dir / name
+    return runs
+
+
+def resume_copy_from_step_3(run: Path, dst: Path) -> Path:
+    """A copy of a finished 6-step run whose newest checkpoint is step 3 again (as if it had stopped there)."""
+    copy = copy_run(run, dst / run.name)
+    shutil.rmtree(copy / "checkpoints" / "step-6")
+    return copy
 
 
 @pytest.mark.slow
-def test_adafactor_on_shards_trains_like_one_process_and_reshards_its_state(prep, tmp_path):
-    steps = ("--max-steps", 6, "--ckpt-freq", 3)
-    ok(torchrun(train_args(prep, tmp_path, "one", *ADAFACTOR, *steps, "-b", 4), nproc=1))
-    ok(torchrun(train_args(prep, tmp_path, "two", *ADAFACTOR, *steps)))
-    assert_runs_close(tmp_path, "one", "two", step=6)
-    losses = [m["loss"] for m in read_metrics(tmp_path / "two")]
+def test_adafactor_on_shards_trains_like_one_process_and_reshards_its_state(prep, adafactor_runs, tmp_path):
+    assert_runs_close(adafactor_runs["one"], adafactor_runs["two"], step=6)
+    losses = [m["loss"] for m in read_metrics(adafactor_runs["two"])]
     assert losses[-1] < losses[0] - 0.1, losses  # it learns
     # Factored state saved by 2 ranks, resumed by 1: DCP reshards row_var (split like the rows) and col_var.
-    ok(torchrun(train_args(prep, tmp_path, "moved", *ADAFACTOR, "--max-steps", 3)))
-    ok(torchrun(train_args(prep, tmp_path, "moved", *ADAFACTOR, *steps, "-b", 4), nproc=1))
-    assert_runs_close(tmp_path, "one", "moved", step=6)
+    moved = resume_copy_from_step_3(adafactor_runs["two"], tmp_path)
+    proc = ok(torchrun(train_args(prep, tmp_path, "two", *ADAFACTOR, "--max-steps", 6, "-b", 4), nproc=1))
+    assert "Resuming from step 3" in proc.stdout
+    assert_runs_close(adafactor_runs["one"], moved, step=6)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
-def test_optimizer_in_backward_equals_normal_steps_and_resumes_exactly(prep, tmp_path, optimizer):
-    opt = ("--optimizer", optimizer, "--lr", "1e-2" if optimizer == "adafactor" else "3e-3", "--max-norm", 0)
-    ok(torchrun(train_args(prep, tmp_path, "normal", *opt, "--max-steps", 5)))
-    ok(torchrun(train_args(prep, tmp_path, "hooked", *opt, "--max-steps", 5, "--optimizer-in-backward", "on")))
-    assert_runs_close(tmp_path, "normal", "hooked", step=5, atol=1e-6)
-    norms = [[m["grad_norm"] for m in read_metrics(tmp_path / e)] for e in ("normal", "hooked")]
-    assert norms[1] == pytest.approx(norms[0], rel=1e-6)  # the hooks still report the global gradient norm
-    if optimizer == "adafactor":  # stop at 3 and resume: per-parameter optimizer states come back exactly
-        args = (*opt, "--optimizer-in-backward", "on", "--ckpt-freq", 3)
-        ok(torchrun(train_args(prep, tmp_path, "resumed", *args, "--max-steps", 3)))
-        ok(torchrun(train_args(prep, tmp_path, "resumed", *args, "--max-steps", 5)))
-        a, b = (checkpoint_weights(tmp_path / e / "checkpoints/step-5") for e in ("hooked", "resumed"))
-        assert all(torch.equal(a[k], b[k]) for k in a)
+def test_optimizer_in_backward_equals_normal_steps_and_resumes_exactly(prep, adafactor_runs, tmp_path):
+    # AdamW: the hooks step each parameter as its gradient is ready, the same update as one step at the end.
+    opt = ("--lr", "3e-3", "--max-norm", 0, "--max-steps", 5)
+    ok(torchrun(train_args(prep, tmp_path, "normal", *opt)))
+    ok(torchrun(train_args(prep, tmp_path, "hooked", *opt, "--optimizer-in-backward", "on")))
+    assert_runs_close(tmp_path / "normal", tmp_path / "hooked", step=5, atol=1e-6)
+    # Adafactor, which keeps per-parameter factored state.
+    normal, hooked = adafactor_runs["two"], adafactor_runs["hooked"]
+    assert_runs_close(normal, hooked, step=6, atol=1e-6)
+    for a, b in [(tmp_path / "normal", tmp_path / "hooked"), (normal, hooked)]:
+        norms = [[m["grad_norm"] for m in read_metrics(e)] for e in (a, b)]
+        assert norms[1] == pytest.approx(norms[0], rel=1e-6)  # the hooks still report the global gradient norm
+    # Resumed at step 3: the per-parameter optimizer states come back exactly.
+    resumed = resume_copy_from_step_3(hooked, tmp_path / "resumed")
+    args = (*ADAFACTOR, "--optimizer-in-backward", "on", "--max-steps", 6, "--ckpt-freq", 3)
+    assert "Resuming from step 3" in ok(torchrun(train_args(prep, tmp_path / "resumed", "hooked", *args))).stdout
+    a, b = (checkpoint_weights(e / "checkpoints/step-6") for e in (hooked, resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.slow

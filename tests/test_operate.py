@@ -14,6 +14,7 @@ from conftest import (
     assert_runs_close,
     assert_single_error,
     checkpoint_weights,
+    copy_run,
     ok,
     read_metrics,
     run,
@@ -72,12 +73,12 @@ def test_control_abort_exits_without_saving(prep, tmp_path):
     assert "exp: aborted" in ok(control("status", exp)).stdout
 
 
-def test_stale_control_request_of_a_dead_job_is_dropped(prep, tmp_path):
-    ok(torchrun(train_args(prep, tmp_path, "exp", "--max-steps", 2)))
-    (tmp_path / "exp" / "control.json").write_text(json.dumps({"command": "stop"}))
-    proc = ok(torchrun(train_args(prep, tmp_path, "exp", "--max-steps", 4)))
+def test_stale_control_request_of_a_dead_job_is_dropped(prep, four_steps, tmp_path):
+    save_dir = copy_run(four_steps, tmp_path / "save")  # a finished 4-step job
+    (save_dir / "exp" / "control.json").write_text(json.dumps({"command": "stop"}))
+    proc = ok(torchrun(train_args(prep, save_dir, "exp", "--max-steps", 6)))
     assert "Ignoring a stale control request 'stop'" in proc.stdout
-    assert [m["global_step"] for m in read_metrics(tmp_path / "exp")][-1] == 4  # it did not stop at step 3
+    assert [m["global_step"] for m in read_metrics(save_dir / "exp")][-1] == 6  # it did not stop at step 5
 
 
 def test_control_on_a_folder_that_is_no_job(tmp_path):
@@ -85,12 +86,11 @@ def test_control_on_a_folder_that_is_no_job(tmp_path):
     assert_single_error(control("list", tmp_path), "no jobs under")
 
 
-def test_hsdp_2x2_trains_like_fsdp_over_4_ranks(prep, tmp_path):
+def test_hsdp_2x2_trains_like_fsdp_over_4_ranks(prep, big_batch_run, tmp_path):
     # The reference: plain FSDP on 2 ranks with twice the per-rank batch, the same global batches (cheaper than 4).
-    ok(torchrun(train_args(prep, tmp_path, "fsdp", "--max-steps", 3, "-b", 4), nproc=2))
     hsdp_run = ok(torchrun(train_args(prep, tmp_path, "hsdp", "--max-steps", 3, "--replicate-degree", 2), nproc=4))
     assert "Device mesh (2, 2) ('replicate', 'shard')" in hsdp_run.stdout  # really hybrid, not plain FSDP
-    assert_runs_close(tmp_path, "fsdp", "hsdp", step=3)
+    assert_runs_close(big_batch_run, tmp_path / "hsdp", step=3)
     bad = torchrun(train_args(prep, tmp_path, "odd", "--max-steps", 1, "--replicate-degree", 3), nproc=2)
     assert_single_error(bad, "--replicate-degree 3 does not divide the world size 2")
 
@@ -116,8 +116,7 @@ def two_nodes(args: list, job_id: str) -> list[Job]:
     return [Job(args, nproc=1, launcher_args=rdzv) for _ in range(2)]
 
 
-def test_two_nodes_train_checkpoint_and_resume_like_one(prep, tmp_path):
-    ok(torchrun(train_args(prep, tmp_path, "single", "--max-steps", 6, "--ckpt-freq", 2)))
+def test_two_nodes_train_checkpoint_and_resume_like_one(prep, reference_run, tmp_path):
     for steps in (4, 6):
         nodes = two_nodes(train_args(prep, tmp_path, "multi", "--max-steps", steps, "--ckpt-freq", 2), f"job{steps}")
         try:
@@ -127,7 +126,7 @@ def test_two_nodes_train_checkpoint_and_resume_like_one(prep, tmp_path):
                 node.kill_all()
     assert "Resuming from step 4" in nodes[0].output + nodes[1].output
     single, multi = (
-        checkpoint_weights(tmp_path / "single/checkpoints/step-6"),
+        checkpoint_weights(reference_run["step"](6)),
         checkpoint_weights(tmp_path / "multi/checkpoints/step-6"),
     )
     assert all(torch.equal(single[k], multi[k]) for k in single)  # same world size: same bits as one node
@@ -165,7 +164,7 @@ def run_on_a_terminal(cmd: list) -> tuple[int, str]:
     return proc.wait(timeout=120), b"".join(chunks).decode(errors="replace")
 
 
-def test_progress_bar_summary_tensorboard_and_loss_curve(prep, tmp_path):
+def test_progress_bar_summary_tensorboard_and_loss_curve(prep, reference_run, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "fsdp_train.py"]
@@ -190,5 +189,5 @@ def test_progress_bar_summary_tensorboard_and_loss_curve(prep, tmp_path):
     assert [e.value for e in events.Scalars("loss")] == pytest.approx([m["loss"] for m in records])
 
     # Not a terminal (CI, Slurm logs): plain log lines, no bar.
-    plain = ok(torchrun(train_args(prep, tmp_path, "plain", "--max-steps", 2, "--log-freq", 1)))
-    assert "step 2/2 |" in plain.stdout and "step/s" not in plain.stdout
+    plain = reference_run["stdout"]
+    assert "step 2/30 |" in plain and "step/s" not in plain
