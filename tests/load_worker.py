@@ -1,6 +1,6 @@
 """torchrun worker for test_load: build_model(load_pretrained=True) from each model given on the command line, then
 rank 0 compares the result with plain transformers' from_pretrained of the same model (the independent reference):
-every weight and non-persistent buffer bit for bit, and the loss of one fixed batch. One JSON line per model, with
+every weight and every rank's non-persistent buffers bit for bit, and the loss of one fixed batch. One JSON line per model, with
 the lines build_model logged."""
 
 import json
@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -33,10 +34,12 @@ def compare(name: str, d: ft.Dist) -> dict | None:
     model = ft.build_model(ft.Config(dataset_name="-", model_name=name), d, load_pretrained=True)
     ft.log.removeHandler(lines)
     weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    buffers = {k: b.clone() for k, b in ft.nonpersistent_buffers(model).items()}
     ids = torch.randint(0, model.config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         loss = model(input_ids=ids, labels=ids).loss.item()
+    # Every rank's own buffers and loss: each rank computes with its own copy of the buffers.
+    mine, everyone = ({k: b.clone() for k, b in ft.nonpersistent_buffers(model).items()}, loss), [None] * d.world_size
+    dist.all_gather_object(everyone, mine)
     if not d.is_main:
         return None
     ref = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
@@ -48,8 +51,10 @@ def compare(name: str, d: ft.Dist) -> dict | None:
         "log": lines.lines,
         "weights_differ": sorted(k for k, v in ref.state_dict().items() if not torch.equal(v, weights.get(k))),
         "weights_missing": sorted(set(ref.state_dict()) - set(weights)),
-        "buffers_differ": sorted(k for k, v in buffers.items() if not torch.equal(v, ref_buffers[k])),
-        "loss": loss,
+        "buffers_differ": sorted(
+            {k for buffers, _ in everyone for k, v in buffers.items() if not torch.equal(v, ref_buffers[k])}
+        ),
+        "losses": [loss for _, loss in everyone],
         "ref_loss": ref_loss,
     }
 
