@@ -197,6 +197,13 @@ class Config:
     keep_latest_k: int = _opt(2, "complete checkpoints to keep")
     dist_timeout: float = _opt(30.0, "minutes a collective may wait before the job fails instead of hanging")
     trust_remote_code: bool = _opt(False, "allow model/tokenizer code from the model repo to run (on|off)")
+    load_weights: str = _opt(
+        "auto",
+        "how a fresh run reads the pretrained weights. auto: every rank reads only its shards' slices of the "
+        "safetensors files when their tensors match the model's one-to-one, else rank 0 loads the whole model and "
+        "broadcasts it (said in the log); rank0: always the latter",
+        choices=("auto", "rank0"),
+    )
 
     def validate(self) -> None:
         for name in ("dataset_name", "model_name"):
@@ -732,10 +739,9 @@ def import_model_code(cfg: Config, device: torch.device) -> None:
 def build_model(cfg: Config, d: Dist, load_pretrained: bool) -> torch.nn.Module:
     """Meta-device build, shard, allocate only the local shards, then fill them.
 
-    Fresh run: rank 0 alone reads the pretrained weights and broadcasts them shard by shard, so the node never holds
-    N full copies. Resume: weights come from the DCP checkpoint instead, so nothing is loaded here.
+    Fresh run: the pretrained weights go straight into the shards (load_pretrained_weights), so no rank, and not the
+    node, holds N full copies. Resume: weights come from the DCP checkpoint instead, so nothing is loaded here.
     """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from transformers import AutoModelForCausalLM
 
     config = load_model_config(cfg.model_name, cfg.trust_remote_code)
@@ -757,24 +763,154 @@ def build_model(cfg: Config, d: Dist, load_pretrained: bool) -> torch.nn.Module:
                 setattr(module, name, buf.to(d.device))
 
     if load_pretrained:
-        full_sd, ref_buffers = {}, {}
-        if d.is_main:
-            ref = AutoModelForCausalLM.from_pretrained(
-                cfg.model_name,
-                config=config,
-                dtype=dtype,
-                attn_implementation="eager",  # only its weights are used
-                trust_remote_code=cfg.trust_remote_code,
-            )
-            full_sd, ref_buffers = ref.state_dict(), dict(ref.named_buffers())
-        set_model_state_dict(model, full_sd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-        for name, buf in nonpersistent_buffers(model).items():
-            if d.is_main:
-                buf.copy_(ref_buffers[name])
-            dist.broadcast(buf, src=0)
-        del full_sd, ref_buffers
+        load_pretrained_weights(model, cfg, d, config)
     model.train()
     return model
+
+
+def load_pretrained_weights(model: torch.nn.Module, cfg: Config, d: Dist, config) -> None:
+    """Collective: fill the allocated shards with the pretrained weights and the non-persistent buffers.
+
+    Where the safetensors tensors map one-to-one onto the model's, every rank reads only its shards' slices (an 8B
+    model's fp32 master weights cost each rank 32 GB / N). Otherwise (keys that transformers renames or converts
+    while loading, a .bin checkpoint, other shapes) rank 0 loads the whole model and broadcasts it, as transformers
+    alone knows those conversions. Rank 0 decides and tells the others: every rank must take the same path.
+    """
+    t0 = time.perf_counter()
+    reason = ["--load-weights rank0"] if cfg.load_weights == "rank0" else [None]
+    if cfg.load_weights == "auto":
+        if d.is_main:
+            reason = [direct_load_problem(cfg.model_name, model)]
+        dist.broadcast_object_list(reason, src=0)
+    if reason[0] is None:
+        folder = model_folder(cfg.model_name)
+        load_sharded_weights(model, folder)
+        how = f"every rank read its own slices of {folder}"
+    else:
+        log.info(f"Loading weights through rank 0: {reason[0]}")
+        broadcast_weights(model, cfg, d, config)
+        how = "rank 0 read them and broadcast them"
+    log.info(f"Loaded pretrained weights in {time.perf_counter() - t0:.1f}s: {how}")
+
+
+def model_folder(name: str) -> Path | None:
+    """The local folder from_pretrained reads `name` from: the folder itself, or a hub id's snapshot in the HF cache
+    (found offline with HF_HUB_OFFLINE=1). None where there is none."""
+    if Path(name).is_dir():
+        return Path(name)
+    from transformers.utils import cached_file
+
+    try:
+        config_file = cached_file(name, "config.json", _raise_exceptions_for_missing_entries=False)
+    except (OSError, ValueError):
+        return None
+    return Path(config_file).parent if config_file else None
+
+
+FLOAT_SAFETENSORS = ("F16", "BF16", "F32", "F64")
+
+
+def safetensors_headers(folder: Path) -> dict[str, tuple[str, list[int]]]:
+    """name -> (dtype, shape) of every tensor stored in the folder's safetensors files, from their headers alone.
+
+    Raises ValueError where the folder is no plain safetensors checkpoint (model.safetensors, or the files its
+    model.safetensors.index.json names): DCP's HuggingFaceStorageReader reads every *.safetensors file there.
+    """
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    files = sorted(p.name for p in folder.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{folder} has no safetensors files")
+    named = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else None
+    if files != (named or ["model.safetensors"]):
+        raise ValueError(f"{folder} holds the safetensors files {files}, not just {named or ['model.safetensors']}")
+    tensors: dict[str, tuple[str, list[int]]] = {}
+    for name in files:
+        with safe_open(str(folder / name), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 - safe_open is no dict
+                if key in tensors:
+                    raise ValueError(f"{key} is stored twice")
+                tensors[key] = (f.get_slice(key).get_dtype(), f.get_slice(key).get_shape())
+    return tensors
+
+
+def direct_load_problem(name: str, model: torch.nn.Module) -> str | None:
+    """Why the checkpoint's tensors cannot be read straight into the model's shards (None: they can): each stored
+    tensor must be a float weight of the model under its own name and shape, and each weight must be stored (a tied
+    weight may be stored under either name or both: from_pretrained ties them again)."""
+    from safetensors import SafetensorError
+
+    folder = model_folder(name)
+    if folder is None:
+        return f"no local folder found for '{name}'"
+    try:
+        stored = safetensors_headers(folder)
+    except (OSError, ValueError, KeyError, SafetensorError) as e:
+        return first_line(e)
+    shapes = {clean_fqn(k): list(t.shape) for k, t in model.state_dict().items()}  # DTensors: the global shapes
+    tied, kind = tied_names(model), type(model).__name__.removeprefix("FSDP")
+    for key, (dtype, shape) in stored.items():
+        if key not in shapes:
+            return f"checkpoint key {key} is no weight of {kind} (transformers renames or converts such keys)"
+        if shape != shapes[key]:
+            return f"checkpoint key {key} has shape {shape}, the model's {shapes[key]}"
+        if dtype not in FLOAT_SAFETENSORS:
+            return f"checkpoint key {key} is stored as {dtype}, not a float"
+    missing = [k for k in shapes if k not in stored and k not in tied]
+    return f"the model's {missing[0]} is not in the checkpoint ({len(missing)} missing)" if missing else None
+
+
+def load_sharded_weights(model: torch.nn.Module, folder: Path) -> None:
+    """Collective: every rank reads its shards' slices of the safetensors files (DCP's HuggingFaceStorageReader,
+    converting the stored dtype to the shards' on the fly) and recomputes the non-persistent buffers itself."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+
+    init_nonpersistent_buffers(model)
+    tied = tied_names(model)
+    # A tied weight is one tensor: read it once, under the name the checkpoint always has (the file may lack the other).
+    state = {k: v for k, v in get_model_state_dict(model).items() if k not in tied}
+    dcp.load(state, storage_reader=HuggingFaceStorageReader(str(folder)))
+    set_model_state_dict(model, state, options=StateDictOptions(strict=False))  # strict: tied names are left out
+
+
+@torch.no_grad()
+def init_nonpersistent_buffers(model: torch.nn.Module) -> None:
+    """Recompute the buffers no checkpoint holds (rotary inv_freq: garbage after to_empty) exactly as transformers
+    does for FSDP's ranks that load nothing (modeling_utils `_initialize_missing_keys`): mark every weight and
+    persistent buffer as initialised, then `initialize_weights()` runs the model's own `_init_weights`, whose guarded
+    init functions skip the marked tensors. Building even one real copy of the model to copy buffers from is what
+    this load avoids; the weights are read after this, so an init that ignores the marks changes nothing."""
+    buffers = {id(b) for b in nonpersistent_buffers(model).values()}
+    for t in (*model.parameters(), *model.buffers()):
+        if id(t) not in buffers:
+            t._is_hf_initialized = True
+    model.initialize_weights()
+
+
+def broadcast_weights(model: torch.nn.Module, cfg: Config, d: Dist, config) -> None:
+    """Collective: rank 0 alone loads the whole model with from_pretrained (all of transformers' key conversions) and
+    broadcasts it shard by shard, buffers too; the other ranks hold only their shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    full_sd, ref_buffers = {}, {}
+    if d.is_main:
+        ref = AutoModelForCausalLM.from_pretrained(
+            cfg.model_name,
+            config=config,
+            dtype=param_dtype(cfg),
+            attn_implementation="eager",  # only its weights are used
+            trust_remote_code=cfg.trust_remote_code,
+        )
+        full_sd, ref_buffers = ref.state_dict(), dict(ref.named_buffers())
+    set_model_state_dict(model, full_sd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for name, buf in nonpersistent_buffers(model).items():
+        if d.is_main:
+            buf.copy_(ref_buffers[name])
+        dist.broadcast(buf, src=0)
 
 
 def attn_implementation(cfg: Config, device: torch.device) -> str:
@@ -1906,6 +2042,7 @@ def config_changes(saved: dict, cfg: Config) -> list[str]:
         "save_dir",
         "activation_checkpointing",
         "dist_timeout",
+        "load_weights",
     }
     now = dataclasses.asdict(cfg)
     return [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in now if k not in harmless and k in saved and saved[k] != now[k]]
