@@ -164,6 +164,17 @@ def big_batch_run(prep, tmp_path_factory) -> Path:
     return save_dir / "big"
 
 
+@pytest.fixture(scope="session")
+def six_of_an_epoch(prep, tmp_path_factory) -> Path:
+    """6 steps of global batch 16 on 2 ranks (58 steps make the epoch; checkpoints at 3 and 6), every sample each rank
+    took traced under trace/ (FSDP_TRAIN_TRACE_SAMPLES). Copy it before resuming."""
+    root = tmp_path_factory.mktemp("six")
+    (root / "trace").mkdir()
+    args = train_args(prep, root, "exp", "-b", 8, "--ckpt-freq", 3, "--max-steps", 6)
+    ok(torchrun(args, env={"FSDP_TRAIN_TRACE_SAMPLES": str(root / "trace")}))
+    return root
+
+
 def copy_run(src: Path, dst: Path) -> Path:
     """A private copy of a shared run's folder, to resume or damage without touching the original."""
     shutil.copytree(src, dst)

@@ -271,11 +271,11 @@ def test_train_checkpoint_and_resume_is_bitwise_equal_to_an_uninterrupted_run(pr
 
 
 @pytest.mark.slow
-def test_max_steps_beyond_the_epochs_stretches_the_schedule_with_a_warning(prep, tmp_path):
-    ok(torchrun(train_args(prep, tmp_path, "e", "-b", 8, "--max-steps", 2)))  # 942 blocks // 16 = 58 steps/epoch
-    proc = ok(torchrun(train_args(prep, tmp_path, "e", "-b", 8, "--max-steps", 60, "--log-freq", 30)))
+def test_max_steps_beyond_the_epochs_stretches_the_schedule_with_a_warning(prep, six_of_an_epoch, tmp_path):
+    save_dir = copy_run(six_of_an_epoch, tmp_path / "run")  # 6 of 942 blocks // 16 = 58 steps/epoch
+    proc = ok(torchrun(train_args(prep, save_dir, "exp", "-b", 8, "--max-steps", 60, "--log-freq", 30)))
     assert "The LR schedule now spans 60 steps instead of 58" in proc.stdout
-    assert [m["epoch"] for m in read_metrics(tmp_path / "e")][-1] == 1  # the data cycled into a second epoch
+    assert [m["epoch"] for m in read_metrics(save_dir / "exp")][-1] == 1  # the data cycled into a second epoch
 
 
 @pytest.mark.slow

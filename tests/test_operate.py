@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import socket
+import subprocess
 import sys
 
 import pytest
@@ -27,7 +30,16 @@ import fsdp_train as ft
 pytestmark = pytest.mark.slow
 
 
-def control(*args) -> object:
+def control(*args) -> subprocess.CompletedProcess:
+    """`fsdp_train.py control ...` in this process: the CLI's own code without a Python start-up (the job and the
+    command meet only through files). test_control_on_a_folder_that_is_no_job runs the real command line."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        code = ft.control_main([str(a) for a in args])
+    return subprocess.CompletedProcess(args, code, out.getvalue())
+
+
+def control_cli(*args) -> subprocess.CompletedProcess:
     return run([sys.executable, "fsdp_train.py", "control", *args])
 
 
@@ -82,7 +94,7 @@ def test_stale_control_request_of_a_dead_job_is_dropped(prep, four_steps, tmp_pa
 
 
 def test_control_on_a_folder_that_is_no_job(tmp_path):
-    assert_single_error(control("status", tmp_path), "is no job folder")
+    assert_single_error(control_cli("status", tmp_path), "is no job folder")
     assert_single_error(control("list", tmp_path), "no jobs under")
 
 

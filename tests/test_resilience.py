@@ -146,16 +146,6 @@ def traced(folder: Path) -> list[dict]:
     return [json.loads(line) for f in sorted(folder.glob("rank*.jsonl")) for line in f.read_text().splitlines()]
 
 
-@pytest.fixture(scope="module")
-def six_of_an_epoch(prep, tmp_path_factory) -> Path:
-    """6 steps of global batch 16 on 2 ranks (checkpoint at 6), every sample each rank took traced under trace/."""
-    root = tmp_path_factory.mktemp("six")
-    (root / "trace").mkdir()
-    args = train_args(prep, root, "exp", "-b", 8, "--ckpt-freq", 3, "--max-steps", 6)
-    ok(torchrun(args, env={"FSDP_TRAIN_TRACE_SAMPLES": str(root / "trace")}))
-    return root
-
-
 @pytest.mark.parametrize("new_world", [1, 3])
 def test_resume_on_another_world_size_loses_and_repeats_no_sample(prep, six_of_an_epoch, tmp_path, new_world):
     root = copy_run(six_of_an_epoch, tmp_path / "run")
