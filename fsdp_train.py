@@ -618,55 +618,6 @@ def offloaded_checkpoint(fn, *args, **kwargs):
         return checkpoint(fn, *args, use_reentrant=False, **kwargs)
 
 
-LOSS_CHUNK_ELEMENTS = 2**24  # logits handled at once by the loss: 64 MiB in fp32
-
-
-class ChunkedCrossEntropy(torch.autograd.Function):
-    """Summed next-token cross-entropy of (tokens, vocab) logits, computed in fp32 chunks, with the gradient written
-    during forward into one buffer of the logits' dtype.
-
-    transformers' loss upcasts all logits to fp32 and autograd keeps the log-softmax, then backward adds two more
-    full-size tensors: ~6 logits-sized bf16 units at the peak (measured), 8 GiB for a 128k vocabulary at 8k tokens.
-    Here the logits plus their gradient are the only full-size tensors (2 units) and fp32 exists one chunk at a time.
-    """
-
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        grad = torch.empty_like(logits) if ctx.needs_input_grad[0] else None
-        total = torch.zeros((), dtype=torch.float32, device=logits.device)
-        rows = max(1, LOSS_CHUNK_ELEMENTS // logits.shape[1])
-        for start in range(0, logits.shape[0], rows):
-            x = logits[start : start + rows].to(torch.float32, copy=True)  # a copy: modified in place below
-            y = labels[start : start + rows]
-            keep = y != -100
-            target = y.clamp(min=0).unsqueeze(1)
-            lse = torch.logsumexp(x, dim=1)
-            total += ((lse - x.gather(1, target).squeeze(1)) * keep).sum()
-            if grad is not None:  # d(loss)/d(logits) = softmax - one_hot(target), zero for ignored tokens
-                x.sub_(lse.unsqueeze(1)).exp_()
-                x.scatter_add_(1, target, -torch.ones_like(target, dtype=x.dtype))
-                grad[start : start + rows] = x.mul_(keep.unsqueeze(1))
-        ctx.save_for_backward(grad)
-        return total
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_total: torch.Tensor):
-        (grad,) = ctx.saved_tensors
-        return grad.mul_(grad_total.to(grad.dtype)), None  # in place: the buffer is used once
-
-
-def causal_lm_loss(logits, labels, vocab_size=None, num_items_in_batch=None, ignore_index=-100, **kwargs):
-    """transformers' ForCausalLMLoss maths (shift, ignore -100, sum over num_items_in_batch or mean) through
-    ChunkedCrossEntropy. Installed as the model's `loss_function` (a transformers setter), so that
-    model(..., labels=...) uses it."""
-    assert ignore_index == -100, ignore_index
-    labels = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:].to(logits.device)
-    total = ChunkedCrossEntropy.apply(logits.flatten(0, -2), labels.flatten())
-    count = num_items_in_batch if num_items_in_batch is not None else (labels != -100).sum()
-    return total / count
-
-
 def shard_model(model: torch.nn.Module, cfg: Config, d: Dist) -> None:
     """Activation checkpointing around each block, then fully_shard each block and the root (FULL_SHARD)."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
@@ -982,6 +933,74 @@ def check_document_isolation(model, cfg: Config, d: Dist) -> None:
 
 def count_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())  # DTensor numel is the global size
+
+
+# ======================================================================================================================
+# Loss
+
+# A step minimises the mean next-token cross-entropy over every trained token of its global batch (all ranks and
+# micro-batches): each rank sums its token losses and divides by loss_divisor; evaluation sums and counts.
+
+LOSS_CHUNK_ELEMENTS = 2**24  # logits handled at once by the loss: 64 MiB in fp32
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """Summed next-token cross-entropy of (tokens, vocab) logits, computed in fp32 chunks, with the gradient written
+    during forward into one buffer of the logits' dtype.
+
+    transformers' loss upcasts all logits to fp32 and autograd keeps the log-softmax, then backward adds two more
+    full-size tensors: ~6 logits-sized bf16 units at the peak (measured), 8 GiB for a 128k vocabulary at 8k tokens.
+    Here the logits plus their gradient are the only full-size tensors (2 units) and fp32 exists one chunk at a time.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        grad = torch.empty_like(logits) if ctx.needs_input_grad[0] else None
+        total = torch.zeros((), dtype=torch.float32, device=logits.device)
+        rows = max(1, LOSS_CHUNK_ELEMENTS // logits.shape[1])
+        for start in range(0, logits.shape[0], rows):
+            x = logits[start : start + rows].to(torch.float32, copy=True)  # a copy: modified in place below
+            y = labels[start : start + rows]
+            keep = y != -100
+            target = y.clamp(min=0).unsqueeze(1)
+            lse = torch.logsumexp(x, dim=1)
+            total += ((lse - x.gather(1, target).squeeze(1)) * keep).sum()
+            if grad is not None:  # d(loss)/d(logits) = softmax - one_hot(target), zero for ignored tokens
+                x.sub_(lse.unsqueeze(1)).exp_()
+                x.scatter_add_(1, target, -torch.ones_like(target, dtype=x.dtype))
+                grad[start : start + rows] = x.mul_(keep.unsqueeze(1))
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_total: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad.mul_(grad_total.to(grad.dtype)), None  # in place: the buffer is used once
+
+
+def trained_targets(labels: torch.Tensor) -> torch.Tensor:
+    """How many next-token targets of `labels` (batch, seq) are trained: every position but the first of each row
+    (nothing precedes it in the row) whose label is not -100 (prompt, padding, a document's first token)."""
+    return (labels[..., 1:] != -100).sum()
+
+
+def loss_divisor(step_targets: int, world_size: int) -> float:
+    """What each rank divides its summed token loss by: the step's trained targets over all ranks and micro-batches
+    (an all-reduced trained_targets) / world size. FSDP averages gradients over ranks, so the step's gradient is the
+    mean over every trained token of the global batch, however unevenly masking spread them over ranks."""
+    return max(step_targets, 1) / world_size
+
+
+def causal_lm_loss(logits, labels, vocab_size=None, num_items_in_batch=None, ignore_index=-100, **kwargs):
+    """transformers' ForCausalLMLoss maths (shift, ignore -100) through ChunkedCrossEntropy: the summed token loss
+    divided by `num_items_in_batch` (transformers' name for the divisor; training passes loss_divisor, evaluation 1 to
+    get the sum), or the mean over trained targets without it. Installed as the model's `loss_function` (a
+    transformers setter), so that model(..., labels=...) uses it."""
+    assert ignore_index == -100, ignore_index
+    count = num_items_in_batch if num_items_in_batch is not None else trained_targets(labels)
+    shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:].to(logits.device)
+    return ChunkedCrossEntropy.apply(logits.flatten(0, -2), shifted.flatten()) / count
 
 
 # ======================================================================================================================
@@ -2808,7 +2827,7 @@ def evaluate(model, data, cfg: Config, d: Dist) -> dict[str, float]:
         ids, labels, positions = ids.to(d.device), labels.to(d.device), positions.to(d.device)
         out = model(input_ids=ids, position_ids=positions, labels=labels, num_items_in_batch=1)
         totals[0] += out.loss.double()  # a sum: divided by 1
-        totals[1] += (labels[:, 1:] != -100).sum()
+        totals[1] += trained_targets(labels)
     dist.all_reduce(totals)
     model.train()
     reshard_all(model)
@@ -2934,17 +2953,16 @@ def train(cfg: Config, d: Dist | None = None) -> None:
                     state.epoch, state.offset = state.epoch + 1, 0
                 if perm_epoch != state.epoch:
                     perm_epoch, perm = state.epoch, epoch_permutation(len(data), cfg.seed, state.epoch)
-                batches, counts = [], torch.zeros(2, dtype=torch.int64)  # label tokens, real tokens
+                batches, tally = [], torch.zeros(2, dtype=torch.int64)  # trained targets, real (non-pad) tokens
                 for m in range(accum):
                     idx = rank_batch_indices(perm, state.offset + m * micro_batch, cfg.batch_size, d.rank, d.world_size)
                     trace_samples(state.step + 1, state.epoch, idx, d.rank)
                     ids, labels, positions, real = fetch_batch(data, idx)
-                    counts += torch.tensor([int((labels[:, 1:] != -100).sum()), real])
+                    tally += torch.tensor([int(trained_targets(labels)), real])
                     batches.append(tuple(to_device(t, d.device) for t in (ids, labels, positions)))
-                dist.all_reduce(counts)  # masked labels: the global token count is known only after an (all-CPU) sum
-                # Each rank's loss is its token-loss sum over the per-rank share of the global count, so FSDP's
-                # gradient average over ranks is the mean over every trained token of the step.
-                norm = max(int(counts[0]), 1) / d.world_size
+                dist.all_reduce(tally)  # the step's totals over ranks (one small all-CPU sum)
+                step_targets, step_tokens = tally.tolist()
+                divisor = loss_divisor(step_targets, d.world_size)
             lr_used = cfg.lr * schedule(state.step)
             set_lr(optimizer, lr_used)  # before backward: --optimizer-in-backward steps inside it
             loss_sum = torch.zeros((), device=d.device)
@@ -2952,7 +2970,7 @@ def train(cfg: Config, d: Dist | None = None) -> None:
                 if cfg.accumulate_unsharded:  # reduce-scatter once per step; FSDP keeps full gradients until then
                     model.set_requires_gradient_sync(m == accum - 1)
                 with timer("forward"):
-                    loss = model(input_ids=ids, position_ids=positions, labels=labels, num_items_in_batch=norm).loss
+                    loss = model(input_ids=ids, position_ids=positions, labels=labels, num_items_in_batch=divisor).loss
                     fault_point("crash", state.step + 1)
                 if fault_point("nan_loss", state.step + 1):
                     loss = loss * float("nan")
@@ -2965,8 +2983,8 @@ def train(cfg: Config, d: Dist | None = None) -> None:
             state.step += 1
             state.offset += global_batch
             window_steps += 1
-            window_tokens += int(counts[1])
-            tokens_seen += int(counts[1])
+            window_tokens += step_tokens
+            tokens_seen += step_tokens
             metrics.step()
 
             stopped_by, command = stop.agreed(control_file if d.is_main else None)
