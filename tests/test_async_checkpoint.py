@@ -40,7 +40,9 @@ def runs(prep, tmp_path_factory):
     save_dir = tmp_path_factory.mktemp("async")
     common = ("--max-steps", 12, "--ckpt-freq", 4, "--keep-latest-k", 5)
     ok(torchrun(train_args(prep, save_dir, "sync", *common)))
-    proc = ok(torchrun(train_args(prep, save_dir, "async", *common, ASYNC), env={"FSDP_TRAIN_FAULT": "sleep_in_save:4:3"}))
+    proc = ok(
+        torchrun(train_args(prep, save_dir, "async", *common, ASYNC), env={"FSDP_TRAIN_FAULT": "sleep_in_save:4:3"})
+    )
     return save_dir, proc.stdout
 
 
