@@ -107,5 +107,8 @@ def test_sigterm_during_background_save_seals_it_and_the_stop_save(prep, tmp_pat
     assert 3 < step < 40
     ckpts = tmp_path / "exp" / "checkpoints"
     assert checkpoint_names(ckpts) == sorted(["step-3", f"step-{step}"])  # both sealed, nothing left half-written
+    for sealed in ("step-3", f"step-{step}"):  # and sealed only once written: every rank's files are there
+        assert {p.name for p in (ckpts / sealed).glob("rng-rank*.pt")} == {"rng-rank0.pt", "rng-rank1.pt"}
+        assert checkpoint_weights(ckpts / sealed)
     out = job.output
     assert out.index(f"Saved checkpoint {ckpts / 'step-3'}") < out.index(f"Saved checkpoint {ckpts / f'step-{step}'}")
