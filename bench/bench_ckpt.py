@@ -13,9 +13,11 @@ a training run.
     posix_fadvise(DONTNEED) on every file read (empties this guest's page cache for them; a VM host may still cache),
     "warm" reads come straight after. Phases (get_state_dict, dcp.save, dcp.load, set_state_dict) are timed apart.
     Target: save and load >= 50% of the disk's bandwidth (the better of the two baselines).
-(2) Training: fsdp_train.py on the bundled data with --ckpt-freq --every vs one save at the end only, alternately,
-    --steps steps each. From the output's arrival times, the loop (Start-up line -> last save) is compared: is a run
-    with n more saves slower by more than n x one save's duration (from the "Saved checkpoint ... in Xs" lines)?
+(2) Training: fsdp_train.py on the bundled data with --ckpt-freq --every, blocking and --async-checkpoint, vs one
+    save at the end only, alternately, --steps steps each. From the output's arrival times, the loop (Start-up line ->
+    last save) is compared: is a run with n more saves slower by more than n x one save's duration (from the "Saved
+    checkpoint ... in Xs" lines)? And what does the step that coincides with a save take (step line k -> k+1, k a
+    save step), blocking vs async, against the other steps?
 
 Prints markdown tables; the full record goes to bench/results/bench_ckpt-<time>.json.
 """
@@ -193,19 +195,38 @@ def worker(model_dir: Path, work: Path, repeats: int, out: Path) -> None:
 
 
 SAVED = re.compile(r"Saved checkpoint \S+ in ([\d.]+)s")
+PAUSED = re.compile(r"training paused ([\d.]+)s")
+STEP_LINE = re.compile(r"\] step (\d+)/")
 
 
-def training_run(dataset: Path, model_dir: Path, save_dir: Path, exp: str, steps: int, freq: int) -> dict:
+def step_gaps(lines: list[tuple[float, str]], freq: int, steps: int) -> tuple[list[float], list[float]]:
+    """Seconds from step line k to k+1: (k a save step, so the gap holds that save or its staging; the others).
+    Step 1 -> 2 is left out (warm-up)."""
+    at = {int(m[1]): t for t, line in lines if (m := STEP_LINE.search(line))}
+    gaps = {k: at[k + 1] - at[k] for k in range(2, steps) if k in at and k + 1 in at}
+    return [g for k, g in gaps.items() if k % freq == 0], [g for k, g in gaps.items() if k % freq]
+
+
+def training_run(
+    dataset: Path, model_dir: Path, save_dir: Path, exp: str, steps: int, freq: int, async_save: bool = False
+) -> dict:
     args = ["-e", exp, "-d", dataset, "-m", model_dir, "--save-dir", save_dir, "-s", "128", "-b", "1"]
     args += ["--log-freq", "1", "--warmup-steps", "1", "--max-steps", steps, "--ckpt-freq", freq]
+    args += ["--async-checkpoint", "on" if async_save else "off"]
     run = run_timed([*TORCHRUN, str(ROOT / "fsdp_train.py"), *map(str, args)]).check()
     ready = run.first("Start-up took")
     saves = [(t, float(m[1])) for t, line in run.lines if (m := SAVED.search(line))]
+    paused = [float(m[1]) for _, line in run.lines if (m := PAUSED.search(line))]
     metrics = [json.loads(x) for x in (save_dir / exp / "metrics.jsonl").read_text().splitlines()]
     steps_ms = [m["time/total"] for m in metrics if m["global_step"] > 1]  # step 1 warms up
+    save_gaps, other_gaps = step_gaps(run.lines, freq, steps)
     return {
         "exp": exp,
         "ckpt_freq": freq,
+        "async": async_save,
+        "save_step_s": save_gaps,
+        "other_step_s": other_gaps,
+        "paused_s": paused,
         "wall_s": run.wall,
         "cpu_s": run.cpu,
         "loop_s": saves[-1][0] - ready[0],  # Start-up line -> the final save's line (both runs end with a save)
@@ -295,42 +316,51 @@ def main() -> int:
         dataset = prepare_dataset(work)
         save_dir = work / "train"
         shutil.rmtree(save_dir, ignore_errors=True)
+        # alternating; 10**6: only the save at the end (blocking: --async-checkpoint waits for it anyway)
+        modes = {"blocking": (args.every, False), "async": (args.every, True), "end only": (10**6, False)}
         for r in range(args.step_repeats):
-            for freq in (args.every, 10**6):  # alternating; 10**6: only the save at the end
-                runs.append(training_run(dataset, model_dir, save_dir, f"f{freq}-{r}", args.steps, freq))
-                print(f"  ckpt-freq {freq}: loop {runs[-1]['loop_s']:.1f}s, {runs[-1]['saves']} saves", flush=True)
-                shutil.rmtree(save_dir / f"f{freq}-{r}")
-        by = {f: [x for x in runs if x["ckpt_freq"] == f] for f in (args.every, 10**6)}
-        periodic, end_only = by[args.every], by[10**6]
-        loop_p, loop_e = median([x["loop_s"] for x in periodic]), median([x["loop_s"] for x in end_only])
-        extra = periodic[0]["saves"] - end_only[0]["saves"]
-        save_s = median([s for x in periodic for s in x["save_s"]])
-        step_p = median([x["median_step_ms"] for x in periodic])
-        step_e = median([x["median_step_ms"] for x in end_only])
-        cpu_p, cpu_e = median([x["cpu_s"] for x in periodic]), median([x["cpu_s"] for x in end_only])
+            for mode, (freq, async_save) in modes.items():
+                exp = f"{mode.replace(' ', '-')}-{r}"
+                runs.append(training_run(dataset, model_dir, save_dir, exp, args.steps, freq, async_save))
+                runs[-1]["mode"] = mode
+                print(f"  {mode}: loop {runs[-1]['loop_s']:.1f}s, {runs[-1]['saves']} saves", flush=True)
+                shutil.rmtree(save_dir / exp)
+        by = {m: [x for x in runs if x["mode"] == m] for m in modes}
+        loop = {m: median([x["loop_s"] for x in by[m]]) for m in modes}
+        extra = by["blocking"][0]["saves"] - by["end only"][0]["saves"]
+
+        def pooled(mode: str, key: str) -> float:
+            return median([v for x in by[mode] for v in x[key]]) if any(x[key] for x in by[mode]) else float("nan")
+
         rows2 = [
-            [f"--ckpt-freq {args.every}", periodic[0]["saves"], loop_p, step_p, save_s, cpu_p],
             [
-                "end only",
-                end_only[0]["saves"],
-                loop_e,
-                step_e,
-                median([s for x in end_only for s in x["save_s"]]),
-                cpu_e,
-            ],
+                f"--ckpt-freq {args.every}" if m != "end only" else "end only",
+                by[m][0]["saves"],
+                m,
+                loop[m],
+                (loop[m] - loop["end only"]) / extra if m != "end only" else "",
+                pooled(m, "save_step_s") * 1e3 if m != "end only" else "",
+                pooled(m, "other_step_s") * 1e3,
+                pooled(m, "save_s"),
+                pooled(m, "paused_s") if m == "async" else "",
+                median([x["cpu_s"] for x in by[m]]),
+            ]
+            for m in modes
         ]
         print(
             f"\n## (2) training {args.steps} steps, {args.shape}, -s 128 -b 1, 2 ranks "
             f"(median of {args.step_repeats} runs each)\n"
         )
-        heads = ["run", "saves", "loop s", "median step ms (saves excluded)", "median save s", "job CPU s"]
+        heads = ["run", "saves", "mode", "loop s", "s per extra save", "save step ms", "other steps ms",
+                 "median save s (start to sealed)", "training paused s", "job CPU s"]  # fmt: skip
         print(table(heads, rows2))
-        per_save = (loop_p - loop_e) / extra
+        save_s = pooled("blocking", "save_s")
+        per_save = (loop["blocking"] - loop["end only"]) / extra
         inflated = per_save > 1.1 * save_s
         print(
-            f"\ncost per extra save {per_save:.2f}s vs one save {save_s:.2f}s: "
-            f"{'INFLATED beyond the save itself' if inflated else 'not inflated beyond the save itself'} "
-            f"(step time {step_p:.0f} vs {step_e:.0f} ms)"
+            f"\nblocking: cost per extra save {per_save:.2f}s vs one save {save_s:.2f}s: "
+            f"{'INFLATED beyond the save itself' if inflated else 'not inflated beyond the save itself'}; "
+            f"async: {(loop['async'] - loop['end only']) / extra:.2f}s per extra save"
         )
 
     payload = {
