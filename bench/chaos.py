@@ -1,11 +1,14 @@
 """Chaos test: kill -9 a 2-process CPU run at a random moment, re-run the same command, get bitwise-equal weights.
 
     python bench/chaos.py --runs 10 [--seed S] [--steps 24] [--ckpt-freq 4] [--workdir DIR] [--keep]
+        [--async-checkpoint]
 
 Prepares the bundled data/ and a tiny model, times one uninterrupted reference run, then N times: starts the same
 run, SIGKILLs a random worker or the torchrun agent right after a random training step has been logged (or, on about a
 third of the runs, inside a checkpoint save held open by FSDP_TRAIN_FAULT=sleep_in_save), re-runs the same command until it exits 0 (at most 3
 times) and compares the final checkpoint's model weights with the reference's, tensor by tensor with torch.equal.
+With --async-checkpoint the chaos runs write their checkpoints in the background (a kill "inside a save" then lands
+while training goes on) and are still compared with the blocking reference.
 Exit code 0 only if every run survived and is identical; a JSON summary goes to bench/results/chaos-<time>.json.
 
     reference: 24 steps in 8.84s (seed 762521)
@@ -213,6 +216,11 @@ def main() -> int:
     parser.add_argument("--ckpt-freq", type=int, default=4, help="--ckpt-freq of every run (default 4)")
     parser.add_argument("--workdir", type=Path, default=None, help="keep inputs and runs here (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="do not delete the temp workdir at the end")
+    parser.add_argument(
+        "--async-checkpoint",
+        action="store_true",
+        help="the chaos runs save in the background (--async-checkpoint on); the reference still saves blocking",
+    )
     args = parser.parse_args()
     if args.runs < 1 or args.steps <= args.ckpt_freq or args.ckpt_freq < 1:
         parser.error("need --runs >= 1 and 1 <= --ckpt-freq < --steps (a save to kill inside must exist)")
@@ -229,8 +237,10 @@ def main() -> int:
     train = ["-d", str(dataset), "-m", str(model), "--save-dir", str(save), *TRAIN]
     train += ["--max-steps", str(args.steps), "--ckpt-freq", str(args.ckpt_freq)]
 
-    def cmd(exp: str) -> list[str]:
-        return [*launcher, str(trainer), "-e", exp, *train]
+    def cmd(exp: str, *extra: str) -> list[str]:
+        return [*launcher, str(trainer), "-e", exp, *train, *extra]
+
+    saves = ("--async-checkpoint", "on") if args.async_checkpoint else ()
 
     rc, ref_s = run_to_log(cmd("ref"), logs / "ref.log")
     if rc != 0:
@@ -243,7 +253,7 @@ def main() -> int:
 
     rng, records = random.Random(seed), []
     for i in range(1, args.runs + 1):
-        rec = chaos_run(i, rng, cmd(f"run-{i}"), args.ckpt_freq, args.steps, logs)
+        rec = chaos_run(i, rng, cmd(f"run-{i}", *saves), args.ckpt_freq, args.steps, logs)
         try:
             rec["differ"] = compare(reference, model_weights(save / f"run-{i}" / final, work / f"run-{i}.pt"))
         except (Exception, CheckpointException) as e:  # a missing/unreadable checkpoint fails this run, not the others
@@ -262,6 +272,7 @@ def main() -> int:
         "runs_requested": args.runs,
         "steps": args.steps,
         "ckpt_freq": args.ckpt_freq,
+        "async_checkpoint": args.async_checkpoint,
         "reference_s": round(ref_s, 2),
         "total_s": round(time.monotonic() - t_start, 1),
         "survived": survived,

@@ -67,6 +67,15 @@ def checkpoint_weights(ckpt: Path) -> dict:
         return torch.load(out, weights_only=True)["model"]
 
 
+def assert_same_weights(a: Path, b: Path) -> None:
+    """Two checkpoints hold bitwise the same model tensors."""
+    import torch
+
+    wa, wb = checkpoint_weights(a), checkpoint_weights(b)
+    assert wa.keys() == wb.keys()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa), [k for k in wa if not torch.equal(wa[k], wb[k])]
+
+
 def assert_runs_close(a: Path, b: Path, step: int, atol: float = 1e-5) -> None:
     """Two experiment folders' logged losses up to `step` and step-`step` weights agree to `atol` (same maths, other
     layout)."""

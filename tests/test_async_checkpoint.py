@@ -13,8 +13,16 @@ import signal
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import Job, assert_single_error, checkpoint_weights, ok, read_metrics, torchrun, train_args
+from conftest import (
+    Job,
+    assert_same_weights,
+    assert_single_error,
+    checkpoint_weights,
+    ok,
+    read_metrics,
+    torchrun,
+    train_args,
+)
 
 import fsdp_train as ft
 
@@ -23,43 +31,25 @@ pytestmark = pytest.mark.slow
 ASYNC = "--async-checkpoint"  # bare flag: on
 
 
-def assert_same_weights(a: Path, b: Path) -> None:
-    wa, wb = checkpoint_weights(a), checkpoint_weights(b)
-    assert wa.keys() == wb.keys()
-    assert all(torch.equal(wa[k], wb[k]) for k in wa), [k for k in wa if not torch.equal(wa[k], wb[k])]
-
-
 def checkpoint_names(ckpts: Path) -> list[str]:
-    return sorted(p.name for p in ckpts.iterdir() if not p.name.endswith(".pt"))  # .pt: checkpoint_weights' output
+    return sorted(p.name for p in ckpts.iterdir())
 
 
-@pytest.fixture(scope="module")
-def runs(prep, tmp_path_factory):
-    """The same 12-step run saving every 4 steps (all kept), blocking and async; the async one's step-4 write
-    sleeps 3 s in the background first."""
-    save_dir = tmp_path_factory.mktemp("async")
-    common = ("--max-steps", 12, "--ckpt-freq", 4, "--keep-latest-k", 5)
-    ok(torchrun(train_args(prep, save_dir, "sync", *common)))
-    proc = ok(
-        torchrun(train_args(prep, save_dir, "async", *common, ASYNC), env={"FSDP_TRAIN_FAULT": "sleep_in_save:4:3"})
-    )
-    return save_dir, proc.stdout
-
-
-def test_async_saves_equal_blocking_saves_bitwise(runs):
-    save_dir, out = runs
+def test_async_saves_equal_blocking_saves_bitwise(prep, reference_run, tmp_path):
+    # The shared reference run saved after every step, blocking. Here the step-4 write sleeps 3 s in the background.
+    args = train_args(prep, tmp_path, "async", "--max-steps", 12, "--ckpt-freq", 4, "--keep-latest-k", 5, ASYNC)
+    out = ok(torchrun(args, env={"FSDP_TRAIN_FAULT": "sleep_in_save:4:3"})).stdout
     # Written in the background: steps 5-7 were trained (and logged) before step-4 was sealed.
-    sealed = out.index("Saved checkpoint " + str(save_dir / "async/checkpoints/step-4"))
+    sealed = out.index("Saved checkpoint " + str(tmp_path / "async/checkpoints/step-4"))
     assert out.index("step 7/12") < sealed, out
     assert "written in the background (training paused" in out[sealed:].splitlines()[0]
     for step in (4, 8, 12):
-        assert_same_weights(save_dir / f"sync/checkpoints/step-{step}", save_dir / f"async/checkpoints/step-{step}")
-    assert [m["loss"] for m in read_metrics(save_dir / "async")] == [m["loss"] for m in read_metrics(save_dir / "sync")]
-    assert checkpoint_names(save_dir / "async/checkpoints") == ["step-12", "step-4", "step-8"]
+        assert_same_weights(reference_run["step"](step), tmp_path / f"async/checkpoints/step-{step}")
+    assert [m["loss"] for m in read_metrics(tmp_path / "async")] == [m["loss"] for m in reference_run["metrics"][:12]]
+    assert checkpoint_names(tmp_path / "async/checkpoints") == ["step-12", "step-4", "step-8"]
 
 
-def test_kill_during_background_save_then_rerun_resumes_bitwise(prep, runs, tmp_path):
-    save_dir, _ = runs
+def test_kill_during_background_save_then_rerun_resumes_bitwise(prep, reference_run, tmp_path):
     args = train_args(prep, tmp_path, "exp", "--max-steps", 12, "--ckpt-freq", 4, ASYNC)
     job = Job(args, env={"FSDP_TRAIN_FAULT": "sleep_in_save:8:30"})
     try:
@@ -75,7 +65,7 @@ def test_kill_during_background_save_then_rerun_resumes_bitwise(prep, runs, tmp_
     again = ok(torchrun(args))
     assert "Removing incomplete checkpoint" in again.stdout and "Resuming from step 4" in again.stdout
     assert not list(ckpts.glob(".tmp-*"))
-    assert_same_weights(ckpts / "step-12", save_dir / "sync/checkpoints/step-12")
+    assert_same_weights(ckpts / "step-12", reference_run["step"](12))
 
 
 def test_background_disk_full_is_one_error_and_keeps_the_previous_checkpoint(prep, tmp_path):

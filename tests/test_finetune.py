@@ -248,7 +248,22 @@ def test_chat_sft_trains_on_assistant_tokens_only(prep, chat_files, tmp_path):
 
     assert AutoTokenizer.from_pretrained(tmp_path / "chat" / "hf").chat_template == CHATML  # the export can chat
 
-    ok(torchrun(train_args(prep, tmp_path, "alpaca", *extra, data=chat_files["alpaca"])))
+    # Alpaca rows take the same path once they are conversations: prepared (one process), assistant tokens only.
+    alpaca = tmp_path / "alpaca"
+    ok(
+        run(
+            [
+                sys.executable,
+                "fsdp_train.py",
+                "prepare",
+                *train_args(prep, alpaca, "a", *extra, data=chat_files["alpaca"]),
+            ]
+        )
+    )
+    (cache,) = (alpaca / ".cache" / "tokenized").iterdir()
+    block = ft.load_packed(cache)[0]
+    trained = AutoTokenizer.from_pretrained(prep["model"]).decode(block["input_ids"][block["labels"] != -100])
+    assert trained.startswith("A carrot.<|im_end|>\nA carrot.<|im_end|>\n"), trained
 
 
 @pytest.mark.parametrize("suffix", [".parquet", ".jsonl", ".json"])
