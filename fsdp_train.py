@@ -29,6 +29,7 @@ import atexit
 import contextlib
 import dataclasses
 import errno
+import functools
 import hashlib
 import json
 import logging
@@ -42,6 +43,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -493,8 +495,8 @@ class StopRequest:
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
-    def __init__(self):
-        self.signum = 0
+    def __init__(self, rank: int):
+        self.rank, self.signum = rank, 0
         self.first_sigint = None
         self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
@@ -506,7 +508,7 @@ class StopRequest:
     def _handle(self, signum, frame):
         if signum == signal.SIGINT and self.first_sigint is not None:
             if time.monotonic() - self.first_sigint > 1.0:
-                say(f"[rank{os.environ.get('RANK', 0)}] Aborted by a second SIGINT: no checkpoint saved")
+                say(f"[rank{self.rank}] Aborted by a second SIGINT: no checkpoint saved")
                 os._exit(130)
             return
         if signum == signal.SIGINT:
@@ -1395,7 +1397,7 @@ def build_packed_cache(cfg: Config, tokenizer, ds, role: str, kind: str, templat
             cache_file_name=str(tmp / "map" / "tokenized.arrow"),
             desc=f"tokenize {role}",
         )
-        fault_point("sleep_in_prepare", 0)
+        hook_for_tests("sleep_in_prepare", 0)
         stats = write_packed(tokenized, kind, cfg, pad_id_of(tokenizer), tmp / "blocks.arrow")
         del tokenized
         if stats["blocks"] == 0:
@@ -1488,7 +1490,9 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
 
 
+@functools.lru_cache(maxsize=2)  # asked for every step: a permutation of millions of blocks takes ~0.1 s
 def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
+    """The order of an epoch's blocks: seeded by epoch alone, the same on every rank and at any world size."""
     g = torch.Generator()
     g.manual_seed(seed + epoch)
     return torch.randperm(num_samples, generator=g)
@@ -1538,219 +1542,6 @@ def lr_factor(
         progress = (progress - (1 - decay_fraction)) / decay_fraction
     assert kind in ("linear", "wsd"), kind
     return 1 - (1 - min_ratio) * progress
-
-
-def local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's piece of a DTensor (a view: in-place ops on it update the sharded parameter), or t itself."""
-    from torch.distributed.tensor import DTensor
-
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
-def shard_group(p: torch.Tensor):
-    """The process group over which p's rows are split (FSDP shards dim 0), or None for a whole tensor."""
-    from torch.distributed.tensor import DTensor, Shard
-
-    if not isinstance(p, DTensor):
-        return None
-    dims = [i for i, placement in enumerate(p.placements) if isinstance(placement, Shard)]
-    assert all(p.placements[i].dim == 0 for i in dims), p.placements  # fully_shard shards dim 0 only
-    return p.device_mesh.get_group(dims[0]) if dims else None
-
-
-def _zeros_like_shard(
-    p: torch.Tensor, local_shape: tuple, global_shape: tuple, replicated: bool, dtype: torch.dtype
-) -> torch.Tensor:
-    """A zero DTensor laid out like p (Shard(0) rows) or replicated, so DCP saves and reshards it like p."""
-    from torch.distributed.tensor import DTensor, Replicate
-
-    t = torch.zeros(local_shape, dtype=dtype, device=local(p).device)
-    if not isinstance(p, DTensor):
-        return t
-    placements = [Replicate()] * p.device_mesh.ndim if replicated else p.placements
-    stride = (global_shape[1], 1)
-    return DTensor.from_local(t, p.device_mesh, placements, run_check=False, shape=global_shape, stride=stride)
-
-
-def stochastic_round_(dst: torch.Tensor, src: torch.Tensor, generator: torch.Generator | None = None) -> None:
-    """Write fp32 `src` into bf16 `dst`, rounding up with probability equal to the dropped fraction.
-
-    A bf16 weight near 0.02 cannot move by less than ~1e-4 with round-to-nearest, so fine-tuning updates of that size
-    vanish in pure bf16; rounded stochastically they survive on average (the expected result is exactly `src`).
-    Adding 16 random low bits to the fp32 pattern and truncating does that.
-    """
-    bits = src.view(torch.int32)
-    noise = torch.randint(0, 1 << 16, bits.shape, generator=generator, dtype=torch.int32, device=bits.device)
-    dst.copy_(((bits + noise) & -65536).view(torch.float32))  # low 16 bits zero: the bf16 cast is exact
-
-
-def rounding_generator(seed: int, param_index: int, step: int, p: torch.Tensor) -> torch.Generator:
-    """The noise source for rounding one shard at one step: a function of the shard's place in the shard group, not
-    of the rank, so HSDP replicas that hold the same shard round it identically and never drift apart; and of the
-    step, so a resumed run draws the same noise without any RNG state."""
-    group = shard_group(p)
-    shard = dist.get_rank(group) if group is not None else 0
-    key = hashlib.blake2b(f"{seed}:{param_index}:{step}:{shard}".encode(), digest_size=8).digest()
-    return torch.Generator(device=local(p).device).manual_seed(int.from_bytes(key, "little") >> 1)
-
-
-class Adafactor(torch.optim.Optimizer):
-    """PyTorch's Adafactor algorithm (as torch.optim.Adafactor: no momentum, factored second moment, updates sized
-    relative to each weight's RMS and clipped to RMS d) on FSDP2 shards.
-
-    torch.optim.Adafactor cannot run on DTensor parameters (an in-place pow on a partial norm is refused): its column
-    statistics, mean row statistic and the weight and update RMS are sums over every shard. FSDP shards dim 0, so each
-    rank owns whole rows: row statistics stay local and the sums take two all-reduces per step over the shard group,
-    batched over all parameters. On whole tensors it computes what torch.optim.Adafactor computes (tested to 1e-6),
-    without its per-parameter host syncs. bf16 weights (--pure-bf16) are updated in fp32 and rounded stochastically. The factored state (row_var like the param's rows, col_var replicated,
-    variance for vectors) is kept as DTensors, so DCP checkpoints reshard it to another world size.
-    """
-
-    def __init__(self, params, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0, weight_decay=0.0, seed=0):
-        super().__init__(params, dict(lr=lr, beta2_decay=beta2_decay, eps=eps, d=d, weight_decay=weight_decay))
-        self.seed = seed  # of the bf16 rounding noise (see rounding_generator)
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.ndim > 2:
-                    raise InputError(f"--optimizer adafactor supports 1-D and 2-D parameters, not {tuple(p.shape)}")
-
-    def _state(self, p: torch.Tensor) -> dict:
-        state = self.state[p]
-        if not state:
-            state["step"] = torch.tensor(0.0)
-            dtype = self._stat_dtype(p)
-            if p.ndim == 2:
-                (rows, cols), local_rows = p.shape, local(p).shape[0]
-                state["row_var"] = _zeros_like_shard(p, (local_rows, 1), (rows, 1), replicated=False, dtype=dtype)
-                state["col_var"] = _zeros_like_shard(p, (1, cols), (1, cols), replicated=True, dtype=dtype)
-            else:
-                state["variance"] = torch.zeros_like(p, dtype=dtype)
-        return state
-
-    @staticmethod
-    def _stat_dtype(p: torch.Tensor) -> torch.dtype:
-        """Statistics and updates in fp32 at least: in bf16, squared gradients of ~1e-5 round coarsely and the slow
-        running averages stop moving (an increment below 1/256 of the value is lost)."""
-        return torch.promote_types(p.dtype, torch.float32)
-
-    @staticmethod
-    def _all_reduce(params: list, parts: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Sum each parameter's statistics over its shard group: one all-reduce per group for all parameters."""
-        by_group: dict = {}
-        for i, p in enumerate(params):
-            by_group.setdefault(shard_group(p), []).append(i)
-        out = list(parts)
-        for group, idx in by_group.items():
-            if group is None:
-                continue
-            flat = torch.cat([parts[i] for i in idx])
-            dist.all_reduce(flat, group=group)
-            for i, piece in zip(idx, flat.split([parts[i].numel() for i in idx]), strict=True):
-                out[i] = piece
-        return out
-
-    def _update(self, p: torch.Tensor, state: dict, row_mean: torch.Tensor, eps1: float) -> torch.Tensor:
-        """The unscaled update G / sqrt(V) for this rank's rows."""
-        if p.ndim == 2:
-            var = local(state["row_var"]) @ local(state["col_var"])
-            var.div_(row_mean.clamp(min=eps1))
-        else:
-            var = local(state["variance"]).clone()
-        return var.clamp_(min=eps1 * eps1).rsqrt_().mul_(local(p.grad).to(var.dtype))
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        assert closure is None, "closures are not supported"
-        todo = [(g, p) for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if not todo:
-            return
-        params = [p for _, p in todo]
-        # 1. Second-moment statistics. Each entry: [sum x^2, (2-D:) sum of row_var, per-column sum of g^2].
-        stats, weights = [], []
-        for group, p in todo:
-            state = self._state(p)
-            state["step"] += 1
-            weights.append(state["step"].item() ** group["beta2_decay"])  # a CPU scalar: no device sync
-            dtype = self._stat_dtype(p)
-            x, grad = local(p), local(p.grad).to(dtype)
-            parts = [torch.linalg.vector_norm(x, dtype=dtype).square().reshape(1)]
-            if p.ndim == 2:
-                row_mean = torch.norm(grad, dim=-1, keepdim=True).square_().div_(grad.size(-1))
-                local(state["row_var"]).lerp_(row_mean, weights[-1])
-                parts += [local(state["row_var"]).sum().reshape(1), torch.norm(grad, dim=-2).square_()]
-            else:
-                local(state["variance"]).lerp_(grad * grad, weights[-1])
-            stats.append(torch.cat(parts))
-        stats = self._all_reduce(params, stats)
-        eps1s, row_means = [], []
-        for (group, p), s, w in zip(todo, stats, weights, strict=True):
-            # torch.optim.Adafactor's default eps1 is finfo(param dtype).eps: 7.8e-3 for bf16 weights, which floors
-            # sqrt(V) far above the gradients of a large model (~1e-5) and shrinks their updates ~1000x.
-            eps1s.append(group["eps"][0] if group["eps"][0] is not None else torch.finfo(s.dtype).eps)
-            if p.ndim == 2:
-                rows = p.shape[0]
-                local(self.state[p]["col_var"]).lerp_((s[2:] / rows).reshape(1, -1), w)
-                row_means.append(s[1] / rows)
-            else:
-                row_means.append(None)
-        # 2. The update's RMS also sums over shards: compute each update once for its norm, reduce, then recompute
-        # while applying, so no more than one parameter's update is ever held.
-        update_sq = [
-            self._update(p, self.state[p], m, e).to(stats[0].dtype).square().sum().reshape(1)
-            for p, m, e in zip(params, row_means, eps1s, strict=True)
-        ]
-        update_sq = self._all_reduce(params, update_sq)
-        index = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
-        for (group, p), s, u2, m, e in zip(todo, stats, update_sq, row_means, eps1s, strict=True):
-            lr, step = float(group["lr"]), self.state[p]["step"].item()
-            rho = min(lr, 1 / step**0.5)
-            alpha = (s[0] / p.numel()).sqrt().clamp(min=group["eps"][1]) * rho
-            denom = ((u2[0] / p.numel()).sqrt() / group["d"]).clamp(min=1.0)
-            x, update = local(p), self._update(p, self.state[p], m, e)
-            if x.dtype == torch.bfloat16:  # --pure-bf16: see stochastic_round_
-                new = x.float().mul_(1 - lr * group["weight_decay"]).sub_(update.mul_(alpha / denom))
-                stochastic_round_(x, new, rounding_generator(self.seed, index[p], int(step), p))
-            else:
-                if group["weight_decay"]:
-                    x.mul_(1 - lr * group["weight_decay"])
-                x.sub_(update.mul_(alpha / denom).to(p.dtype))
-
-
-class OptimizerInBackward:
-    """--optimizer-in-backward: one optimizer per parameter, stepped by the parameter's post-accumulate-grad hook as
-    soon as FSDP has reduce-scattered its gradient, which is freed right after: the full set of gradients never
-    exists at once. step() and zero_grad() are no-ops for the train loop; param_groups spans every optimizer, so the
-    LR schedule reaches all of them before backward starts; DCP saves `optimizers` as one state dict keyed by
-    parameter name (the same keys as a single optimizer's)."""
-
-    def __init__(self, params: list[torch.nn.Parameter], make_optimizer):
-        self.optimizers = [make_optimizer(i, p) for i, p in enumerate(params)]
-        by_param = dict(zip(params, self.optimizers, strict=True))
-        self.grad_sumsq = torch.zeros((), device=local(params[0]).device)  # this rank's share of |g|^2, for logs
-
-        def step_now(p):
-            self.grad_sumsq += local(p.grad).float().square().sum().to(self.grad_sumsq.device)
-            by_param[p].step()
-            by_param[p].zero_grad(set_to_none=True)
-
-        self.hooks = [p.register_post_accumulate_grad_hook(step_now) for p in params]
-
-    @property
-    def param_groups(self) -> list[dict]:
-        # Looked up each time: Optimizer.load_state_dict (resume) replaces each optimizer's group dicts.
-        return [g for o in self.optimizers for g in o.param_groups]
-
-    def step(self) -> None:
-        pass
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        pass
-
-    def grad_norm(self, replicas: int) -> torch.Tensor:
-        """Global L2 norm of the gradients the hooks applied since the last call (one all-reduce)."""
-        sumsq, self.grad_sumsq = self.grad_sumsq, torch.zeros_like(self.grad_sumsq)
-        dist.all_reduce(sumsq)
-        return (sumsq / replicas).sqrt()  # HSDP replicas hold identical shards: count each once
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config, d: Dist):
@@ -1826,6 +1617,50 @@ STEP_DIR = re.compile(r"step-(\d+)")
 COMPLETE = "COMPLETE"
 
 
+@dataclass
+class CheckpointMeta:
+    """A checkpoint's meta.json: the one schema, written by seal_checkpoint and read by read_meta (the JSON keys are
+    kept as earlier checkpoints wrote them, so every older checkpoint still resumes)."""
+
+    state: TrainState  # where training stood after the step: step count, epoch, position in the epoch's order
+    world_size: int
+    grad_accum_steps: int
+    schedule_steps: int | None  # steps the LR schedule spans (None: a checkpoint from before it was recorded)
+    config: dict  # the Config the run had, as a dict
+    time: str = ""
+
+    def to_json(self) -> dict:
+        return {
+            "global_step": self.state.step,
+            "epoch": self.state.epoch,
+            "epoch_offset": self.state.offset,
+            "world_size": self.world_size,
+            "grad_accum_steps": self.grad_accum_steps,
+            "schedule_steps": self.schedule_steps,
+            "config": self.config,
+            "time": self.time,
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict) -> CheckpointMeta:
+        """Raises KeyError, TypeError or ValueError on a malformed meta.json."""
+        if not isinstance(obj.get("global_step"), int) or not isinstance(obj.get("config"), dict):
+            raise ValueError("meta.json has no integer global_step or no config")
+        return cls(
+            state=TrainState(step=obj["global_step"], epoch=int(obj["epoch"]), offset=int(obj["epoch_offset"])),
+            world_size=int(obj["world_size"]),
+            grad_accum_steps=int(obj.get("grad_accum_steps", 1)),
+            schedule_steps=obj.get("schedule_steps"),
+            config=obj["config"],
+            time=str(obj.get("time", "")),
+        )
+
+    @property
+    def global_batch(self) -> int:
+        """Sequences per optimizer step when it was saved."""
+        return self.config["batch_size"] * self.world_size * self.grad_accum_steps
+
+
 def complete_checkpoints(ckpt_root: Path) -> list[Path]:
     """`step-N` folders holding the COMPLETE marker (written last, so a killed save never counts), oldest first."""
     if not ckpt_root.is_dir():
@@ -1875,29 +1710,41 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def fault_point(name: str, step: int) -> bool:
-    """Test-only fault injection, a no-op unless FSDP_TRAIN_FAULT=NAME:STEP[:SECONDS] names this point.
+# Test-only hooks: FSDP_TRAIN_FAULT=KIND:STEP[:SECONDS] injects one fault, FSDP_TRAIN_TRACE_SAMPLES=DIR logs every
+# rank's samples. Read once at import, so that in the hot path a hook costs one test of two constants.
+TEST_FAULT = os.environ.get("FSDP_TRAIN_FAULT", "")
+TEST_TRACE = os.environ.get("FSDP_TRAIN_TRACE_SAMPLES", "")
 
-    sleep_in_save holds a save open so tests can kill the job inside it deterministically; sleep_in_prepare makes
-    tokenizing slow (at step 0); enospc_in_save fails
-    the save like a full disk; nan_loss (checked by the caller) poisons the loss; crash raises on rank 1 alone.
+
+def hook_for_tests(point: str, step: int, rank: int = 0, **info) -> bool:
+    """The one test hook, doing nothing (False) unless a test set a variable above. `point` is where the code is:
+
+    batch (trace only: the sample indices in `info`); crash (rank 1 raises, in forward); nan_loss (True: the caller
+    poisons the loss); sleep_in_save / enospc_in_save (a rank's checkpoint write, before its files / after them: the
+    tests kill a job inside a save, or fail it like a full disk); sleep_in_prepare (rank 0 tokenizing, step 0).
     """
-    spec = os.environ.get("FSDP_TRAIN_FAULT", "")
-    kind, _, rest = spec.partition(":")
+    if not (TEST_FAULT or TEST_TRACE):
+        return False
+    if point == "batch":
+        if TEST_TRACE:
+            with open(Path(TEST_TRACE) / f"rank{rank}.jsonl", "a") as f:
+                f.write(json.dumps({"step": step, "epoch": info["epoch"], "indices": info["indices"]}) + "\n")
+        return False
+    kind, _, rest = TEST_FAULT.partition(":")
     at, _, arg = rest.partition(":")
-    if kind != name or not at or int(at) != step:
+    if kind != point or not at or int(at) != step:
         return False
     if kind in ("sleep_in_save", "sleep_in_prepare"):
-        say(f"FAULT {kind} step {step} rank {os.environ.get('RANK', 0)} pid {os.getpid()}")
+        say(f"FAULT {kind} step {step} rank {rank} pid {os.getpid()}")
         time.sleep(float(arg or 60))
-    elif kind == "enospc_in_save" and int(os.environ.get("RANK", 0)) == 0:
+    elif kind == "enospc_in_save" and rank == 0:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    elif kind == "crash" and int(os.environ.get("RANK", 0)) == 1:
+    elif kind == "crash" and rank == 1:
         raise RuntimeError(f"injected crash at step {step}")
     return True
 
 
-def checkpoint_writer(path: Path, step: int, rank_files: dict[str, object]):
+def checkpoint_writer(path: Path, step: int, rank: int, rank_files: dict[str, object]):
     """DCP's FileSystemWriter (files fsync'd) that, in the same call that writes this rank's shards, also writes
     this rank's own files (its RNG state) with fsync and passes the save's fault points. A background save thus
     sleeps, fails or dies exactly where a blocking one does, and its rank is done only when all its files are
@@ -1908,14 +1755,14 @@ def checkpoint_writer(path: Path, step: int, rank_files: dict[str, object]):
         def write_data(self, plan, planner):
             # Before any byte: an async save then writes its shards while later steps run, which a staged copy
             # that aliased the live parameters would get wrong (the bitwise tests rely on this).
-            fault_point("sleep_in_save", step)
+            hook_for_tests("sleep_in_save", step, rank)
             written = super().write_data(plan, planner)
             for name, obj in rank_files.items():
                 with open(path / name, "wb") as f:
                     torch.save(obj, f)
                     f.flush()
                     os.fsync(f.fileno())
-            fault_point("enospc_in_save", step)
+            hook_for_tests("enospc_in_save", step, rank)
             return written
 
     return Writer(path)
@@ -2013,7 +1860,7 @@ def begin_save(cfg: Config, d: Dist, model, optimizer, state: TrainState, backgr
     pending = PendingSave(dataclasses.replace(state), tmp, t0)
     model_sd, optim_sd = get_state_dict(model, dcp_optimizers(optimizer))
     state_dict = {"model": model_sd, "optim": optim_sd, "buffers": nonpersistent_buffers(model)}
-    writer = checkpoint_writer(tmp, state.step, {f"rng-rank{d.rank}.pt": rng_state()})  # RNG of this step, now
+    writer = checkpoint_writer(tmp, state.step, d.rank, {f"rng-rank{d.rank}.pt": rng_state()})  # RNG of this step, now
     if background is not None:
         pending.future, pending.background = background.start(state_dict, writer), True
     else:
@@ -2025,7 +1872,7 @@ def begin_save(cfg: Config, d: Dist, model, optimizer, state: TrainState, backgr
     return pending
 
 
-def seal_checkpoint(pending: PendingSave, cfg: Config, d: Dist, accum: int = 1, schedule_steps: int = 0) -> Path:
+def seal_checkpoint(pending: PendingSave, cfg: Config, d: Dist, accum: int, schedule_steps: int) -> Path:
     """Collective, main thread: once every rank's files are on disk, rank 0 writes meta and the COMPLETE marker and
     renames the temp folder to step-N, then updates state.json and prunes. The one place a checkpoint becomes
     complete, for blocking and background saves alike.
@@ -2044,17 +1891,10 @@ def seal_checkpoint(pending: PendingSave, cfg: Config, d: Dist, accum: int = 1, 
         kept = f"{previous.name} is intact" if previous else "there is no earlier checkpoint"
         raise JobError(f"checkpoint at step {state.step} could not be saved ({save_error_reason(error)}); {kept}")
     if d.is_main:
-        meta = {
-            "global_step": state.step,
-            "epoch": state.epoch,
-            "epoch_offset": state.offset,
-            "world_size": d.world_size,
-            "grad_accum_steps": accum,
-            "schedule_steps": schedule_steps,
-            "config": dataclasses.asdict(cfg),
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        write_json_atomic(tmp / "meta.json", meta)
+        meta = CheckpointMeta(
+            state, d.world_size, accum, schedule_steps, dataclasses.asdict(cfg), time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        )
+        write_json_atomic(tmp / "meta.json", meta.to_json())
         (tmp / COMPLETE).write_text(f"{state.step}\n")
         fsync_dir(tmp)
         if final.exists():  # only after a fallback to an older checkpoint: replace, never mix
@@ -2076,9 +1916,7 @@ def seal_checkpoint(pending: PendingSave, cfg: Config, d: Dist, accum: int = 1, 
     return final
 
 
-def save_checkpoint(
-    cfg: Config, d: Dist, model, optimizer, state: TrainState, accum: int = 1, schedule_steps: int = 0
-) -> Path:
+def save_checkpoint(cfg: Config, d: Dist, model, optimizer, state: TrainState, accum: int, schedule_steps: int) -> Path:
     """Write step-N/ atomically and return once it is complete: DCP shards + per-rank RNG into a temp folder, then
     meta, marker, rename, prune."""
     return seal_checkpoint(begin_save(cfg, d, model, optimizer, state), cfg, d, accum, schedule_steps)
@@ -2126,12 +1964,12 @@ class Checkpointer:
             self.background.close()
 
 
-def read_meta(path: Path) -> dict | None:
+def read_meta(path: Path) -> CheckpointMeta | None:
     """A checkpoint's meta.json, or None when it is missing or unreadable (the checkpoint is then skipped)."""
     try:
-        meta = json.loads((path / "meta.json").read_text())
-        return meta if isinstance(meta, dict) and isinstance(meta.get("global_step"), int) else None
-    except (OSError, ValueError):
+        obj = json.loads((path / "meta.json").read_text())
+        return CheckpointMeta.from_json(obj) if isinstance(obj, dict) else None
+    except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
@@ -2178,11 +2016,11 @@ def load_checkpoint(path: Path, d: Dist, model, optimizer) -> TrainState:
     dcp.load({"model": model_sd, "optim": optim_sd, "buffers": nonpersistent_buffers(model)}, checkpoint_id=path)
     set_state_dict(model, optimizers, model_state_dict=model_sd, optim_state_dict=optim_sd)
     rng_file = path / f"rng-rank{d.rank}.pt"
-    if meta["world_size"] == d.world_size and rng_file.is_file():
+    if meta.world_size == d.world_size and rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=True))
     else:
-        torch.manual_seed(meta["config"]["seed"] + d.rank + meta["global_step"])
-    return TrainState(step=meta["global_step"], epoch=meta["epoch"], offset=meta["epoch_offset"])
+        torch.manual_seed(meta.config["seed"] + d.rank + meta.state.step)
+    return dataclasses.replace(meta.state)
 
 
 def resume(candidates: list[Path], d: Dist, model, optimizer) -> TrainState:
@@ -2271,6 +2109,41 @@ class PhaseTimer:
             totals[phase] = totals.get(phase, 0.0) + ms
         self.pending.clear()
         return {f"time/{k}": v / steps for k, v in totals.items()}
+
+
+class Throughput:
+    """Tokens/s, ms per step and MFU over the steps since the last log line, checkpoint time left out; and the
+    run's totals for the summary."""
+
+    def __init__(self, run: Run):
+        self.peak = device_peak_tflops(run.cfg, run.d.device)
+        self.flops = flops_per_token(run.model.config, count_params(run.model), run.cfg.seq_length)
+        self.world_size, self.first_step = run.d.world_size, run.state.step
+        self.total_tokens, self.t_loop = 0, time.perf_counter()
+        self.restart()
+
+    def restart(self) -> None:
+        self.start, self.steps, self.tokens = time.perf_counter(), 0, 0
+
+    def add(self, tokens: int) -> None:
+        self.steps, self.tokens, self.total_tokens = self.steps + 1, self.tokens + tokens, self.total_tokens + tokens
+
+    @contextlib.contextmanager
+    def paused(self):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.start += time.perf_counter() - t0
+
+    def rates(self) -> tuple[float, float]:
+        """(tokens/s, ms per step) of the window, all ranks' tokens together."""
+        elapsed = time.perf_counter() - self.start
+        return self.tokens / elapsed, elapsed * 1e3 / self.steps
+
+    def mfu(self, tok_s: float) -> float:
+        """Model FLOPs utilisation at `tok_s` (all ranks): per device, against its peak."""
+        return self.flops * tok_s / self.world_size / (self.peak * 1e12)
 
 
 def rss_bytes(field: str = "VmRSS") -> int:
@@ -2470,12 +2343,14 @@ class MetricsLogger:
         )
 
     def close(self) -> None:
+        """Idempotent: the run's end closes it, and so does the loop's cleanup on any exit."""
         if self.bar is not None:
             self.bar.close()
             for handler in log.handlers:
                 handler.setStream(sys.stdout)
         if self.writer is not None:
             self.writer.close()
+        self.bar = self.writer = None
 
 
 def run_summary(
@@ -2629,7 +2504,7 @@ def export_checkpoint(checkpoint: Path, out: Path) -> None:
     if meta is None or not (checkpoint / COMPLETE).is_file():
         raise InputError(f"{checkpoint} is not a complete checkpoint (no COMPLETE marker or readable meta.json)")
     names = {f.name for f in dataclasses.fields(Config)}
-    cfg = Config(**{k: v for k, v in meta["config"].items() if k in names})
+    cfg = Config(**{k: v for k, v in meta.config.items() if k in names})
     config = load_model_config(cfg.model_name, cfg.trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(
@@ -2643,7 +2518,708 @@ def export_checkpoint(checkpoint: Path, out: Path) -> None:
 
 
 # ======================================================================================================================
-# Memory plan
+# Training
+
+
+def check_writable(cfg: Config) -> None:
+    """Fail early on a save dir we cannot write, without leaving a folder behind if the run is refused later."""
+    created = not cfg.exp_dir.exists()
+    try:
+        cfg.exp_dir.mkdir(parents=True, exist_ok=True)
+        probe = cfg.exp_dir / f".write-probe-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+        if created:
+            with contextlib.suppress(OSError):  # another rank may have removed it, or written into it, already
+                cfg.exp_dir.rmdir()
+    except OSError as e:
+        raise InputError(f"cannot write to --save-dir {cfg.save_dir}: {e.strerror or first_line(e)}") from None
+
+
+def count_steps(
+    cfg: Config, num_samples: int, world_size: int, state: TrainState | None = None, accum: int = 1
+) -> tuple[int, int]:
+    """(steps per epoch, total steps) for a run at `state`. The schedule spans num_epochs, or max_steps if longer.
+
+    Counted from the data position, so a resume with another world size still ends at the end of the last epoch.
+    """
+    state = state or TrainState()
+    global_batch = cfg.batch_size * world_size * accum
+    steps_per_epoch = num_samples // global_batch
+    if steps_per_epoch == 0:
+        raise InputError(
+            f"{num_samples} packed sequences of {cfg.seq_length} tokens are fewer than one global batch "
+            f"({cfg.batch_size} x {world_size} ranks x {accum} micro-batches): lower --batch-size, "
+            "--grad-accum-steps or --seq-length, or add data"
+        )
+    epoch_steps = state.step
+    if state.epoch < cfg.num_epochs:
+        left_in_epoch = max(0, num_samples - state.offset) // global_batch
+        epoch_steps += left_in_epoch + (cfg.num_epochs - state.epoch - 1) * steps_per_epoch
+    return steps_per_epoch, max(epoch_steps, cfg.max_steps)
+
+
+def quiet_library_progress_bars() -> None:
+    """Progress bars from datasets/transformers are noise in Slurm/CI logs; keep them only on a terminal."""
+    if not sys.stderr.isatty():
+        import datasets
+        import transformers
+
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
+
+
+def raise_if_not_finite(bad: torch.Tensor, step: int, ckpt_root: Path) -> None:
+    """Collective: stop, without saving, once any rank has seen a NaN/inf loss or gradient norm."""
+    flag = bad.clone()
+    dist.all_reduce(flag)
+    if flag.item() > 0:
+        last = find_latest_checkpoint(ckpt_root)
+        kept = f"the last good checkpoint, {last.name}, is kept" if last else "no checkpoint was written"
+        raise JobError(
+            f"loss or gradient norm became NaN/inf by step {step}; stopped without saving it ({kept}). "
+            "Lower --lr, keep --max-norm on, or check the data"
+        )
+
+
+def run_record(cfg: Config, d: Dist, state: TrainState) -> dict:
+    """What it takes to trace and re-run this start of the job (one line per start in runs.jsonl)."""
+    import subprocess
+
+    import datasets
+    import transformers
+
+    here = Path(__file__).resolve().parent
+    try:
+        git = subprocess.run(["git", "-C", str(here), "describe", "--always", "--dirty", "--abbrev=40"],
+                             capture_output=True, text=True, timeout=10).stdout.strip() or None  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        git = None
+    return {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": [sys.executable, *sys.argv],
+        "start_step": state.step,
+        "world_size": d.world_size,
+        "device": str(d.device),
+        "git_commit": git,
+        "versions": {
+            "python": sys.version.split()[0],
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "datasets": datasets.__version__,
+        },
+        "config": dataclasses.asdict(cfg),
+    }
+
+
+def eval_blocks(num_blocks: int, cap: int, seed: int) -> np.ndarray:
+    """The validation blocks an evaluation reads: all of them, or (--eval-steps) the same seeded `cap` every time."""
+    if not cap or cap >= num_blocks:
+        return np.arange(num_blocks)
+    return np.sort(np.random.default_rng(seed).permutation(num_blocks)[:cap])
+
+
+@torch.no_grad()
+def evaluate(model, data, cfg: Config, d: Dist) -> dict[str, float]:
+    """Token-weighted loss over all validation blocks and ranks (not a mean of per-rank means).
+
+    Every rank runs the same number of forwards (FSDP all-gathers in each one); a rank short of blocks repeats
+    block 0 with every label masked, which adds nothing. No RNG is drawn, so training continues unchanged.
+    """
+    model.eval()
+    blocks = eval_blocks(len(data), cfg.eval_steps * cfg.batch_size * d.world_size, cfg.seed)
+    per_rank = math.ceil(len(blocks) / d.world_size)
+    mine = blocks[d.rank :: d.world_size].tolist()
+    mine += [-1] * (per_rank - len(mine))
+    totals = torch.zeros(2, dtype=torch.float64, device=d.device)  # loss sum, tokens
+    for i in range(0, per_rank, cfg.batch_size):
+        chunk = mine[i : i + cfg.batch_size]
+        ids, labels, positions, _ = fetch_batch(data, [max(j, 0) for j in chunk])
+        labels[torch.tensor([j < 0 for j in chunk])] = -100
+        ids, labels, positions = ids.to(d.device), labels.to(d.device), positions.to(d.device)
+        out = model(input_ids=ids, position_ids=positions, labels=labels, num_items_in_batch=1)
+        totals[0] += out.loss.double()  # a sum: divided by 1
+        totals[1] += trained_targets(labels)
+    dist.all_reduce(totals)
+    model.train()
+    reshard_all(model)
+    loss = (totals[0] / totals[1].clamp(min=1)).item()
+    return {"val/loss": loss, "val/ppl": math.exp(min(loss, 700.0))}
+
+
+def check_inputs(cfg: Config, d: Dist) -> tuple[int, object]:
+    """Collective: refuse, before anything is written, what cannot run; (micro-batches per step, tokenizer)."""
+    error = None
+    if d.is_main:  # one rank: the probe folder it may create and remove must not race with another rank's probe
+        try:
+            check_writable(cfg)
+        except InputError as e:
+            error = e
+    raise_if_any_failed(error)
+    limit = max_positions(load_model_config(cfg.model_name, cfg.trust_remote_code))
+    if limit is not None and cfg.seq_length > limit:
+        raise InputError(f"--seq-length {cfg.seq_length} exceeds the model's maximum of {limit} positions")
+    accum = cfg.resolve_grad_accum(d.world_size)
+    if d.world_size % cfg.replicate_degree:
+        raise InputError(f"--replicate-degree {cfg.replicate_degree} does not divide the world size {d.world_size}")
+    return accum, load_tokenizer(cfg.model_name, cfg.trust_remote_code)
+
+
+def resume_candidates(cfg: Config, d: Dist) -> tuple[list[Path], CheckpointMeta | None]:
+    """Collective: the complete checkpoints to try, newest first (one with an unreadable meta.json is skipped), and
+    the newest one's meta; then rank 0 removes what a killed job left (half-written saves, a control request)."""
+    candidates, meta = [], None
+    for path in reversed(complete_checkpoints(cfg.exp_dir / "checkpoints")):
+        found = read_meta(path)
+        if found is None:
+            log.warning(f"Skipping checkpoint {path}: meta.json is missing or unreadable")
+        else:
+            candidates.append(path)
+            meta = meta or found
+    dist.barrier()  # every rank has listed the checkpoints before rank 0 cleans anything
+    if d.is_main:
+        clean_stale_temp(cfg)
+        stale = take_control_request(cfg.exp_dir / "control.json")
+        if stale:
+            log.warning(f"Ignoring a stale control request '{stale}' left from an earlier job")
+    return candidates, meta
+
+
+def warn_about_resume(meta: CheckpointMeta, cfg: Config, d: Dist, accum: int, total_steps: int) -> None:
+    """What differs from the run that wrote the checkpoint: allowed, but said."""
+    for change in config_changes(meta.config, cfg):
+        log.warning(f"Resuming with a changed setting: {change}")
+    if meta.schedule_steps is not None and meta.schedule_steps != total_steps:
+        log.warning(
+            f"The LR schedule now spans {total_steps} steps instead of {meta.schedule_steps}: --max-steps "
+            "beyond --num-epochs stretches it, so this run no longer equals an uninterrupted one"
+        )
+    if meta.world_size != d.world_size:
+        log.warning(
+            f"Checkpoint was saved by {meta.world_size} ranks, now {d.world_size}: global batch "
+            f"{meta.global_batch} -> {cfg.batch_size * d.world_size * accum} sequences; data continues at sample "
+            f"{meta.state.offset} of epoch {meta.state.epoch} with nothing lost or repeated; per-rank RNG streams "
+            "are re-seeded"
+        )
+
+
+def record_start(cfg: Config, d: Dist, state: TrainState) -> None:
+    """Rank 0, once nothing can refuse the run any more (a refused run leaves the experiment folder as it was):
+    config.json and a line in runs.jsonl."""
+    if d.is_main:
+        cfg.exp_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(cfg.exp_dir / "config.json", dataclasses.asdict(cfg))
+        with open(cfg.exp_dir / "runs.jsonl", "a") as f:
+            f.write(json.dumps(run_record(cfg, d, state)) + "\n")
+
+
+@dataclass
+class Run:
+    """A started job: what prepare_run built and the training loop uses."""
+
+    cfg: Config
+    d: Dist
+    data: object  # packed training blocks (load_packed)
+    val_data: object | None
+    model: torch.nn.Module
+    optimizer: object
+    schedule: Callable[[int], float]  # LR factor of a step
+    state: TrainState  # where training stands; the loop advances it
+    accum: int  # micro-batches per optimizer step
+    total_steps: int  # what the LR schedule spans
+    stop_step: int
+    resumed_from: Path | None
+    memory_base: int  # bytes in use before the model was built (memory_baseline)
+    t_start: float
+
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.batch_size * self.d.world_size * self.accum
+
+
+def prepare_run(cfg: Config, d: Dist) -> Run | None:
+    """Collective: check the inputs, prepare the data, find where to resume, build the sharded model and optimizer,
+    record this start. None when the run is already complete."""
+    t_start = time.perf_counter()
+    quiet_library_progress_bars()
+    accum, tokenizer = check_inputs(cfg, d)
+    log.info(f"Config {json.dumps(dataclasses.asdict(cfg))}")
+    train_raw, val_raw = load_datasets(cfg)
+    data = prepare_data(cfg, d, tokenizer, train_raw, "train")
+    val_data = prepare_data(cfg, d, tokenizer, val_raw, "validation") if val_raw is not None else None
+
+    candidates, meta = resume_candidates(cfg, d)
+    state = dataclasses.replace(meta.state) if meta else TrainState()
+    steps_per_epoch, total_steps = count_steps(cfg, len(data), d.world_size, state, accum)
+    stop_step = min(cfg.max_steps, total_steps) if cfg.max_steps else total_steps
+    if meta is not None:
+        if state.step >= stop_step:
+            log.info(f"Run already complete at step {state.step} ({candidates[0]}); nothing to do")
+            return None
+        warn_about_resume(meta, cfg, d, accum, total_steps)
+
+    import_model_code(cfg, d.device)
+    memory_base = memory_baseline(d.device)
+    model = build_model(cfg, d, load_pretrained=not candidates)
+    optimizer = build_optimizer(model, cfg, d)
+    if candidates:
+        state = resume(candidates, d, model, optimizer)
+    else:
+        torch.manual_seed(cfg.seed + d.rank)  # per-rank streams (dropout) that resume restores exactly
+    check_document_isolation(model, cfg, d)
+    log.info(
+        f"{count_params(model):,} params, {len(data):,} sequences x {cfg.seq_length} tokens, world {d.world_size}, "
+        f"{accum} micro-batch(es)/step, {steps_per_epoch} steps/epoch, schedule {total_steps} steps, "
+        f"stopping at {stop_step}, device {d.device}, compute {cfg.compute_dtype(d.device)}, "
+        f"params {param_dtype(cfg)}"
+    )
+    record_start(cfg, d, state)
+    resumed_from = candidates[0] if candidates else None
+    schedule = schedule_for(cfg, total_steps)
+    return Run(cfg, d, data, val_data, model, optimizer, schedule, state, accum, total_steps, stop_step,
+               resumed_from, memory_base, t_start)  # fmt: skip
+
+
+def next_batches(run: Run) -> tuple[list[tuple[torch.Tensor, ...]], float, int]:
+    """Collective: this rank's micro-batches of the next step, in the epoch's seeded order from the global sample
+    offset (so any world size continues where another stopped), the loss divisor, and the step's real tokens."""
+    cfg, d, state = run.cfg, run.d, run.state
+    if state.offset + run.global_batch > len(run.data):
+        state.epoch, state.offset = state.epoch + 1, 0
+    order = epoch_permutation(len(run.data), cfg.seed, state.epoch)
+    batches, tally = [], torch.zeros(2, dtype=torch.int64)  # trained targets, real (non-pad) tokens
+    for m in range(run.accum):
+        offset = state.offset + m * cfg.batch_size * d.world_size
+        idx = rank_batch_indices(order, offset, cfg.batch_size, d.rank, d.world_size)
+        hook_for_tests("batch", state.step + 1, d.rank, epoch=state.epoch, indices=idx)
+        ids, labels, positions, real = fetch_batch(run.data, idx)
+        tally += torch.tensor([int(trained_targets(labels)), real])
+        batches.append(tuple(to_device(t, d.device) for t in (ids, labels, positions)))
+    dist.all_reduce(tally)  # the step's totals over ranks (one small all-CPU sum)
+    step_targets, step_tokens = tally.tolist()
+    return batches, loss_divisor(step_targets, d.world_size), step_tokens
+
+
+def train_step(run: Run, batches, divisor: float, lr: float, params, timer: PhaseTimer):
+    """Collective: forward and backward over the micro-batches, then the optimizer step. (the rank's summed loss
+    share, the global gradient norm), both still on the device."""
+    model, cfg = run.model, run.cfg
+    set_lr(run.optimizer, lr)  # before backward: --optimizer-in-backward steps inside it
+    loss_sum = torch.zeros((), device=run.d.device)
+    for m, (ids, labels, positions) in enumerate(batches):
+        if cfg.accumulate_unsharded:  # reduce-scatter once per step; FSDP keeps full gradients until then
+            model.set_requires_gradient_sync(m == run.accum - 1)
+        with timer("forward"):
+            loss = model(input_ids=ids, position_ids=positions, labels=labels, num_items_in_batch=divisor).loss
+            hook_for_tests("crash", run.state.step + 1, run.d.rank)
+        if hook_for_tests("nan_loss", run.state.step + 1, run.d.rank):
+            loss = loss * float("nan")
+        with timer("backward"):
+            loss.backward()
+        loss_sum += loss.detach()
+    with timer("update"):
+        grad_norm = optimizer_step(run.optimizer, params, cfg)
+    return loss_sum, grad_norm
+
+
+@dataclass
+class StepEvents:
+    """What every rank does after a step: agreed in one all-reduce (signals, control commands, background saves)
+    plus each cadence, so that no rank acts alone."""
+
+    stopped_by: str | None
+    command: str | None
+    writing: bool  # a rank is still writing a background checkpoint
+    evaluate: bool
+    log: bool
+    save: bool
+
+
+def step_events(run: Run, stop: StopRequest, ckpt: Checkpointer) -> StepEvents:
+    cfg, step, last = run.cfg, run.state.step, run.state.step == run.stop_step
+    control = cfg.exp_dir / "control.json" if run.d.is_main else None
+    stopped_by, command, writing = stop.agreed(control, ckpt.writing())
+    if command == "stop":
+        stopped_by = "control stop"
+    evaluate = run.val_data is not None and (last or bool(cfg.eval_freq and step % cfg.eval_freq == 0))
+    log_now = step % cfg.log_freq == 0 or last or bool(stopped_by) or evaluate
+    save = bool(cfg.ckpt_freq and step % cfg.ckpt_freq == 0) or last or bool(stopped_by) or command == "save"
+    return StepEvents(stopped_by, command, writing, evaluate, log_now, save)
+
+
+def train(cfg: Config, d: Dist | None = None) -> None:
+    """Run (or resume) the job described by `cfg` in this process; inside torchrun every rank calls it.
+
+    Python API: `from fsdp_train import Config, train`. Joins the process group torchrun or the caller set up, or
+    makes a 1-process one (and removes it at the end); see launch() for a multi-process job from a notebook.
+    """
+    cfg.validate()
+    own_group = d is None
+    d = d or setup_distributed(cfg.dist_timeout)
+    try:
+        run = prepare_run(cfg, d)
+        if run is not None:
+            train_loop(run)
+    finally:
+        if own_group:
+            teardown_distributed()
+
+
+def train_loop(run: Run) -> None:
+    """Collective: optimizer steps until the stop step, a signal or a control command; then the export and summary."""
+    cfg, d, state = run.cfg, run.d, run.state
+    stop, metrics, ckpt = StopRequest(d.rank), None, None
+    try:
+        heartbeat = Heartbeat(cfg.exp_dir / "status.json", d.is_main, state.step, run.stop_step)
+        heartbeat.beat(force=True, last_checkpoint=str(run.resumed_from) if run.resumed_from else None)
+        metrics = MetricsLogger(cfg, d.is_main, state.step, run.stop_step)
+        ckpt = Checkpointer(cfg, d, run.model, run.optimizer, run.accum, run.total_steps, heartbeat)
+        params = [p for p in run.model.parameters() if p.requires_grad]
+        timer, window = PhaseTimer(d.device), Throughput(run)
+        not_finite = torch.zeros((), device=d.device)  # accumulated on device: no host sync per step
+        log.info(f"Start-up took {time.perf_counter() - run.t_start:.1f}s")
+        while state.step < run.stop_step:
+            with timer("data"):
+                batches, divisor, step_tokens = next_batches(run)
+            lr = cfg.lr * run.schedule(state.step)
+            loss_sum, grad_norm = train_step(run, batches, divisor, lr, params, timer)
+            not_finite += (~torch.isfinite(loss_sum)).float() + (~torch.isfinite(grad_norm)).float()
+            state.step, state.offset = state.step + 1, state.offset + run.global_batch
+            window.add(step_tokens)
+            metrics.step()
+
+            events = step_events(run, stop, ckpt)
+            if events.command == "abort":  # a background save still being written stays a .tmp-step-N
+                heartbeat.beat(force=True, state="aborted", step=state.step)
+                raise JobError(f"aborted by `fsdp_train.py control abort` at step {state.step}; nothing saved")
+            if events.log or events.save:  # a NaN model is never logged as fine, or saved
+                raise_if_not_finite(not_finite, state.step, cfg.exp_dir / "checkpoints")
+            if events.log:
+                record = step_record(run, loss_sum, lr, grad_norm, timer, window)
+                if events.evaluate:
+                    t0 = time.perf_counter()
+                    record.update(evaluate(run.model, run.val_data, cfg, d))
+                    record["time/eval"] = (time.perf_counter() - t0) * 1e3
+                metrics.log(record)
+                heartbeat.beat(force=True, step=state.step, loss=record["loss"], **{"tok/s": record["tok/s"]})
+                window.restart()
+            heartbeat.beat(step=state.step)  # written every few seconds, and by each checkpoint sealed below
+            with window.paused():  # checkpoint time is not training throughput
+                ckpt.seal_if_written(events.writing)
+                if events.save:
+                    ckpt.save(state)
+            if events.stopped_by:
+                ckpt.wait()
+                heartbeat.beat(force=True, state="stopped")
+                log.info(f"Stopped by {events.stopped_by} at step {state.step}; checkpoint saved")
+                return
+        ckpt.wait()  # the final save is sealed before the export reads the model and before anyone exits
+        finish(run, metrics, heartbeat, window)
+    finally:
+        stop.restore()
+        if metrics is not None:
+            metrics.close()
+        if ckpt is not None:
+            ckpt.close()
+
+
+def step_record(run: Run, loss_sum, lr: float, grad_norm, timer: PhaseTimer, window: Throughput) -> dict:
+    """Collective: one metrics.jsonl line for the steps since the last one (the loss of this step, means and rates
+    over the window)."""
+    d = run.d
+    dist.all_reduce(loss_sum)  # each rank holds world_size x its share of the global token mean
+    tok_s, ms_per_step = window.rates()
+    return {
+        "global_step": run.state.step,
+        "total_steps": run.stop_step,
+        "epoch": run.state.epoch,
+        "loss": (loss_sum / d.world_size).item(),
+        "lr": lr,
+        "grad_norm": grad_norm.item(),
+        "tok/s": tok_s,
+        **({"mfu": window.mfu(tok_s)} if window.peak else {}),
+        **timer.mean_ms(window.steps),
+        "time/total": ms_per_step,
+        **memory_stats(d.device, run.memory_base),
+    }
+
+
+def finish(run: Run, metrics: MetricsLogger, heartbeat: Heartbeat, window: Throughput) -> None:
+    """Collective: the Hugging Face export, then on rank 0 the loss curve and the summary."""
+    cfg, d = run.cfg, run.d
+    metrics.close()
+    train_s = time.perf_counter() - window.t_loop
+    export_hf(run.model, cfg, d, cfg.exp_dir / "hf")
+    heartbeat.beat(force=True, state="finished")
+    if d.is_main:
+        plotted = plot_losses(cfg.exp_dir / "metrics.jsonl", cfg.exp_dir / "loss.png")
+        total_s = time.perf_counter() - run.t_start
+        tokens = f"{window.total_tokens:,} tokens in {train_s:.1f}s of training, {total_s:.1f}s in all"
+        tok_s = window.total_tokens / max(train_s, 1e-9)
+        mfu = window.mfu(tok_s) if window.peak else None
+        log.info(run_summary(cfg, metrics, window.first_step, run.state.step, tokens, tok_s, plotted, mfu))
+    dist.barrier()  # leave together: a rank tearing down while another still talks to it can abort at exit
+
+
+def config_to_argv(cfg: Config) -> list[str]:
+    """The command-line flags that rebuild `cfg` (non-default fields only)."""
+    argv = []
+    for f in dataclasses.fields(Config):
+        value = getattr(cfg, f.name)
+        if value != f.default:
+            shown = ("on" if value else "off") if isinstance(value, bool) else str(value)
+            argv += [f"--{f.name.replace('_', '-')}", shown]
+    return argv
+
+
+def launch(cfg: Config, nproc_per_node: int | None = None) -> None:
+    """Start the job on this machine with PyTorch's elastic launcher (what torchrun uses) and wait for it.
+
+    For notebooks: `launch(Config(dataset_name=..., model_name=...), nproc_per_node=2)`. Each worker runs this file
+    with the flags of `cfg`; raises ChildFailedError if the job fails.
+    """
+    import uuid
+
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    cfg.validate()
+    nproc = nproc_per_node or max(1, torch.cuda.device_count())
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=f"fsdp-train-{uuid.uuid4().hex[:8]}",
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        max_restarts=0,
+    )
+    elastic_launch(config, entrypoint=sys.executable)(os.path.abspath(__file__), *config_to_argv(cfg))
+
+
+# ======================================================================================================================
+# Optional: memory-saving optimizers (--optimizer adafactor, --optimizer-in-backward, --pure-bf16)
+#
+# Needed when AdamW's two fp32 states per parameter do not fit: factored second moments on the shards, an update
+# as soon as each gradient is ready, stochastic rounding of bf16 weights. build_optimizer picks them.
+
+
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """This rank's piece of a DTensor (a view: in-place ops on it update the sharded parameter), or t itself."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def shard_group(p: torch.Tensor):
+    """The process group over which p's rows are split (FSDP shards dim 0), or None for a whole tensor."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(p, DTensor):
+        return None
+    dims = [i for i, placement in enumerate(p.placements) if isinstance(placement, Shard)]
+    assert all(p.placements[i].dim == 0 for i in dims), p.placements  # fully_shard shards dim 0 only
+    return p.device_mesh.get_group(dims[0]) if dims else None
+
+
+def _zeros_like_shard(
+    p: torch.Tensor, local_shape: tuple, global_shape: tuple, replicated: bool, dtype: torch.dtype
+) -> torch.Tensor:
+    """A zero DTensor laid out like p (Shard(0) rows) or replicated, so DCP saves and reshards it like p."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    t = torch.zeros(local_shape, dtype=dtype, device=local_shard(p).device)
+    if not isinstance(p, DTensor):
+        return t
+    placements = [Replicate()] * p.device_mesh.ndim if replicated else p.placements
+    stride = (global_shape[1], 1)
+    return DTensor.from_local(t, p.device_mesh, placements, run_check=False, shape=global_shape, stride=stride)
+
+
+def stochastic_round_(dst: torch.Tensor, src: torch.Tensor, generator: torch.Generator | None = None) -> None:
+    """Write fp32 `src` into bf16 `dst`, rounding up with probability equal to the dropped fraction.
+
+    A bf16 weight near 0.02 cannot move by less than ~1e-4 with round-to-nearest, so fine-tuning updates of that size
+    vanish in pure bf16; rounded stochastically they survive on average (the expected result is exactly `src`).
+    Adding 16 random low bits to the fp32 pattern and truncating does that.
+    """
+    bits = src.view(torch.int32)
+    noise = torch.randint(0, 1 << 16, bits.shape, generator=generator, dtype=torch.int32, device=bits.device)
+    dst.copy_(((bits + noise) & -65536).view(torch.float32))  # low 16 bits zero: the bf16 cast is exact
+
+
+def rounding_generator(seed: int, param_index: int, step: int, p: torch.Tensor) -> torch.Generator:
+    """The noise source for rounding one shard at one step: a function of the shard's place in the shard group, not
+    of the rank, so HSDP replicas that hold the same shard round it identically and never drift apart; and of the
+    step, so a resumed run draws the same noise without any RNG state."""
+    group = shard_group(p)
+    shard = dist.get_rank(group) if group is not None else 0
+    key = hashlib.blake2b(f"{seed}:{param_index}:{step}:{shard}".encode(), digest_size=8).digest()
+    return torch.Generator(device=local_shard(p).device).manual_seed(int.from_bytes(key, "little") >> 1)
+
+
+class Adafactor(torch.optim.Optimizer):
+    """PyTorch's Adafactor algorithm (as torch.optim.Adafactor: no momentum, factored second moment, updates sized
+    relative to each weight's RMS and clipped to RMS d) on FSDP2 shards.
+
+    torch.optim.Adafactor cannot run on DTensor parameters (an in-place pow on a partial norm is refused): its column
+    statistics, mean row statistic and the weight and update RMS are sums over every shard. FSDP shards dim 0, so each
+    rank owns whole rows: row statistics stay local and the sums take two all-reduces per step over the shard group,
+    batched over all parameters. On whole tensors it computes what torch.optim.Adafactor computes (tested to 1e-6),
+    without its per-parameter host syncs. bf16 weights (--pure-bf16) are updated in fp32 and rounded stochastically. The factored state (row_var like the param's rows, col_var replicated,
+    variance for vectors) is kept as DTensors, so DCP checkpoints reshard it to another world size.
+    """
+
+    def __init__(self, params, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0, weight_decay=0.0, seed=0):
+        super().__init__(params, dict(lr=lr, beta2_decay=beta2_decay, eps=eps, d=d, weight_decay=weight_decay))
+        self.seed = seed  # of the bf16 rounding noise (see rounding_generator)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.ndim > 2:
+                    raise InputError(f"--optimizer adafactor supports 1-D and 2-D parameters, not {tuple(p.shape)}")
+
+    def _state(self, p: torch.Tensor) -> dict:
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0)
+            dtype = self._stat_dtype(p)
+            if p.ndim == 2:
+                (rows, cols), local_rows = p.shape, local_shard(p).shape[0]
+                state["row_var"] = _zeros_like_shard(p, (local_rows, 1), (rows, 1), replicated=False, dtype=dtype)
+                state["col_var"] = _zeros_like_shard(p, (1, cols), (1, cols), replicated=True, dtype=dtype)
+            else:
+                state["variance"] = torch.zeros_like(p, dtype=dtype)
+        return state
+
+    @staticmethod
+    def _stat_dtype(p: torch.Tensor) -> torch.dtype:
+        """Statistics and updates in fp32 at least: in bf16, squared gradients of ~1e-5 round coarsely and the slow
+        running averages stop moving (an increment below 1/256 of the value is lost)."""
+        return torch.promote_types(p.dtype, torch.float32)
+
+    @staticmethod
+    def _all_reduce(params: list, parts: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Sum each parameter's statistics over its shard group: one all-reduce per group for all parameters."""
+        by_group: dict = {}
+        for i, p in enumerate(params):
+            by_group.setdefault(shard_group(p), []).append(i)
+        out = list(parts)
+        for group, idx in by_group.items():
+            if group is None:
+                continue
+            flat = torch.cat([parts[i] for i in idx])
+            dist.all_reduce(flat, group=group)
+            for i, piece in zip(idx, flat.split([parts[i].numel() for i in idx]), strict=True):
+                out[i] = piece
+        return out
+
+    def _update(self, p: torch.Tensor, state: dict, row_mean: torch.Tensor, eps1: float) -> torch.Tensor:
+        """The unscaled update G / sqrt(V) for this rank's rows."""
+        if p.ndim == 2:
+            var = local_shard(state["row_var"]) @ local_shard(state["col_var"])
+            var.div_(row_mean.clamp(min=eps1))
+        else:
+            var = local_shard(state["variance"]).clone()
+        return var.clamp_(min=eps1 * eps1).rsqrt_().mul_(local_shard(p.grad).to(var.dtype))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        assert closure is None, "closures are not supported"
+        todo = [(g, p) for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not todo:
+            return
+        params = [p for _, p in todo]
+        # 1. Second-moment statistics. Each entry: [sum x^2, (2-D:) sum of row_var, per-column sum of g^2].
+        stats, weights = [], []
+        for group, p in todo:
+            state = self._state(p)
+            state["step"] += 1
+            weights.append(state["step"].item() ** group["beta2_decay"])  # a CPU scalar: no device sync
+            dtype = self._stat_dtype(p)
+            x, grad = local_shard(p), local_shard(p.grad).to(dtype)
+            parts = [torch.linalg.vector_norm(x, dtype=dtype).square().reshape(1)]
+            if p.ndim == 2:
+                row_mean = torch.norm(grad, dim=-1, keepdim=True).square_().div_(grad.size(-1))
+                local_shard(state["row_var"]).lerp_(row_mean, weights[-1])
+                parts += [local_shard(state["row_var"]).sum().reshape(1), torch.norm(grad, dim=-2).square_()]
+            else:
+                local_shard(state["variance"]).lerp_(grad * grad, weights[-1])
+            stats.append(torch.cat(parts))
+        stats = self._all_reduce(params, stats)
+        eps1s, row_means = [], []
+        for (group, p), s, w in zip(todo, stats, weights, strict=True):
+            # torch.optim.Adafactor's default eps1 is finfo(param dtype).eps: 7.8e-3 for bf16 weights, which floors
+            # sqrt(V) far above the gradients of a large model (~1e-5) and shrinks their updates ~1000x.
+            eps1s.append(group["eps"][0] if group["eps"][0] is not None else torch.finfo(s.dtype).eps)
+            if p.ndim == 2:
+                rows = p.shape[0]
+                local_shard(self.state[p]["col_var"]).lerp_((s[2:] / rows).reshape(1, -1), w)
+                row_means.append(s[1] / rows)
+            else:
+                row_means.append(None)
+        # 2. The update's RMS also sums over shards: compute each update once for its norm, reduce, then recompute
+        # while applying, so no more than one parameter's update is ever held.
+        update_sq = [
+            self._update(p, self.state[p], m, e).to(stats[0].dtype).square().sum().reshape(1)
+            for p, m, e in zip(params, row_means, eps1s, strict=True)
+        ]
+        update_sq = self._all_reduce(params, update_sq)
+        index = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        for (group, p), s, u2, m, e in zip(todo, stats, update_sq, row_means, eps1s, strict=True):
+            lr, step = float(group["lr"]), self.state[p]["step"].item()
+            rho = min(lr, 1 / step**0.5)
+            alpha = (s[0] / p.numel()).sqrt().clamp(min=group["eps"][1]) * rho
+            denom = ((u2[0] / p.numel()).sqrt() / group["d"]).clamp(min=1.0)
+            x, update = local_shard(p), self._update(p, self.state[p], m, e)
+            if x.dtype == torch.bfloat16:  # --pure-bf16: see stochastic_round_
+                new = x.float().mul_(1 - lr * group["weight_decay"]).sub_(update.mul_(alpha / denom))
+                stochastic_round_(x, new, rounding_generator(self.seed, index[p], int(step), p))
+            else:
+                if group["weight_decay"]:
+                    x.mul_(1 - lr * group["weight_decay"])
+                x.sub_(update.mul_(alpha / denom).to(p.dtype))
+
+
+class OptimizerInBackward:
+    """--optimizer-in-backward: one optimizer per parameter, stepped by the parameter's post-accumulate-grad hook as
+    soon as FSDP has reduce-scattered its gradient, which is freed right after: the full set of gradients never
+    exists at once. step() and zero_grad() are no-ops for the train loop; param_groups spans every optimizer, so the
+    LR schedule reaches all of them before backward starts; DCP saves `optimizers` as one state dict keyed by
+    parameter name (the same keys as a single optimizer's)."""
+
+    def __init__(self, params: list[torch.nn.Parameter], make_optimizer):
+        self.optimizers = [make_optimizer(i, p) for i, p in enumerate(params)]
+        by_param = dict(zip(params, self.optimizers, strict=True))
+        self.grad_sumsq = torch.zeros((), device=local_shard(params[0]).device)  # this rank's share of |g|^2, for logs
+
+        def step_now(p):
+            self.grad_sumsq += local_shard(p.grad).float().square().sum().to(self.grad_sumsq.device)
+            by_param[p].step()
+            by_param[p].zero_grad(set_to_none=True)
+
+        self.hooks = [p.register_post_accumulate_grad_hook(step_now) for p in params]
+
+    @property
+    def param_groups(self) -> list[dict]:
+        # Looked up each time: Optimizer.load_state_dict (resume) replaces each optimizer's group dicts.
+        return [g for o in self.optimizers for g in o.param_groups]
+
+    def step(self) -> None:
+        pass
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        pass
+
+    def grad_norm(self, replicas: int) -> torch.Tensor:
+        """Global L2 norm of the gradients the hooks applied since the last call (one all-reduce)."""
+        sumsq, self.grad_sumsq = self.grad_sumsq, torch.zeros_like(self.grad_sumsq)
+        dist.all_reduce(sumsq)
+        return (sumsq / replicas).sqrt()  # HSDP replicas hold identical shards: count each once
+
+
+# ======================================================================================================================
+# Optional: memory planner (`fsdp_train.py plan`)
+#
+# Before a launch: which flags fit a model on N devices, from its config alone (no weights, no GPU).
 
 
 @dataclass
@@ -2868,452 +3444,9 @@ def plan_main(argv: list[str]) -> int:
 
 
 # ======================================================================================================================
-# Training
-
-
-def check_writable(cfg: Config) -> None:
-    """Fail early on a save dir we cannot write, without leaving a folder behind if the run is refused later."""
-    created = not cfg.exp_dir.exists()
-    try:
-        cfg.exp_dir.mkdir(parents=True, exist_ok=True)
-        probe = cfg.exp_dir / f".write-probe-{os.getpid()}-{os.environ.get('RANK', 0)}"
-        probe.write_text("ok")
-        probe.unlink()
-        if created:
-            with contextlib.suppress(OSError):  # another rank may have removed it, or written into it, already
-                cfg.exp_dir.rmdir()
-    except OSError as e:
-        raise InputError(f"cannot write to --save-dir {cfg.save_dir}: {e.strerror or first_line(e)}") from None
-
-
-def plan_steps(
-    cfg: Config, num_samples: int, world_size: int, state: TrainState | None = None, accum: int = 1
-) -> tuple[int, int]:
-    """(steps per epoch, total steps) for a run at `state`. The schedule spans num_epochs, or max_steps if longer.
-
-    Counted from the data position, so a resume with another world size still ends at the end of the last epoch.
-    """
-    state = state or TrainState()
-    global_batch = cfg.batch_size * world_size * accum
-    steps_per_epoch = num_samples // global_batch
-    if steps_per_epoch == 0:
-        raise InputError(
-            f"{num_samples} packed sequences of {cfg.seq_length} tokens are fewer than one global batch "
-            f"({cfg.batch_size} x {world_size} ranks x {accum} micro-batches): lower --batch-size, "
-            "--grad-accum-steps or --seq-length, or add data"
-        )
-    epoch_steps = state.step
-    if state.epoch < cfg.num_epochs:
-        left_in_epoch = max(0, num_samples - state.offset) // global_batch
-        epoch_steps += left_in_epoch + (cfg.num_epochs - state.epoch - 1) * steps_per_epoch
-    return steps_per_epoch, max(epoch_steps, cfg.max_steps)
-
-
-def quiet_library_progress_bars() -> None:
-    """Progress bars from datasets/transformers are noise in Slurm/CI logs; keep them only on a terminal."""
-    if not sys.stderr.isatty():
-        import datasets
-        import transformers
-
-        datasets.disable_progress_bars()
-        transformers.utils.logging.disable_progress_bar()
-
-
-def raise_if_not_finite(bad: torch.Tensor, step: int, ckpt_root: Path) -> None:
-    """Collective: stop, without saving, once any rank has seen a NaN/inf loss or gradient norm."""
-    flag = bad.clone()
-    dist.all_reduce(flag)
-    if flag.item() > 0:
-        last = find_latest_checkpoint(ckpt_root)
-        kept = f"the last good checkpoint, {last.name}, is kept" if last else "no checkpoint was written"
-        raise JobError(
-            f"loss or gradient norm became NaN/inf by step {step}; stopped without saving it ({kept}). "
-            "Lower --lr, keep --max-norm on, or check the data"
-        )
-
-
-def trace_samples(step: int, epoch: int, indices: list[int], rank: int) -> None:
-    """Test hook: with FSDP_TRAIN_TRACE_SAMPLES=DIR, every rank logs the sample indices it trains on."""
-    folder = os.environ.get("FSDP_TRAIN_TRACE_SAMPLES")
-    if folder:
-        with open(Path(folder) / f"rank{rank}.jsonl", "a") as f:
-            f.write(json.dumps({"step": step, "epoch": epoch, "indices": indices}) + "\n")
-
-
-def run_record(cfg: Config, d: Dist, state: TrainState) -> dict:
-    """What it takes to trace and re-run this start of the job (one line per start in runs.jsonl)."""
-    import subprocess
-
-    import datasets
-    import transformers
-
-    here = Path(__file__).resolve().parent
-    try:
-        git = subprocess.run(["git", "-C", str(here), "describe", "--always", "--dirty", "--abbrev=40"],
-                             capture_output=True, text=True, timeout=10).stdout.strip() or None  # fmt: skip
-    except (OSError, subprocess.TimeoutExpired):
-        git = None
-    return {
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "command": [sys.executable, *sys.argv],
-        "start_step": state.step,
-        "world_size": d.world_size,
-        "device": str(d.device),
-        "git_commit": git,
-        "versions": {
-            "python": sys.version.split()[0],
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "datasets": datasets.__version__,
-        },
-        "config": dataclasses.asdict(cfg),
-    }
-
-
-def eval_blocks(num_blocks: int, cap: int, seed: int) -> np.ndarray:
-    """The validation blocks an evaluation reads: all of them, or (--eval-steps) the same seeded `cap` every time."""
-    if not cap or cap >= num_blocks:
-        return np.arange(num_blocks)
-    return np.sort(np.random.default_rng(seed).permutation(num_blocks)[:cap])
-
-
-@torch.no_grad()
-def evaluate(model, data, cfg: Config, d: Dist) -> dict[str, float]:
-    """Token-weighted loss over all validation blocks and ranks (not a mean of per-rank means).
-
-    Every rank runs the same number of forwards (FSDP all-gathers in each one); a rank short of blocks repeats
-    block 0 with every label masked, which adds nothing. No RNG is drawn, so training continues unchanged.
-    """
-    model.eval()
-    blocks = eval_blocks(len(data), cfg.eval_steps * cfg.batch_size * d.world_size, cfg.seed)
-    per_rank = math.ceil(len(blocks) / d.world_size)
-    mine = blocks[d.rank :: d.world_size].tolist()
-    mine += [-1] * (per_rank - len(mine))
-    totals = torch.zeros(2, dtype=torch.float64, device=d.device)  # loss sum, tokens
-    for i in range(0, per_rank, cfg.batch_size):
-        chunk = mine[i : i + cfg.batch_size]
-        ids, labels, positions, _ = fetch_batch(data, [max(j, 0) for j in chunk])
-        labels[torch.tensor([j < 0 for j in chunk])] = -100
-        ids, labels, positions = ids.to(d.device), labels.to(d.device), positions.to(d.device)
-        out = model(input_ids=ids, position_ids=positions, labels=labels, num_items_in_batch=1)
-        totals[0] += out.loss.double()  # a sum: divided by 1
-        totals[1] += trained_targets(labels)
-    dist.all_reduce(totals)
-    model.train()
-    reshard_all(model)
-    loss = (totals[0] / totals[1].clamp(min=1)).item()
-    return {"val/loss": loss, "val/ppl": math.exp(min(loss, 700.0))}
-
-
-def train(cfg: Config, d: Dist | None = None) -> None:
-    """Run (or resume) the job described by `cfg` in this process; inside torchrun every rank calls it.
-
-    Python API: `from fsdp_train import Config, train`. Joins the process group torchrun or the caller set up,
-    or makes a 1-process one; see launch() for a multi-process job from a notebook.
-    """
-    cfg.validate()
-    if d is None:
-        d = setup_distributed(cfg.dist_timeout)
-    t_start = time.perf_counter()
-    quiet_library_progress_bars()
-    error = None
-    if d.is_main:  # one rank: the probe folder it may create and remove must not race with another rank's probe
-        try:
-            check_writable(cfg)
-        except InputError as e:
-            error = e
-    raise_if_any_failed(error)
-
-    model_config = load_model_config(cfg.model_name, cfg.trust_remote_code)
-    limit = max_positions(model_config)
-    if limit is not None and cfg.seq_length > limit:
-        raise InputError(f"--seq-length {cfg.seq_length} exceeds the model's maximum of {limit} positions")
-    accum = cfg.resolve_grad_accum(d.world_size)
-    if d.world_size % cfg.replicate_degree:
-        raise InputError(f"--replicate-degree {cfg.replicate_degree} does not divide the world size {d.world_size}")
-    tokenizer = load_tokenizer(cfg.model_name, cfg.trust_remote_code)
-    log.info(f"Config {json.dumps(dataclasses.asdict(cfg))}")
-    train_raw, val_raw = load_datasets(cfg)
-    data = prepare_data(cfg, d, tokenizer, train_raw, "train")
-    val_data = prepare_data(cfg, d, tokenizer, val_raw, "validation") if val_raw is not None else None
-
-    # Newest first; a checkpoint whose meta.json is unreadable is skipped, the others are tried in resume().
-    ckpt_root = cfg.exp_dir / "checkpoints"
-    candidates, meta = [], None
-    for path in reversed(complete_checkpoints(ckpt_root)):
-        if read_meta(path) is None:
-            log.warning(f"Skipping checkpoint {path}: meta.json is missing or unreadable")
-        else:
-            candidates.append(path)
-    dist.barrier()  # every rank has listed the checkpoints before rank 0 cleans anything
-    if d.is_main:
-        clean_stale_temp(cfg)
-        stale = take_control_request(cfg.exp_dir / "control.json")
-        if stale:
-            log.warning(f"Ignoring a stale control request '{stale}' left from an earlier job")
-    state = TrainState()
-    if candidates:
-        meta = read_meta(candidates[0])
-        state = TrainState(step=meta["global_step"], epoch=meta["epoch"], offset=meta["epoch_offset"])
-    steps_per_epoch, total_steps = plan_steps(cfg, len(data), d.world_size, state, accum)
-    stop_step = min(cfg.max_steps, total_steps) if cfg.max_steps else total_steps
-    if meta is not None:
-        if state.step >= stop_step:
-            log.info(f"Run already complete at step {state.step} ({candidates[0]}); nothing to do")
-            return
-        for change in config_changes(meta["config"], cfg):
-            log.warning(f"Resuming with a changed setting: {change}")
-        if meta.get("schedule_steps", total_steps) != total_steps:
-            log.warning(
-                f"The LR schedule now spans {total_steps} steps instead of {meta['schedule_steps']}: --max-steps "
-                "beyond --num-epochs stretches it, so this run no longer equals an uninterrupted one"
-            )
-        saved_batch = meta["config"]["batch_size"] * meta["world_size"] * meta.get("grad_accum_steps", 1)
-        if meta["world_size"] != d.world_size:
-            log.warning(
-                f"Checkpoint was saved by {meta['world_size']} ranks, now {d.world_size}: global batch "
-                f"{saved_batch} -> {cfg.batch_size * d.world_size * accum} sequences; data continues at sample "
-                f"{state.offset} of epoch {state.epoch} with nothing lost or repeated; per-rank RNG streams are re-seeded"
-            )
-
-    import_model_code(cfg, d.device)
-    memory_base = memory_baseline(d.device)
-    model = build_model(cfg, d, load_pretrained=not candidates)
-    optimizer, schedule = build_optimizer(model, cfg, d), schedule_for(cfg, total_steps)
-    if candidates:
-        state = resume(candidates, d, model, optimizer)
-    else:
-        torch.manual_seed(cfg.seed + d.rank)  # per-rank streams (dropout) that resume restores exactly
-    check_document_isolation(model, cfg, d)
-    log.info(
-        f"{count_params(model):,} params, {len(data):,} sequences x {cfg.seq_length} tokens, world {d.world_size}, "
-        f"{accum} micro-batch(es)/step, {steps_per_epoch} steps/epoch, schedule {total_steps} steps, "
-        f"stopping at {stop_step}, device {d.device}, compute {cfg.compute_dtype(d.device)}, "
-        f"params {param_dtype(cfg)}"
-    )
-
-    if d.is_main:  # only now: a run refused above leaves the experiment folder exactly as it was
-        cfg.exp_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(cfg.exp_dir / "config.json", dataclasses.asdict(cfg))
-        with open(cfg.exp_dir / "runs.jsonl", "a") as f:
-            f.write(json.dumps(run_record(cfg, d, state)) + "\n")
-    stop, ckpt = StopRequest(), None
-    try:
-        control_file = cfg.exp_dir / "control.json"
-        heartbeat = Heartbeat(cfg.exp_dir / "status.json", d.is_main, state.step, stop_step)
-        heartbeat.beat(force=True, last_checkpoint=str(candidates[0]) if candidates else None)
-        ckpt = Checkpointer(cfg, d, model, optimizer, accum, total_steps, heartbeat)
-        params = [p for p in model.parameters() if p.requires_grad]
-        timer = PhaseTimer(d.device)
-        metrics = MetricsLogger(cfg, d.is_main, state.step, stop_step)
-        micro_batch = cfg.batch_size * d.world_size
-        global_batch = micro_batch * accum
-        peak, flops = (
-            device_peak_tflops(cfg, d.device),
-            flops_per_token(model.config, count_params(model), cfg.seq_length),
-        )
-        not_finite = torch.zeros((), device=d.device)  # accumulated on device: no host sync per step
-        window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
-        first_step, tokens_seen, t_loop = state.step, 0, time.perf_counter()
-        perm_epoch, perm = -1, None
-        log.info(f"Start-up took {time.perf_counter() - t_start:.1f}s")
-
-        while state.step < stop_step:
-            with timer("data"):
-                if state.offset + global_batch > len(data):
-                    state.epoch, state.offset = state.epoch + 1, 0
-                if perm_epoch != state.epoch:
-                    perm_epoch, perm = state.epoch, epoch_permutation(len(data), cfg.seed, state.epoch)
-                batches, tally = [], torch.zeros(2, dtype=torch.int64)  # trained targets, real (non-pad) tokens
-                for m in range(accum):
-                    idx = rank_batch_indices(perm, state.offset + m * micro_batch, cfg.batch_size, d.rank, d.world_size)
-                    trace_samples(state.step + 1, state.epoch, idx, d.rank)
-                    ids, labels, positions, real = fetch_batch(data, idx)
-                    tally += torch.tensor([int(trained_targets(labels)), real])
-                    batches.append(tuple(to_device(t, d.device) for t in (ids, labels, positions)))
-                dist.all_reduce(tally)  # the step's totals over ranks (one small all-CPU sum)
-                step_targets, step_tokens = tally.tolist()
-                divisor = loss_divisor(step_targets, d.world_size)
-            lr_used = cfg.lr * schedule(state.step)
-            set_lr(optimizer, lr_used)  # before backward: --optimizer-in-backward steps inside it
-            loss_sum = torch.zeros((), device=d.device)
-            for m, (ids, labels, positions) in enumerate(batches):
-                if cfg.accumulate_unsharded:  # reduce-scatter once per step; FSDP keeps full gradients until then
-                    model.set_requires_gradient_sync(m == accum - 1)
-                with timer("forward"):
-                    loss = model(input_ids=ids, position_ids=positions, labels=labels, num_items_in_batch=divisor).loss
-                    fault_point("crash", state.step + 1)
-                if fault_point("nan_loss", state.step + 1):
-                    loss = loss * float("nan")
-                with timer("backward"):
-                    loss.backward()
-                loss_sum += loss.detach()
-            with timer("update"):
-                grad_norm = optimizer_step(optimizer, params, cfg)
-            not_finite += (~torch.isfinite(loss_sum)).float() + (~torch.isfinite(grad_norm)).float()
-            state.step += 1
-            state.offset += global_batch
-            window_steps += 1
-            window_tokens += step_tokens
-            tokens_seen += step_tokens
-            metrics.step()
-
-            stopped_by, command, anyone_writing = stop.agreed(control_file if d.is_main else None, ckpt.writing())
-            if command == "abort":  # a background save still being written stays a .tmp-step-N
-                heartbeat.beat(force=True, state="aborted", step=state.step)
-                raise JobError(f"aborted by `fsdp_train.py control abort` at step {state.step}; nothing saved")
-            if command == "stop":
-                stopped_by = "control stop"
-            eval_now = val_data is not None and (
-                state.step == stop_step or (cfg.eval_freq and state.step % cfg.eval_freq == 0)
-            )
-            log_now = state.step % cfg.log_freq == 0 or state.step == stop_step or stopped_by or eval_now
-            save_now = (
-                (cfg.ckpt_freq and state.step % cfg.ckpt_freq == 0)
-                or state.step == stop_step
-                or stopped_by
-                or command == "save"
-            )
-            if log_now or save_now:
-                raise_if_not_finite(not_finite, state.step, ckpt_root)  # a NaN model is never logged as fine or saved
-            if log_now:
-                dist.all_reduce(loss_sum)  # each rank holds world_size x its share of the global token mean
-                loss_sum /= d.world_size
-                phase_ms = timer.mean_ms(window_steps)
-                elapsed = time.perf_counter() - window_start
-                record = {
-                    "global_step": state.step,
-                    "total_steps": stop_step,
-                    "epoch": state.epoch,
-                    "loss": loss_sum.item(),
-                    "lr": lr_used,
-                    "grad_norm": grad_norm.item(),
-                    "tok/s": window_tokens / elapsed,
-                    **({"mfu": flops * window_tokens / elapsed / d.world_size / (peak * 1e12)} if peak else {}),
-                    **phase_ms,
-                    "time/total": elapsed * 1e3 / window_steps,
-                    **memory_stats(d.device, memory_base),
-                }
-                if eval_now:
-                    t0 = time.perf_counter()
-                    record.update(evaluate(model, val_data, cfg, d))
-                    record["time/eval"] = (time.perf_counter() - t0) * 1e3
-                metrics.log(record)
-                heartbeat.beat(force=True, step=state.step, loss=record["loss"], **{"tok/s": record["tok/s"]})
-                window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
-            heartbeat.beat(step=state.step)  # written every few seconds, and by each checkpoint sealed below
-            t_save = time.perf_counter()
-            ckpt.seal_if_written(anyone_writing)
-            if save_now:
-                ckpt.save(state)
-            window_start += time.perf_counter() - t_save  # checkpoint time is not training throughput
-            if stopped_by:
-                ckpt.wait()
-                metrics.close()
-                heartbeat.beat(force=True, state="stopped")
-                log.info(f"Stopped by {stopped_by} at step {state.step}; checkpoint saved")
-                return
-        ckpt.wait()  # the final save is sealed before the export reads the model and before anyone exits
-        metrics.close()
-        train_s = time.perf_counter() - t_loop
-        export_hf(model, cfg, d, cfg.exp_dir / "hf")
-        heartbeat.beat(force=True, state="finished")
-        if d.is_main:
-            plotted = plot_losses(cfg.exp_dir / "metrics.jsonl", cfg.exp_dir / "loss.png")
-            tokens = (
-                f"{tokens_seen:,} tokens in {train_s:.1f}s of training, {time.perf_counter() - t_start:.1f}s in all"
-            )
-            tok_s = tokens_seen / max(train_s, 1e-9)
-            mfu = flops * tok_s / d.world_size / (peak * 1e12) if peak else None
-            log.info(run_summary(cfg, metrics, first_step, state.step, tokens, tok_s, plotted, mfu))
-        dist.barrier()  # leave together: a rank tearing down while another still talks to it can abort at exit
-    finally:
-        stop.restore()
-        if ckpt is not None:
-            ckpt.close()
-
-
-def config_to_argv(cfg: Config) -> list[str]:
-    """The command-line flags that rebuild `cfg` (non-default fields only)."""
-    argv = []
-    for f in dataclasses.fields(Config):
-        value = getattr(cfg, f.name)
-        if value != f.default:
-            shown = ("on" if value else "off") if isinstance(value, bool) else str(value)
-            argv += [f"--{f.name.replace('_', '-')}", shown]
-    return argv
-
-
-def launch(cfg: Config, nproc_per_node: int | None = None) -> None:
-    """Start the job on this machine with PyTorch's elastic launcher (what torchrun uses) and wait for it.
-
-    For notebooks: `launch(Config(dataset_name=..., model_name=...), nproc_per_node=2)`. Each worker runs this file
-    with the flags of `cfg`; raises ChildFailedError if the job fails.
-    """
-    import uuid
-
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
-    cfg.validate()
-    nproc = nproc_per_node or max(1, torch.cuda.device_count())
-    config = LaunchConfig(
-        min_nodes=1,
-        max_nodes=1,
-        nproc_per_node=nproc,
-        run_id=f"fsdp-train-{uuid.uuid4().hex[:8]}",
-        rdzv_backend="c10d",
-        rdzv_endpoint="localhost:0",
-        max_restarts=0,
-    )
-    elastic_launch(config, entrypoint=sys.executable)(os.path.abspath(__file__), *config_to_argv(cfg))
-
-
-# ======================================================================================================================
-# Main
-
-
-def report_job_error(e: JobError, rank: int) -> int:
-    """Rank 0 prints the one line and fails the job. Every rank meets the same JobError (inputs are checked
-    identically, or agreed through a collective), so the others leave with 0: a failing rank would make
-    torchrun SIGTERM rank 0 before it has printed why."""
-    if rank != 0:
-        return 0
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    return e.exit_code
-
-
-def export_main(argv: list[str]) -> int:
-    p = _Parser(prog="fsdp_train.py export", description="Write a Hugging Face model folder from a checkpoint.")
-    p.add_argument("--checkpoint", required=True, type=Path, help="SAVE_DIR/EXP/checkpoints/step-N")
-    p.add_argument("--out", required=True, type=Path, help="output folder (replaced if it exists)")
-    try:
-        args = p.parse_args(argv)
-        export_checkpoint(args.checkpoint, args.out)
-    except JobError as e:
-        return report_job_error(e, 0)
-    print(f"Exported {args.checkpoint} to {args.out}")
-    return 0
-
-
-def prepare_main(argv: list[str]) -> int:
-    """`fsdp_train.py prepare [training flags]`: tokenize and pack the training (and validation) data into
-    SAVE_DIR/.cache, then exit. No process group and no GPU: a cluster runs it as a CPU job before the GPU job, which
-    then finds the cache and starts in seconds. Takes the same flags as training; the cache key uses only the data,
-    tokenizer, --seq-length, --val-split/--val-dataset, --seed, --chat-template and --drop-long-examples."""
-    setup_logging(0)
-    try:
-        cfg = parse_args(argv)
-        quiet_library_progress_bars()
-        tokenizer = load_tokenizer(cfg.model_name, cfg.trust_remote_code)
-        train_raw, val_raw = load_datasets(cfg)
-        prepare_data(cfg, None, tokenizer, train_raw, "train")
-        if val_raw is not None:
-            prepare_data(cfg, None, tokenizer, val_raw, "validation")
-    except JobError as e:
-        return report_job_error(e, 0)
-    except OSError as e:
-        return report_job_error(InputError(f"cannot prepare the data under {cfg.save_dir}: {first_line(e)}"), 0)
-    return 0
+# Optional: job control (`fsdp_train.py control`)
+#
+# Watching and steering a running job through files in its folder (status.json, control.json): no server.
 
 
 def job_status(exp_dir: Path) -> dict:
@@ -3386,6 +3519,54 @@ def control_main(argv: list[str]) -> int:
     return 0
 
 
+# ======================================================================================================================
+# Main
+
+
+def report_job_error(e: JobError, rank: int) -> int:
+    """Rank 0 prints the one line and fails the job. Every rank meets the same JobError (inputs are checked
+    identically, or agreed through a collective), so the others leave with 0: a failing rank would make
+    torchrun SIGTERM rank 0 before it has printed why."""
+    if rank != 0:
+        return 0
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    return e.exit_code
+
+
+def export_main(argv: list[str]) -> int:
+    p = _Parser(prog="fsdp_train.py export", description="Write a Hugging Face model folder from a checkpoint.")
+    p.add_argument("--checkpoint", required=True, type=Path, help="SAVE_DIR/EXP/checkpoints/step-N")
+    p.add_argument("--out", required=True, type=Path, help="output folder (replaced if it exists)")
+    try:
+        args = p.parse_args(argv)
+        export_checkpoint(args.checkpoint, args.out)
+    except JobError as e:
+        return report_job_error(e, 0)
+    print(f"Exported {args.checkpoint} to {args.out}")
+    return 0
+
+
+def prepare_main(argv: list[str]) -> int:
+    """`fsdp_train.py prepare [training flags]`: tokenize and pack the training (and validation) data into
+    SAVE_DIR/.cache, then exit. No process group and no GPU: a cluster runs it as a CPU job before the GPU job, which
+    then finds the cache and starts in seconds. Takes the same flags as training; the cache key uses only the data,
+    tokenizer, --seq-length, --val-split/--val-dataset, --seed, --chat-template and --drop-long-examples."""
+    setup_logging(0)
+    try:
+        cfg = parse_args(argv)
+        quiet_library_progress_bars()
+        tokenizer = load_tokenizer(cfg.model_name, cfg.trust_remote_code)
+        train_raw, val_raw = load_datasets(cfg)
+        prepare_data(cfg, None, tokenizer, train_raw, "train")
+        if val_raw is not None:
+            prepare_data(cfg, None, tokenizer, val_raw, "validation")
+    except JobError as e:
+        return report_job_error(e, 0)
+    except OSError as e:
+        return report_job_error(InputError(f"cannot prepare the data under {cfg.save_dir}: {first_line(e)}"), 0)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["export"]:
@@ -3399,7 +3580,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_args(argv)
     except InputError as e:
-        return report_job_error(e, int(os.environ.get("RANK", 0)))
+        return report_job_error(e, int(os.environ.get("RANK", 0)))  # before the process group: no Dist yet
     d = setup_distributed(cfg.dist_timeout)
     try:
         train(cfg, d)

@@ -109,7 +109,7 @@ def worker(model_dir: Path, work: Path, repeats: int, out: Path) -> None:
     g = torch.Generator().manual_seed(d.rank)
     with torch.no_grad():
         for p in model.parameters():
-            ft.local(p).normal_(0, 0.02, generator=g)
+            ft.local_shard(p).normal_(0, 0.02, generator=g)
     built = call_by_name(ft.build_optimizer, model=model, cfg=cfg, d=d, total_steps=1000)
     optimizer, scheduler = built if isinstance(built, tuple) else (built, None)
     params = [p for p in model.parameters() if p.requires_grad]

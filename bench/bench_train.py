@@ -619,8 +619,8 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     import torch
 
+    from fsdp_train import count_steps
     from fsdp_train import parse_args as fsdp_parse_args
-    from fsdp_train import plan_steps
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but torch sees no GPU")
@@ -656,7 +656,7 @@ def main(argv: list[str] | None = None) -> int:
     # The schedule both sides use: fsdp_train.py's own flag parsing and step planning, then its packed blocks.
     blocks = pack_blocks(dataset, model, shape.seq)
     cfg = fsdp_parse_args(plan.fsdp_argv("plan", args.steps, []))
-    _, plan.schedule_steps = plan_steps(cfg, len(blocks[0]), nproc)
+    _, plan.schedule_steps = count_steps(cfg, len(blocks[0]), nproc)
     global_batch = batch * nproc
     order = sample_order(len(blocks[0]), args.steps, global_batch, cfg.seed)
     plan.trainer_data = write_trainer_data(blocks, order, runs_dir / "trainer-data")

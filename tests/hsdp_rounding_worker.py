@@ -17,17 +17,17 @@ cfg = ft.Config(
 d = ft.setup_distributed()
 model = ft.build_model(cfg, d, load_pretrained=True)
 optimizer = ft.build_optimizer(model, cfg, d)
-before = [ft.local(p).detach().clone() for p in model.parameters()]
+before = [ft.local_shard(p).detach().clone() for p in model.parameters()]
 torch.manual_seed(100 + d.rank)  # each rank's own RNG stream, as in training (dropout): must not matter
 ids = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
 for _ in range(4):
     model(input_ids=ids, labels=ids).loss.backward()
     optimizer.step()
     optimizer.zero_grad()
-flat = torch.cat([ft.local(p).detach().float().reshape(-1) for p in model.parameters()])
+flat = torch.cat([ft.local_shard(p).detach().float().reshape(-1) for p in model.parameters()])
 copies = [torch.empty_like(flat) for _ in range(d.world_size)]
 dist.all_gather(copies, flat)
-changed = any(not torch.equal(ft.local(p), b) for p, b in zip(model.parameters(), before, strict=True))
+changed = any(not torch.equal(ft.local_shard(p), b) for p, b in zip(model.parameters(), before, strict=True))
 if d.is_main:
     print(f"replicas equal after 4 steps: {torch.equal(copies[0], copies[1])} (changed: {changed})", flush=True)
 dist.destroy_process_group()

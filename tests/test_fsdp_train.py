@@ -177,13 +177,13 @@ def test_rank_batches_partition_the_global_batch_and_survive_a_world_size_change
     assert three == perm[14:20].tolist()
 
 
-def test_plan_steps_schedule_spans_epochs_unless_max_steps_is_longer():
+def test_count_steps_schedule_spans_epochs_unless_max_steps_is_longer():
     cfg = ft.Config(dataset_name="d", model_name="m", batch_size=2, num_epochs=3)
-    assert ft.plan_steps(cfg, 41, world_size=2) == (10, 30)
+    assert ft.count_steps(cfg, 41, world_size=2) == (10, 30)
     cfg.max_steps = 50
-    assert ft.plan_steps(cfg, 41, world_size=2) == (10, 50)
+    assert ft.count_steps(cfg, 41, world_size=2) == (10, 50)
     with pytest.raises(ft.InputError, match="fewer than one global batch"):
-        ft.plan_steps(cfg, 3, world_size=2)
+        ft.count_steps(cfg, 3, world_size=2)
 
 
 def _ckpt(root: Path, step: int, complete: bool = True) -> Path:
