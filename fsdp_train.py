@@ -1710,40 +1710,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-# Test-only hooks: FSDP_TRAIN_FAULT=KIND:STEP[:SECONDS] injects one fault, FSDP_TRAIN_TRACE_SAMPLES=DIR logs every
-# rank's samples. Read once at import, so that in the hot path a hook costs one test of two constants.
-TEST_FAULT = os.environ.get("FSDP_TRAIN_FAULT", "")
-TEST_TRACE = os.environ.get("FSDP_TRAIN_TRACE_SAMPLES", "")
-
-
-def hook_for_tests(point: str, step: int, rank: int = 0, **info) -> bool:
-    """The one test hook, doing nothing (False) unless a test set a variable above. `point` is where the code is:
-
-    batch (trace only: the sample indices in `info`); crash (rank 1 raises, in forward); nan_loss (True: the caller
-    poisons the loss); sleep_in_save / enospc_in_save (a rank's checkpoint write, before its files / after them: the
-    tests kill a job inside a save, or fail it like a full disk); sleep_in_prepare (rank 0 tokenizing, step 0).
-    """
-    if not (TEST_FAULT or TEST_TRACE):
-        return False
-    if point == "batch":
-        if TEST_TRACE:
-            with open(Path(TEST_TRACE) / f"rank{rank}.jsonl", "a") as f:
-                f.write(json.dumps({"step": step, "epoch": info["epoch"], "indices": info["indices"]}) + "\n")
-        return False
-    kind, _, rest = TEST_FAULT.partition(":")
-    at, _, arg = rest.partition(":")
-    if kind != point or not at or int(at) != step:
-        return False
-    if kind in ("sleep_in_save", "sleep_in_prepare"):
-        say(f"FAULT {kind} step {step} rank {rank} pid {os.getpid()}")
-        time.sleep(float(arg or 60))
-    elif kind == "enospc_in_save" and rank == 0:
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    elif kind == "crash" and rank == 1:
-        raise RuntimeError(f"injected crash at step {step}")
-    return True
-
-
 def checkpoint_writer(path: Path, step: int, rank: int, rank_files: dict[str, object]):
     """DCP's FileSystemWriter (files fsync'd) that, in the same call that writes this rank's shards, also writes
     this rank's own files (its RNG state) with fsync and passes the save's fault points. A background save thus
@@ -2290,6 +2256,7 @@ class MetricsLogger:
 
     def __init__(self, cfg: Config, enabled: bool, start_step: int, stop_step: int):
         self.path, self.enabled, self.writer, self.bar = cfg.exp_dir / "metrics.jsonl", enabled, None, None
+        self.tensorboard = False
         self.seen: dict[str, float] = {}
         if not enabled:
             return
@@ -2299,6 +2266,7 @@ class MetricsLogger:
 
                 # purge_step drops events a killed run logged after the checkpoint this run resumes from.
                 self.writer = SummaryWriter(str(cfg.exp_dir / "tb"), purge_step=start_step + 1)
+                self.tensorboard = True  # stays true after close(), for the summary
             except ImportError:
                 log.info("TensorBoard logging is off: `pip install tensorboard` to get it")
         if sys.stdout.isatty():
@@ -2375,7 +2343,7 @@ def run_summary(
         f"Hugging Face export {exp / 'hf'}",
         f"metrics {exp / 'metrics.jsonl'}" + (f", loss curve {exp / 'loss.png'}" if plotted else ""),
     ]
-    if metrics.writer is not None:
+    if metrics.tensorboard:
         lines.append(f"TensorBoard: tensorboard --logdir {exp / 'tb'}")
     return "Done.\n    " + "\n    ".join(lines)
 
@@ -3517,6 +3485,43 @@ def control_main(argv: list[str]) -> int:
         return report_job_error(e, 0)
     print(f"Requested '{args.command}' of {args.dir} (at step {status.get('step')}); the job acts at its next step")
     return 0
+
+
+# ======================================================================================================================
+# Test hooks (the kill -9, fault and data-order tests)
+
+# FSDP_TRAIN_FAULT=KIND:STEP[:SECONDS] injects one fault, FSDP_TRAIN_TRACE_SAMPLES=DIR logs every rank's samples.
+# Read once at import, so that in the hot path a hook costs one test of two constants.
+TEST_FAULT = os.environ.get("FSDP_TRAIN_FAULT", "")
+TEST_TRACE = os.environ.get("FSDP_TRAIN_TRACE_SAMPLES", "")
+
+
+def hook_for_tests(point: str, step: int, rank: int = 0, **info) -> bool:
+    """The one test hook, doing nothing (False) unless a test set a variable above. `point` is where the code is:
+
+    batch (trace only: the sample indices in `info`); crash (rank 1 raises, in forward); nan_loss (True: the caller
+    poisons the loss); sleep_in_save / enospc_in_save (a rank's checkpoint write, before its files / after them: the
+    tests kill a job inside a save, or fail it like a full disk); sleep_in_prepare (rank 0 tokenizing, step 0).
+    """
+    if not (TEST_FAULT or TEST_TRACE):
+        return False
+    if point == "batch":
+        if TEST_TRACE:
+            with open(Path(TEST_TRACE) / f"rank{rank}.jsonl", "a") as f:
+                f.write(json.dumps({"step": step, "epoch": info["epoch"], "indices": info["indices"]}) + "\n")
+        return False
+    kind, _, rest = TEST_FAULT.partition(":")
+    at, _, arg = rest.partition(":")
+    if kind != point or not at or int(at) != step:
+        return False
+    if kind in ("sleep_in_save", "sleep_in_prepare"):
+        say(f"FAULT {kind} step {step} rank {rank} pid {os.getpid()}")
+        time.sleep(float(arg or 60))
+    elif kind == "enospc_in_save" and rank == 0:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    elif kind == "crash" and rank == 1:
+        raise RuntimeError(f"injected crash at step {step}")
+    return True
 
 
 # ======================================================================================================================
