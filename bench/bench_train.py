@@ -114,6 +114,8 @@ VARIANTS = {
     "ac-off": ("fsdp", ["--activation-checkpointing", "off"]),
     "compile": ("fsdp", ["--compile", "on"]),
     "no-reshard": ("fsdp", ["--reshard-after-forward", "off"]),
+    "ac-off-no-reshard": ("fsdp", ["--activation-checkpointing", "off", "--reshard-after-forward", "off"]),
+    "trainer-ac-off": ("trainer", ["--activation-checkpointing", "off"]),
 }
 
 # Dense bf16 tensor-core peak, TFLOP/s, from the datasheets (SXM parts unless named); first match wins.
@@ -151,6 +153,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--timeout", type=float, default=1200.0, help="seconds one run may take before it is killed (1200)")
     p.add_argument("--keep", action="store_true", help="keep each run's outputs (checkpoints, logs) in the workdir")
+    p.add_argument(
+        "--outside",
+        default="",
+        metavar="SHORT,LONG",
+        help="also time each variant from outside: a SHORT- and a LONG-step run (e.g. 10,50) per round, tok/s = "
+        "(LONG - SHORT) x global tokens per step / (wall of LONG - wall of SHORT), so start-up and the end cancel",
+    )
     args = p.parse_args(argv)
     args.model = args.model or ("1b" if args.device == "cuda" else "small")
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -159,6 +168,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
     if args.repeats < 1 or args.steps < 0 or args.nproc < 0 or args.skip_steps < 0:
         p.error("--repeats must be >= 1 and --steps, --nproc, --skip-steps >= 0")
+    args.outside = [int(x) for x in args.outside.split(",") if x.strip()]
+    if args.outside and (len(args.outside) != 2 or not 0 < args.outside[0] < args.outside[1]):
+        p.error("--outside takes two step counts SHORT,LONG with 0 < SHORT < LONG")
     shape = SHAPES[args.model]
     args.steps = args.steps or shape.steps
     if args.steps <= args.skip_steps:
@@ -456,13 +468,14 @@ class Plan:
             *("--dtype", "bf16" if a.device == "cuda" else "fp32", *extra),
         ]
 
-    def trainer_argv(self, out_dir: Path, steps: int) -> list[str]:
+    def trainer_argv(self, out_dir: Path, steps: int, extra: list[str]) -> list[str]:
         s = self.shape
         return [
             *("--model", str(self.model), "--data", str(self.trainer_data), "--output-dir", str(out_dir)),
             *("--result", str(out_dir / "result.json"), "--steps", str(steps), "-b", str(self.batch)),
             *("--lr", str(s.lr), "--warmup-steps", str(s.warmup), "--schedule-steps", str(self.schedule_steps)),
             *("--seed", "0", "--activation-checkpointing", "on", *(["--bf16"] if self.args.device == "cuda" else [])),
+            *extra,  # argparse keeps the last value: a variant's flags override the defaults above
         ]
 
 
@@ -475,7 +488,7 @@ def run_variant(plan: Plan, variant: str, tag: str, steps: int) -> dict:
         cmd = [*torchrun(plan.nproc), SCRIPT[runner], *plan.fsdp_argv(exp, steps, extra)]
     else:
         out_dir.mkdir(parents=True, exist_ok=True)
-        cmd = [*torchrun(plan.nproc), SCRIPT[runner], *plan.trainer_argv(out_dir, steps)]
+        cmd = [*torchrun(plan.nproc), SCRIPT[runner], *plan.trainer_argv(out_dir, steps, extra)]
     log = plan.runs_dir / f"{exp}.log"
     job = run_job(cmd, plan.env, SCRIPT[runner], FIRST_STEP[runner], log, plan.args.timeout)
     rec = {"variant": variant, "tag": tag, "command": " ".join(cmd), **asdict(job), "log": str(job.log)}
@@ -510,6 +523,45 @@ def run_variant(plan: Plan, variant: str, tag: str, steps: int) -> dict:
     if not plan.args.keep:
         shutil.rmtree(out_dir, ignore_errors=True)
     return rec
+
+
+def outside_record(variant: str, round_: int, walls: dict[int, dict], steps: list[int], tokens_per_step: int) -> dict:
+    """A variant's throughput as a user sees it: the extra wall time of LONG - SHORT steps, launch to exit."""
+    short, long = steps
+    rec = {"variant": variant, "round": round_, "wall_s": {n: r["wall_s"] for n, r in walls.items()}}
+    if any(r["rc"] != 0 for r in walls.values()):
+        rec["summary"] = "failed: " + ", ".join(r["log"] for r in walls.values() if r["rc"] != 0)
+        return rec
+    extra_s = walls[long]["wall_s"] - walls[short]["wall_s"]
+    rec["step_s"] = extra_s / (long - short)
+    rec["tok_s"] = (long - short) * tokens_per_step / extra_s
+    # What the job says of the same steps from inside: its steady per-step time, and the rest per step.
+    inside = median_or_none([st["step_s"] for n, st in walls[long]["steps"].items() if n > short])
+    rec["inside_step_s"] = inside
+    rec["summary"] = (
+        f"{rec['tok_s']:,.0f} tok/s ({rec['step_s'] * 1e3:.0f} ms/step from outside, "
+        f"{inside * 1e3:.0f} ms/step inside; walls {walls[short]['wall_s']:.1f} s / {walls[long]['wall_s']:.1f} s)"
+    )
+    return rec
+
+
+def outside_table(records: list[dict], variants: list[str], steps: list[int]) -> str:
+    """Medians over rounds, and each variant's ratio to the Trainer of the same round (when it ran)."""
+    rows = [f"| variant | tok/s from outside ({steps[1]} - {steps[0]} steps) | ms/step outside | ms/step inside | "
+            "x Trainer |", "|---|---:|---:|---:|---:|"]  # fmt: skip
+    ok = [r for r in records if "tok_s" in r]
+    for variant in variants:
+        mine = [r for r in ok if r["variant"] == variant]
+        if not mine:
+            continue
+        peer = {r["round"]: r["tok_s"] for r in ok if r["variant"] == "trainer-ac-off"}
+        ratio = median_or_none([r["tok_s"] / peer[r["round"]] for r in mine if r["round"] in peer])
+        rows.append(
+            f"| {variant} | {statistics.median(r['tok_s'] for r in mine):,.0f} | "
+            f"{statistics.median(r['step_s'] for r in mine) * 1e3:.0f} | "
+            f"{median_or_none([r['inside_step_s'] for r in mine]) * 1e3:.0f} | {fmt(ratio, '.2f')} |"
+        )
+    return "\n".join(rows)
 
 
 def median_or_none(values: list) -> float | None:
@@ -658,7 +710,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = fsdp_parse_args(plan.fsdp_argv("plan", args.steps, []))
     _, plan.schedule_steps = count_steps(cfg, len(blocks[0]), nproc)
     global_batch = batch * nproc
-    order = sample_order(len(blocks[0]), args.steps, global_batch, cfg.seed)
+    longest = max([args.steps, *args.outside])
+    order = sample_order(len(blocks[0]), longest, global_batch, cfg.seed)
     plan.trainer_data = write_trainer_data(blocks, order, runs_dir / "trainer-data")
 
     print("warm-up: 1 step of each runner (fills fsdp_train.py's tokenized-data cache; not measured)")
@@ -698,7 +751,7 @@ def main(argv: list[str] | None = None) -> int:
     measure_peak = args.device == "cpu" and not args.peak_tflops
     if not measure_peak:
         peak = cuda_peak(args.peak_tflops) if args.device == "cuda" else {"flops": args.peak_tflops * 1e12}
-    peaks = []
+    peaks, outside = [], []
     for r in range(args.repeats):
         if measure_peak:  # every round: a busy moment can only lower a measurement, so the best one is the peak
             peaks.append(measure_cpu_peak(nproc, threads))
@@ -711,6 +764,11 @@ def main(argv: list[str] | None = None) -> int:
             rec = run_variant(plan, variant, f"r{r + 1}", args.steps)
             plan.results.append(rec)
             print(f"[round {r + 1}/{args.repeats}] {variant}: {describe(rec)}", flush=True)
+        for variant in args.variants if args.outside else []:  # A B A B: each round alternates the variants
+            walls = {n: run_variant(plan, variant, f"r{r + 1}-outside{n}", n) for n in args.outside}
+            rec = outside_record(variant, r + 1, walls, args.outside, global_batch * shape.seq)
+            outside.append(rec)
+            print(f"[round {r + 1}/{args.repeats}] {variant} from outside: {rec['summary']}", flush=True)
     if measure_peak:
         peaks.append(measure_cpu_peak(nproc, threads))
         peak = {**max(peaks, key=lambda p: p["flops"]), "measured": peaks, "source": "measured fp32 matmul, best run"}
@@ -738,6 +796,8 @@ def main(argv: list[str] | None = None) -> int:
             if "peak_mem_above_baseline_gib" in s
         )
         print(f"peak RSS/rank above the {baseline:.3f} GiB import baseline (torch+transformers+datasets): {above}")
+    if outside:
+        print(outside_table(outside, args.variants, args.outside))
     failed = [r for r in plan.results if r["rc"] != 0]
     for rec in failed:
         print(f"failed: {rec['tag']} {rec['variant']}: see {rec['log']}", file=sys.stderr)
@@ -745,6 +805,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or ROOT / "bench" / "results" / f"{stamp}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {
+        "outside": outside,
         "time": stamp,
         "argv": sys.argv,
         "host": {
