@@ -99,7 +99,7 @@ def storage_bytes(tensors) -> tuple[int, int]:
     FSDP2 pads each shard to an even split and may hand out several gradients as views of one reduce-scatter buffer,
     so storages are counted once each, whole: the first number is what the rank really holds, the gap is padding.
     """
-    from fsdp_train import local
+    from fsdp_train import local_shard as local
 
     seen, held, used = set(), 0, 0
     for t in tensors:
