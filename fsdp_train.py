@@ -2769,8 +2769,8 @@ def next_batches(run: Run) -> tuple[list[tuple[torch.Tensor, ...]], float, int]:
 
 
 def train_step(run: Run, batches, divisor: float, lr: float, params, timer: PhaseTimer):
-    """Collective: forward and backward over the micro-batches, then the optimizer step. (the rank's summed loss
-    share, the global gradient norm), both still on the device."""
+    """Collective: forward and backward over the micro-batches, then the optimizer step. Returns the rank's summed
+    loss share and the global gradient norm, both still on the device (no host sync per step)."""
     model, cfg = run.model, run.cfg
     set_lr(run.optimizer, lr)  # before backward: --optimizer-in-backward steps inside it
     loss_sum = torch.zeros((), device=run.d.device)
@@ -2804,6 +2804,7 @@ class StepEvents:
 
 
 def step_events(run: Run, stop: StopRequest, ckpt: Checkpointer) -> StepEvents:
+    """Collective (the one per-step all-reduce): what happens after the step that just ended."""
     cfg, step, last = run.cfg, run.state.step, run.state.step == run.stop_step
     control = cfg.exp_dir / "control.json" if run.d.is_main else None
     stopped_by, command, writing = stop.agreed(control, ckpt.writing())
