@@ -108,6 +108,45 @@ def unpacked_loss(model, ids, labels, cuts: list[int]) -> tuple[float, int]:
     return total, count
 
 
+def reference_loss(prep, save_dir: Path, model: str, world_size: int = 2, batch_size: int = 2) -> float:
+    """Step-0 loss of the plain (unsharded, single-process) HF model on the batches each rank trained on."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import fsdp_train
+
+    (cache,) = (save_dir / ".cache" / "tokenized").iterdir()
+    data = fsdp_train.load_packed(cache)
+    ref = AutoModelForCausalLM.from_pretrained(prep[model], dtype=torch.float32)
+    eos = AutoTokenizer.from_pretrained(prep[model]).eos_token_id
+    perm = fsdp_train.epoch_permutation(len(data), seed=0, epoch=0)
+    total, count = 0.0, 0
+    for rank in range(world_size):
+        batch = data[fsdp_train.rank_batch_indices(perm, 0, batch_size, rank, world_size)]["input_ids"]
+        for row in batch:  # documents end at EOS: each one alone through the plain model
+            cuts = [0, *((row == eos).nonzero().flatten() + 1).tolist(), len(row)]
+            t, n = unpacked_loss(ref, row, row, sorted(set(cuts)))
+            total, count = total + t, count + n
+    return total / count
+
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def make_hf_cache(hf_home: Path, repo_id: str, model_dir: Path) -> Path:
+    """The layout huggingface_hub writes: hub/models--org--name/{refs/main, snapshots/<commit>/...}."""
+    repo = hf_home / "hub" / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / COMMIT
+    shutil.copytree(model_dir, snapshot)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(COMMIT)
+    return snapshot
+
+
+def offline_env(hf_home: Path) -> dict:
+    return {"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}
+
+
 def read_metrics(exp_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (exp_dir / "metrics.jsonl").read_text().splitlines()]
 

@@ -14,11 +14,11 @@ from conftest import (
     copy_run,
     ok,
     read_metrics,
+    reference_loss,
     run,
     torchrun,
     train_args,
     tree_digest,
-    unpacked_loss,
 )
 
 import fsdp_train as ft
@@ -307,25 +307,6 @@ def test_mfu_peaks_come_from_the_device_name_or_the_flag_and_are_never_guessed()
     cpu = torch.device("cpu")
     assert ft.device_peak_tflops(ft.Config(dataset_name="d", model_name="m"), cpu) is None
     assert ft.device_peak_tflops(ft.Config(dataset_name="d", model_name="m", peak_tflops=2.5), cpu) == 2.5
-
-
-def reference_loss(prep, save_dir: Path, model: str, world_size: int = 2, batch_size: int = 2) -> float:
-    """Step-0 loss of the plain (unsharded, single-process) HF model on the batches each rank trained on."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    (cache,) = (save_dir / ".cache" / "tokenized").iterdir()
-    data = ft.load_packed(cache)
-    ref = AutoModelForCausalLM.from_pretrained(prep[model], dtype=torch.float32)
-    eos = AutoTokenizer.from_pretrained(prep[model]).eos_token_id
-    perm = ft.epoch_permutation(len(data), seed=0, epoch=0)
-    total, count = 0.0, 0
-    for rank in range(world_size):
-        batch = data[ft.rank_batch_indices(perm, 0, batch_size, rank, world_size)]["input_ids"]
-        for row in batch:  # documents end at EOS: each one alone through the plain model
-            cuts = [0, *((row == eos).nonzero().flatten() + 1).tolist(), len(row)]
-            t, n = unpacked_loss(ref, row, row, sorted(set(cuts)))
-            total, count = total + t, count + n
-    return total / count
 
 
 @pytest.mark.slow

@@ -9,9 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ok, read_metrics, run, torchrun, train_args
-from test_fsdp_train import reference_loss
-from test_model_download import make_hf_cache, offline_env
+from conftest import make_hf_cache, offline_env, ok, read_metrics, reference_loss, run, torchrun, train_args
 
 HUB_ID = "acme/tiny-bf16-shards"
 FAST = "every rank read its own slices of"

@@ -5,28 +5,11 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-from pathlib import Path
 
 import pytest
-from conftest import TRAIN, ok, read_metrics, run, torchrun
+from conftest import COMMIT, TRAIN, make_hf_cache, offline_env, ok, read_metrics, run, torchrun
 
 import model_download as md
-
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
-
-
-def make_hf_cache(hf_home: Path, repo_id: str, model_dir: Path) -> Path:
-    """The layout huggingface_hub writes: hub/models--org--name/{refs/main, snapshots/<commit>/...}."""
-    repo = hf_home / "hub" / f"models--{repo_id.replace('/', '--')}"
-    snapshot = repo / "snapshots" / COMMIT
-    shutil.copytree(model_dir, snapshot)
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(COMMIT)
-    return snapshot
-
-
-def offline_env(hf_home: Path) -> dict:
-    return {"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}
 
 
 def test_tiny_model_loads_with_transformers_and_its_tokenizer_round_trips(prep):
