@@ -974,10 +974,14 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             y = labels[start : start + rows]
             keep = y != -100
             target = y.clamp(min=0).unsqueeze(1)
-            lse = torch.logsumexp(x, dim=1)
-            total += ((lse - x.gather(1, target).squeeze(1)) * keep).sum()
+            # In place on the fp32 copy: loss = log(sum(exp(x - max))) - (x_target - max). torch.logsumexp would
+            # allocate a chunk-sized temporary and exponentiate a second time for the gradient (2x slower on CPU).
+            x.sub_(x.amax(dim=1, keepdim=True))
+            picked = x.gather(1, target).squeeze(1)
+            sums = x.exp_().sum(dim=1)
+            total += ((sums.log() - picked) * keep).sum()
             if grad is not None:  # d(loss)/d(logits) = softmax - one_hot(target), zero for ignored tokens
-                x.sub_(lse.unsqueeze(1)).exp_()
+                x.div_(sums.unsqueeze(1))
                 x.scatter_add_(1, target, -torch.ones_like(target, dtype=x.dtype))
                 grad[start : start + rows] = x.mul_(keep.unsqueeze(1))
         ctx.save_for_backward(grad)
