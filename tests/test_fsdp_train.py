@@ -399,3 +399,25 @@ def test_chunked_loss_equals_transformers_loss_and_gradient(monkeypatch, masked)
     assert grads[1][1][0, -1].abs().sum() == 0  # the last position predicts nothing
     mean = ft.causal_lm_loss(logits, labels)  # no count given: the mean over labelled tokens, as transformers does
     assert torch.allclose(mean, ForCausalLMLoss(logits, labels, vocab_size=50), atol=1e-12)
+
+
+def test_chunked_loss_on_bf16_logits_of_large_magnitude_matches_transformers_in_fp32(monkeypatch):
+    """bf16 logits as a model emits them, spread over +-100 (the shifted-max maths must not overflow): the loss equals
+    transformers' on the same values in fp32, and the bf16 gradient is that gradient rounded to bf16."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    monkeypatch.setattr(ft, "LOSS_CHUNK_ELEMENTS", 16 * 300)  # several chunks
+    torch.manual_seed(0)
+    logits = (torch.randn(2, 33, 300) * 30).to(torch.bfloat16).requires_grad_()
+    labels = torch.randint(0, 300, (2, 33))
+    labels[1, :9] = -100
+    fp32 = logits.detach().float().requires_grad_()
+    ref = ForCausalLMLoss(fp32, labels, vocab_size=300)
+    (ref_grad,) = torch.autograd.grad(ref, fp32)
+    loss = ft.causal_lm_loss(logits, labels)
+    (grad,) = torch.autograd.grad(loss, logits)
+    assert grad.dtype == torch.bfloat16
+    assert abs(loss.item() - ref.item()) <= 1e-5 * abs(ref.item())
+    # each entry is the fp32 gradient in bf16 (8 significant bits), rounded when stored and again when backward scales
+    # it by the bf16-rounded 1/count
+    assert ((grad.float() - ref_grad).abs() <= 2**-6 * ref_grad.abs() + 1e-30).all()
