@@ -290,3 +290,29 @@ class Job:
     def kill_all(self) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+# Fixtures that build one run (or prep chain) for many tests. Under pytest-xdist (`make test` runs 2 workers) every
+# worker would build its own copy; tests that share any of them, directly or through each other, go to one worker
+# as one xdist group, so each is built once. `prep` is left out on purpose: it is cheap, and every test needs it.
+SHARED_FIXTURES = (
+    "reference_run", "four_steps", "big_batch_run", "six_of_an_epoch",  # session, above
+    "previous", "chat_files", "models", "loads", "adafactor_runs", "corpus_docs",  # module-scoped, in test files
+)  # fmt: skip
+
+
+def pytest_collection_modifyitems(config, items):
+    parent = {name: name for name in SHARED_FIXTURES}
+
+    def root(name: str) -> str:
+        while parent[name] != name:
+            name = parent[name]
+        return name
+
+    uses = {item: [f for f in SHARED_FIXTURES if f in item.fixturenames] for item in items}
+    for names in uses.values():
+        for name in names[1:]:
+            parent[root(name)] = root(names[0])
+    for item, names in uses.items():
+        if names:
+            item.add_marker(pytest.mark.xdist_group(root(names[0])))
