@@ -183,6 +183,13 @@ class Config:
         True,
         "free each block's gathered params after its forward (off: keep them until backward, more memory) (on|off)",
     )
+    shard_unit: str = _opt(
+        "block",
+        "what FSDP gathers at once. block: one transformer block at a time (FULL_SHARD). model: the whole model once "
+        "per step, one all-gather and one reduce-scatter: faster where communication cannot overlap compute (CPU/gloo), "
+        "but a step holds every unsharded parameter and gradient; optimizer state stays sharded",
+        choices=("block", "model"),
+    )
     export_dtype: str = _opt(
         "auto",
         "dtype of the Hugging Face export written at the end (auto: the base model's, from its config)",
@@ -633,7 +640,7 @@ def shard_model(model: torch.nn.Module, cfg: Config, d: Dist) -> None:
     """Activation checkpointing around each block, then fully_shard each block and the root (FULL_SHARD)."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     if cfg.replicate_degree > 1:  # a 2-D mesh makes fully_shard hybrid: all-gathers stay inside a shard group
         shape, names = (cfg.replicate_degree, d.world_size // cfg.replicate_degree), ("replicate", "shard")
@@ -665,12 +672,18 @@ def shard_model(model: torch.nn.Module, cfg: Config, d: Dist) -> None:
             parent.register_module(attr, block)
         if cfg.compile:  # in place (Module.compile), so parameter names and state dicts keep their keys
             block.compile()
+        if cfg.shard_unit == "model":
+            continue  # the root's fully_shard below takes every block's parameters
         # Backward starts with the last block, so resharding it after forward would only gather it again at once.
         last = i == len(blocks) - 1
         fully_shard(
             block, **{**fsdp_kwargs, "reshard_after_forward": fsdp_kwargs["reshard_after_forward"] and not last}
         )
+    # The root unit stays gathered from forward to backward whatever reshard_after_forward says (FSDP2 never reshards
+    # the root after forward), so with --shard-unit model each step has one all-gather and one reduce-scatter.
     fully_shard(model, **fsdp_kwargs)
+    units = sum(isinstance(m, FSDPModule) for m in model.modules())  # counted, not inferred from the flag
+    log.info(f"FSDP units: {units} ({'the whole model' if units == 1 else f'{units - 1} blocks + the root'})")
 
 
 def nonpersistent_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -2040,6 +2053,7 @@ def config_changes(saved: dict, cfg: Config) -> list[str]:
         "activation_checkpointing",
         "dist_timeout",
         "load_weights",
+        "shard_unit",  # the same sums on the same shards, in bigger collectives (test_shard_unit_model_...)
     }
     now = dataclasses.asdict(cfg)
     return [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in now if k not in harmless and k in saved and saved[k] != now[k]]
@@ -3300,7 +3314,7 @@ def memory_plan(shape: ModelShape, cfg: Config, shard_ranks: int, device: str) -
     accumulated = grads if accum > 1 else 0  # the earlier micro-batches' gradients, held through each backward
     # FSDP keeps the root unit gathered from forward to the end of backward and prefetches one block ahead.
     gathered = (shape.root_params + 2 * shape.block_params) * cb
-    if not cfg.reshard_after_forward:
+    if not cfg.reshard_after_forward or cfg.shard_unit == "model":
         gathered = (shape.root_params + shape.blocks * shape.block_params) * cb
     if not cfg.activation_checkpointing:
         kept, recompute = shape.blocks * shape.block_saved, 0
@@ -3309,6 +3323,8 @@ def memory_plan(shape: ModelShape, cfg: Config, shard_ranks: int, device: str) -
         kept, recompute = (2 if offload else shape.blocks) * shape.block_input, shape.block_saved
     loss = shape.logits * cb + shape.loss_chunk * 4  # while the loss runs: the logits and one fp32 chunk
     block_grad = shape.block_params * (cb + 4)  # unsharded gradient + fp32 reduce-scatter buffer
+    # With --shard-unit model every unsharded gradient waits for the one reduce-scatter at the end of backward.
+    last_grad = shape.params * (cb + 4) if cfg.shard_unit == "model" else block_grad
     fused = device == "cuda" and not host and cfg.optimizer == "adamw"
     step_temp = 0 if fused or host else (shape.block_params if cfg.optimizer_in_backward else shape.params) * pb / n
     moments = {
@@ -3316,7 +3332,7 @@ def memory_plan(shape: ModelShape, cfg: Config, shard_ranks: int, device: str) -
         # The loss's saved gradient is consumed by the head first; then blocks are recomputed one by one while the
         # root's unsharded gradient and one block's gradient wait to be reduce-scattered.
         "backward": gathered + kept + recompute + shape.root_params * cb + block_grad + accumulated,
-        "backward end": gathered + grads + block_grad,
+        "backward end": gathered + grads + last_grad,
         "optimizer step": grads + step_temp,
     }
     worst = max(moments, key=moments.get)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import (
+    assert_same_weights,
     checkpoint_weights,
     copy_run,
     ok,
@@ -268,6 +269,19 @@ def test_train_checkpoint_and_resume_is_bitwise_equal_to_an_uninterrupted_run(pr
     done = ok(torchrun(train_args(prep, tmp_path, "resumed", "--max-steps", "12", "--ckpt-freq", "4")))
     assert "Run already complete at step 12" in done.stdout
     assert tree_digest(tmp_path / "resumed/checkpoints") == before
+
+
+@pytest.mark.slow
+def test_shard_unit_model_trains_bitwise_like_per_block_units(prep, reference_run, tmp_path):
+    # One FSDP unit: one all-gather and one reduce-scatter per step instead of one per block. The shards and the
+    # elementwise sums are the same, so every logged number and every weight must be bitwise the reference's.
+    proc = ok(torchrun(train_args(prep, tmp_path, "one", "--max-steps", 3, "--shard-unit", "model")))
+    assert "FSDP units: 1 (the whole model)" in proc.stdout
+    assert "FSDP units: 3 (2 blocks + the root)" in reference_run["stdout"]
+    one, per_block = read_metrics(tmp_path / "one"), reference_run["metrics"][:3]
+    for key in ("loss", "grad_norm"):
+        assert [m[key] for m in one] == [m[key] for m in per_block], key
+    assert_same_weights(tmp_path / "one/checkpoints/step-3", reference_run["step"](3))
 
 
 @pytest.mark.slow
