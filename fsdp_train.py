@@ -637,7 +637,8 @@ def offloaded_checkpoint(fn, *args, **kwargs):
 
 
 def shard_model(model: torch.nn.Module, cfg: Config, d: Dist) -> None:
-    """Activation checkpointing around each block, then fully_shard each block and the root (FULL_SHARD)."""
+    """Activation checkpointing around each block, then fully_shard each block and the root (FULL_SHARD); with
+    --shard-unit model only the root, which then holds every parameter."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
