@@ -76,8 +76,8 @@ demo: $(DATA)/dataset $(DATA)/tiny-llama
 	@echo "(run 'make demo' again: it resumes an interrupted run, or reports it complete)"
 
 # Two pytest-xdist workers: the suite's torchrun jobs leave about a third of 2 cores idle (start-up, waits), and a
-# second worker fills it (12.6-12.9 -> 9.3-10.6 min on an idle 2-core machine). Tests that share a run stay on one worker
-# (tests/conftest.py groups them). TEST_WORKERS=0 runs everything in this one process, in order.
+# second worker fills it (12.6-12.9 -> 9.3-10.6 min on an idle 2-core machine). Tests that share a run stay on one
+# worker (tests/conftest.py groups them). TEST_WORKERS=0 runs everything in this one process, in order.
 TEST_WORKERS ?= 2
 test: $(VENV)/.installed
 	$(PY) -m pytest $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup)
