@@ -680,9 +680,12 @@ def shard_model(model: torch.nn.Module, cfg: Config, d: Dist) -> None:
         fully_shard(
             block, **{**fsdp_kwargs, "reshard_after_forward": fsdp_kwargs["reshard_after_forward"] and not last}
         )
-    # The root unit stays gathered from forward to backward whatever reshard_after_forward says (FSDP2 never reshards
-    # the root after forward), so with --shard-unit model each step has one all-gather and one reduce-scatter.
-    fully_shard(model, **fsdp_kwargs)
+    # The root unit stays gathered from forward to backward: backward needs its weights at once (the head) and again
+    # at the end (the embedding). FSDP2 only does that for a root left at reshard_after_forward=None ("auto"): an
+    # explicit True reshards it after forward and all-gathers it again at the start of backward, which cost one more
+    # all-gather of the embedding and head every step (of the whole model with --shard-unit model: 2 all-gathers a
+    # step instead of 1; test_the_root_unit_stays_gathered_from_forward_to_backward).
+    fully_shard(model, **{**fsdp_kwargs, "reshard_after_forward": None if cfg.reshard_after_forward else False})
     units = sum(isinstance(m, FSDPModule) for m in model.modules())  # counted, not inferred from the flag
     log.info(f"FSDP units: {units} ({'the whole model' if units == 1 else f'{units - 1} blocks + the root'})")
 

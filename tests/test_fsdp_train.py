@@ -225,6 +225,41 @@ def test_find_blocks_shards_decoder_layers_and_keeps_tied_embeddings_in_the_root
     assert all(b is not model.model.embed_tokens for _, _, b in blocks)
 
 
+@pytest.mark.parametrize("unit", ["block", "model"])
+def test_the_root_unit_stays_gathered_from_forward_to_backward(unit):
+    # FSDP2 keeps the root unit gathered from forward to backward only when its reshard_after_forward is left to
+    # "auto"; an explicit True (as --reshard-after-forward on passed it) freed it after forward and all-gathered it
+    # again at the start of backward: one more all-gather of the embedding and head every step, of the whole model
+    # with --shard-unit model. Gathered parameters are plain tensors; sharded ones are DTensors.
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)  # fmt: skip
+    model = AutoModelForCausalLM.from_config(config)
+    cfg = ft.parse_args(["-d", "ds", "-m", "m", "--activation-checkpointing", "off", "--shard-unit", unit])
+    assert cfg.reshard_after_forward is True  # the default
+
+    def gathered(module):
+        return not any(isinstance(p, DTensor) for p in module.parameters())
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        ft.shard_model(model, cfg, ft.Dist(0, 0, 1, torch.device("cpu")))
+        ids = torch.randint(0, 64, (1, 8))
+        loss = model(input_ids=ids, labels=ids).loss
+        root = [model.model.embed_tokens, model.model.norm, model.lm_head]
+        assert all(gathered(m) for m in root)
+        blocks = model.model.layers
+        assert gathered(blocks[-1])  # backward starts with it: never resharded after forward
+        assert gathered(blocks[0]) is (unit == "model")  # a block unit is freed after its forward
+        loss.backward()
+        assert not any(gathered(m) for m in (*root, *blocks))  # everything sharded again after backward
+    finally:
+        dist.destroy_process_group()
+
+
 def test_config_changes_flags_only_settings_that_change_the_maths():
     cfg = ft.Config(dataset_name="d", model_name="m")
     saved = {**ft.dataclasses.asdict(cfg), "lr": 1.0, "max_steps": 99}
