@@ -409,7 +409,7 @@ def setup_distributed(timeout_minutes: float = 30.0) -> Dist:
         backend = "cpu:gloo,cuda:nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
-        return_freed_memory()
+        reuse_freed_memory()
     if not dist.is_initialized():
         kwargs = dict(device_id=device if device.type == "cuda" else None, timeout=timedelta(minutes=timeout_minutes))
         if "RANK" in os.environ:
@@ -420,20 +420,26 @@ def setup_distributed(timeout_minutes: float = 30.0) -> Dist:
     return Dist(rank, local_rank, world_size, device)
 
 
-def return_freed_memory(threshold: int = 4 << 20) -> None:
-    """CPU training: serve blocks >= 4 MiB from mmap so that free() returns them to the OS at once.
+def reuse_freed_memory(limit: int = 1 << 30) -> None:
+    """CPU training: keep the memory a step frees for the next step, as CUDA's caching allocator does.
 
-    glibc's mmap threshold grows (up to 32 MiB) each time a large block is freed, after which the buffers FSDP
-    frees and re-allocates every step stay in the heap and peak RSS climbs: bench/bench_train.py measured the medium
-    model at 1.56 GiB per rank by default and 1.06 GiB with this, tok/s unchanged (64 KiB cost 16% tok/s). An explicit
-    MALLOC_MMAP_THRESHOLD_ in the environment wins; other C libraries are left alone.
+    glibc serves blocks above its mmap threshold (at most 32 MiB) from fresh mmaps and unmaps them at free, and trims
+    the heap top, so every step faulted in new zeroed pages for its all-gathers, gradients and logits: ~20k page
+    faults a step (80 MB) on the small bench model, 415k (1.6 GB) on the medium one, at ~4 us each on this VM. With
+    blocks up to 1 GiB served from the heap and the heap trimmed only beyond 1 GiB, a step faults a few hundred pages
+    (bench/README.md: small, one FSDP unit, 363-378 -> 312-314 ms a step; medium 4.42 -> 3.72 s). The price: RSS
+    includes the memory kept for reuse (medium: peak 1.18 -> 1.64 GiB a rank). MALLOC_MMAP_THRESHOLD_=4194304 in the
+    environment gives blocks of 4 MiB and more back at once, so that RSS tracks live tensors (what `plan` estimates);
+    any MALLOC_ setting in the environment wins.
     """
     import ctypes
 
-    if sys.platform != "linux" or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+    if sys.platform != "linux" or any(k.startswith("MALLOC_") for k in os.environ):
         return
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").mallopt(-3, threshold)  # -3: M_MMAP_THRESHOLD (also stops its growth)
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, limit)  # M_MMAP_THRESHOLD (a fixed value also stops glibc's own adjusting)
+        libc.mallopt(-1, limit)  # M_TRIM_THRESHOLD
 
 
 def exit_with_parent(poll_seconds: float = 0.2) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -180,6 +182,35 @@ def test_plan_is_within_25_percent_of_the_measured_peak(prep, tmp_path, model, f
     measured = max(m["mem/train_peak_gib"] for m in read_metrics(tmp_path / "m")) * 2**30
     estimate = plan(prep, model, 2, *shape, *flags)["peak"]
     assert estimate == pytest.approx(measured, rel=0.25), (estimate / 2**20, measured / 2**20)
+
+
+# 48 MB, above glibc's largest automatic mmap threshold (32 MiB): by default each allocation is a fresh mapping
+# whose ~11.7k pages fault in again, the cost every CPU step paid for its all-gathers, gradients and logits.
+ALLOCATE_AND_FREE = """
+import resource, torch
+import fsdp_train as ft
+ft.reuse_freed_memory()
+faults = []
+for _ in range(12):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.empty(12_000_000).fill_(1.0)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(sorted(faults)[len(faults) // 2])  # the median allocation
+"""
+
+
+def test_cpu_training_reuses_freed_memory_unless_the_environment_says_otherwise():
+    def faults(**malloc_env) -> int:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+        cmd = [sys.executable, "-c", ALLOCATE_AND_FREE]
+        proc = subprocess.run(
+            cmd, cwd=Path(ft.__file__).parent, env={**env, **malloc_env}, capture_output=True, text=True
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return int(proc.stdout.split()[-1])
+
+    assert faults() < 100  # after the first allocations, the heap pages are reused
+    assert faults(MALLOC_MMAP_THRESHOLD_="4194304") > 11_000  # the environment wins: each one faults again
 
 
 def test_stochastic_rounding_keeps_updates_smaller_than_a_bf16_step_on_average():
