@@ -12,7 +12,8 @@ fresh `torchrun --standalone --nproc_per_node N` job with OMP_NUM_THREADS = core
               checkpointing, the same AdamW (betas 0.9/0.95, eps 1e-8), clipping, and fsdp_train.py's own LR schedule;
               on CPU accelerate silently uses DDP instead; the backend it really used is printed
   ac-off      fsdp + --activation-checkpointing off;   compile: + --compile on;   no-reshard: + --reshard-after-forward off
-              ac-off-model-unit: ac-off + --shard-unit model (one FSDP unit: one all-gather, one reduce-scatter a step)
+              --shard-unit is left to auto: on CPU one FSDP unit for the whole model (one all-gather, one reduce-scatter
+              a step), per block on CUDA; ac-off-block-unit: ac-off + --shard-unit block (per-block units on CPU too)
 
 Model and data (cached under --workdir, default outputs/bench, keyed by the content of data/): the documents of data/
 (data_to_hf.convert), a random-init Llama of the chosen shape with a BPE tokenizer trained on data/
@@ -116,7 +117,7 @@ VARIANTS = {
     "compile": ("fsdp", ["--compile", "on"]),
     "no-reshard": ("fsdp", ["--reshard-after-forward", "off"]),
     "ac-off-no-reshard": ("fsdp", ["--activation-checkpointing", "off", "--reshard-after-forward", "off"]),
-    "ac-off-model-unit": ("fsdp", ["--activation-checkpointing", "off", "--shard-unit", "model"]),
+    "ac-off-block-unit": ("fsdp", ["--activation-checkpointing", "off", "--shard-unit", "block"]),
     "trainer-ac-off": ("trainer", ["--activation-checkpointing", "off"]),
 }
 

@@ -24,7 +24,9 @@ sys.path.insert(0, str(ROOT))
 # Small enough that a 2-process step takes milliseconds, big enough to have several blocks and a real tokenizer.
 TINY = ["--vocab-size", "512", "--hidden-size", "64", "--num-layers", "2"]
 SMALL = ["--vocab-size", "4096", "--hidden-size", "256", "--num-layers", "4"]
-TRAIN = ["-s", "64", "-b", "2", "--lr", "3e-3", "--warmup-steps", "2", "--log-freq", "1"]
+# --shard-unit block: the GPU default (auto picks one unit for the whole model on CPU), so the suite runs the path
+# GPU users run; test_shard_unit_model_trains_bitwise_like_per_block_units covers the CPU default against it.
+TRAIN = ["-s", "64", "-b", "2", "--lr", "3e-3", "--warmup-steps", "2", "--log-freq", "1", "--shard-unit", "block"]
 
 
 def run(args: list, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:

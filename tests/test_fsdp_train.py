@@ -260,6 +260,16 @@ def test_the_root_unit_stays_gathered_from_forward_to_backward(unit):
         dist.destroy_process_group()
 
 
+def test_shard_unit_auto_is_per_block_on_gpus_and_one_unit_on_cpu():
+    cfg = ft.parse_args(["-d", "ds", "-m", "m"])
+    assert cfg.shard_unit == "auto"
+    assert cfg.shard_unit_on(torch.device("cuda", 0)) == "block"
+    assert cfg.shard_unit_on(torch.device("cpu")) == "model"
+    for unit in ("block", "model"):
+        cfg = ft.parse_args(["-d", "ds", "-m", "m", "--shard-unit", unit])
+        assert cfg.shard_unit_on(torch.device("cuda", 0)) == cfg.shard_unit_on(torch.device("cpu")) == unit
+
+
 def test_config_changes_flags_only_settings_that_change_the_maths():
     cfg = ft.Config(dataset_name="d", model_name="m")
     saved = {**ft.dataclasses.asdict(cfg), "lr": 1.0, "max_steps": 99}

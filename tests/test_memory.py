@@ -155,7 +155,7 @@ def plan(prep, model: str, nproc: int, *flags) -> dict:
     import contextlib
     import io
 
-    argv = ["-m", prep[model], "--nproc", nproc, "--device", "cpu", "--json", *flags]
+    argv = ["-m", prep[model], "--nproc", nproc, "--device", "cpu", "--json", "--shard-unit", "block", *flags]
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         assert ft.plan_main([str(a) for a in argv]) == 0
