@@ -187,8 +187,8 @@ class Config:
         "auto",
         "what FSDP gathers at once. block: one transformer block at a time (FULL_SHARD). model: the whole model once "
         "per step, one all-gather and one reduce-scatter: faster where communication cannot overlap compute (CPU/gloo), "
-        "but a step holds every unsharded parameter and gradient; optimizer state stays sharded. auto: block on GPUs, "
-        "model on CPU",
+        "but a step holds every unsharded parameter and gradient; optimizer state stays sharded. auto: block on GPUs "
+        "and with --optimizer-in-backward, model otherwise on CPU",
         choices=("auto", "block", "model"),
     )
     export_dtype: str = _opt(
@@ -312,10 +312,11 @@ class Config:
     def shard_unit_on(self, device: torch.device) -> str:
         """--shard-unit auto: per block on GPUs, where CUDA streams overlap the collectives with compute and memory is
         what is scarce; the whole model on CPU hosts, where every collective blocks the compute thread (gloo has no
-        streams) and one all-gather plus one reduce-scatter a step cost least (bench/README.md, 2 ranks on 2 cores, activation
-        checkpointing off: 0.94x the HF Trainer's tok/s per block, 1.11x with one unit)."""
+        streams) and one all-gather plus one reduce-scatter a step cost least (bench/README.md, 2 ranks on 2 cores,
+        activation checkpointing off: 0.94x the HF Trainer's tok/s per block, 1.11x with one unit). Per block also
+        with --optimizer-in-backward, whose point is that a unit's gradients are freed as soon as it is reduced."""
         if self.shard_unit == "auto":
-            return "block" if device.type == "cuda" else "model"
+            return "block" if device.type == "cuda" or self.optimizer_in_backward else "model"
         return self.shard_unit
 
     @property

@@ -265,6 +265,9 @@ def test_shard_unit_auto_is_per_block_on_gpus_and_one_unit_on_cpu():
     assert cfg.shard_unit == "auto"
     assert cfg.shard_unit_on(torch.device("cuda", 0)) == "block"
     assert cfg.shard_unit_on(torch.device("cpu")) == "model"
+    # --optimizer-in-backward frees each unit's gradients once reduced: with one unit nothing would be freed early
+    in_backward = ft.parse_args(["-d", "ds", "-m", "m", "--optimizer-in-backward", "on", "--max-norm", "0"])
+    assert in_backward.shard_unit_on(torch.device("cpu")) == "block"
     for unit in ("block", "model"):
         cfg = ft.parse_args(["-d", "ds", "-m", "m", "--shard-unit", unit])
         assert cfg.shard_unit_on(torch.device("cuda", 0)) == cfg.shard_unit_on(torch.device("cpu")) == unit
