@@ -181,7 +181,8 @@ class Config:
     )
     reshard_after_forward: bool = _opt(
         True,
-        "free each block's gathered params after its forward (off: keep them until backward, more memory) (on|off)",
+        "free each block's gathered params after its forward (off: keep them until backward, more memory); per-block "
+        "units only (--shard-unit) (on|off)",
     )
     shard_unit: str = _opt(
         "auto",
@@ -438,18 +439,23 @@ def reuse_freed_memory(limit: int = 1 << 30) -> None:
     the heap top, so every step faulted in new zeroed pages for its all-gathers, gradients and logits: ~20k page
     faults a step (80 MB) on the small bench model, 415k (1.6 GB) on the medium one, at ~4 us each on this VM. With
     blocks up to 1 GiB served from the heap and the heap trimmed only beyond 1 GiB, a step faults a few hundred pages
-    (bench/README.md: small, one FSDP unit, 363-378 -> 312-314 ms a step; medium 4.42 -> 3.72 s). The price: RSS
+    (bench/README.md: small, one FSDP unit, 363-378 -> 312-322 ms a step; medium 4.42 -> 3.72 s). The price: RSS
     includes the memory kept for reuse (medium: peak 1.18 -> 1.64 GiB a rank). MALLOC_MMAP_THRESHOLD_=4194304 in the
     environment gives blocks of 4 MiB and more back at once, so that RSS tracks live tensors (what `plan` estimates);
-    any MALLOC_ setting in the environment wins.
+    a threshold set in the environment (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_ or GLIBC_TUNABLES) wins.
     """
     import ctypes
 
-    if sys.platform != "linux" or any(k.startswith("MALLOC_") for k in os.environ):
+    env = [os.environ.get(k, "") for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")]
+    if sys.platform != "linux" or env[0] or env[1] or "threshold" in env[2]:
         return
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, limit)  # M_MMAP_THRESHOLD (a fixed value also stops glibc's own adjusting)
+        # M_MMAP_THRESHOLD; a fixed value also stops glibc's own adjusting. Some glibc versions refuse more than
+        # 32 MiB (HEAP_MAX_SIZE / 2) and return 0: take that maximum then, or the trim setting below would freeze the
+        # threshold at its 128 KiB default (more page faults than glibc's own adjusting).
+        if not libc.mallopt(-3, limit):
+            libc.mallopt(-3, 32 << 20)
         libc.mallopt(-1, limit)  # M_TRIM_THRESHOLD
 
 
@@ -949,9 +955,9 @@ def document_isolation_gap(model, device: torch.device, vocab_size: int) -> floa
 
 
 def reshard_all(model: torch.nn.Module) -> None:
-    """Free every gathered FSDP unit after a forward without backward (evaluation, the isolation check). The last
-    block is not resharded after forward (backward would gather it again at once); without a backward it stays
-    gathered, and while gathered its module holds the unsharded tensors: a parameter list taken then (the one
+    """Free every gathered FSDP unit after a forward without backward (evaluation, the isolation check). The root and
+    the last block are not resharded after forward (backward would gather them again at once); without a backward
+    they stay gathered, and while gathered its module holds the unsharded tensors: a parameter list taken then (the one
     clipping uses) missed that block's real parameters, whose gradients were then neither counted in the norm nor
     clipped (found by bench_train: grad norm 2.069 vs plain transformers' 2.152)."""
     from torch.distributed.fsdp import FSDPModule

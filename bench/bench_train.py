@@ -12,6 +12,7 @@ fresh `torchrun --standalone --nproc_per_node N` job with OMP_NUM_THREADS = core
               checkpointing, the same AdamW (betas 0.9/0.95, eps 1e-8), clipping, and fsdp_train.py's own LR schedule;
               on CPU accelerate silently uses DDP instead; the backend it really used is printed
   ac-off      fsdp + --activation-checkpointing off;   compile: + --compile on;   no-reshard: + --reshard-after-forward off
+              (with --shard-unit block: the flag acts on per-block units only)
               --shard-unit is left to auto: on CPU one FSDP unit for the whole model (one all-gather, one reduce-scatter
               a step), per block on CUDA; ac-off-block-unit: ac-off + --shard-unit block (per-block units on CPU too)
 
@@ -115,8 +116,12 @@ VARIANTS = {
     "trainer": ("trainer", []),
     "ac-off": ("fsdp", ["--activation-checkpointing", "off"]),
     "compile": ("fsdp", ["--compile", "on"]),
-    "no-reshard": ("fsdp", ["--reshard-after-forward", "off"]),
-    "ac-off-no-reshard": ("fsdp", ["--activation-checkpointing", "off", "--reshard-after-forward", "off"]),
+    # --reshard-after-forward acts on per-block units only, so these pin them (on CPU auto is one unit)
+    "no-reshard": ("fsdp", ["--reshard-after-forward", "off", "--shard-unit", "block"]),
+    "ac-off-no-reshard": (
+        "fsdp",
+        ["--activation-checkpointing", "off", "--reshard-after-forward", "off", "--shard-unit", "block"],
+    ),
     "ac-off-block-unit": ("fsdp", ["--activation-checkpointing", "off", "--shard-unit", "block"]),
     "trainer-ac-off": ("trainer", ["--activation-checkpointing", "off"]),
 }

@@ -12,7 +12,7 @@ import fsdp_train as ft  # noqa: E402
 
 cfg = ft.Config(
     dataset_name="-", model_name=sys.argv[1], optimizer="adafactor", pure_bf16=True, replicate_degree=2,
-    lr=1e-2, max_norm=0.0,
+    lr=1e-2, max_norm=0.0, shard_unit="block",  # the GPU path, as the suite's TRAIN flags
 )  # fmt: skip
 d = ft.setup_distributed()
 model = ft.build_model(cfg, d, load_pretrained=True)

@@ -31,7 +31,7 @@ def compare(name: str, d: ft.Dist) -> dict | None:
 
     lines = Lines()
     ft.log.addHandler(lines)
-    model = ft.build_model(ft.Config(dataset_name="-", model_name=name), d, load_pretrained=True)
+    model = ft.build_model(ft.Config(dataset_name="-", model_name=name, shard_unit="block"), d, load_pretrained=True)
     ft.log.removeHandler(lines)
     weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     ids = torch.randint(0, model.config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(0))

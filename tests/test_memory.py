@@ -213,6 +213,27 @@ def test_cpu_training_reuses_freed_memory_unless_the_environment_says_otherwise(
     assert faults(MALLOC_MMAP_THRESHOLD_="4194304") > 11_000  # the environment wins: each one faults again
 
 
+def test_reuse_freed_memory_takes_32_mib_where_glibc_refuses_more_and_yields_to_the_environment(monkeypatch):
+    import ctypes
+
+    calls = []
+
+    class OlderGlibc:  # refuses an mmap threshold above HEAP_MAX_SIZE / 2, as some glibc versions do
+        def mallopt(self, param, value):
+            calls.append((param, value))
+            return 0 if param == -3 and value > 32 << 20 else 1
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: OlderGlibc())
+    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES"):
+        monkeypatch.delenv(name, raising=False)
+    ft.reuse_freed_memory()
+    assert calls == [(-3, 1 << 30), (-3, 32 << 20), (-1, 1 << 30)]  # a frozen 128 KiB threshold would fault more
+    calls.clear()
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=65536")
+    ft.reuse_freed_memory()
+    assert calls == []
+
+
 def test_stochastic_rounding_keeps_updates_smaller_than_a_bf16_step_on_average():
     torch.manual_seed(0)
     weight = torch.tensor(0.02).bfloat16().float().item()  # a bf16 value; its spacing there is 1.2e-4
