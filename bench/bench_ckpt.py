@@ -104,9 +104,9 @@ def worker(model_dir: Path, work: Path, repeats: int, out: Path) -> None:
     import fsdp_train as ft
 
     d = ft.setup_distributed()
-    cfg = ft.Config(dataset_name="unused", model_name=str(model_dir), save_dir=str(work), experiment_name="ckpt")
-    cfg.shard_unit = (
-        "block"  # fully_shard per block, as on GPUs (auto is one unit on CPU; the state dicts are the same)
+    # fully_shard per block, as on GPUs (auto is one unit on CPU; the state dicts are the same)
+    cfg = ft.Config(
+        dataset_name="unused", model_name=str(model_dir), save_dir=str(work), experiment_name="ckpt", shard_unit="block"
     )
     model = ft.build_model(cfg, d, load_pretrained=False)
     g = torch.Generator().manual_seed(d.rank)

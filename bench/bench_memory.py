@@ -67,6 +67,9 @@ MIB = 2**20
 # glibc serves allocations above this from mmap and returns them on free, so RSS tracks live memory (see docstring).
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
 STEPS = 3
+# Per-block units, as the modes work on GPUs: on CPU --shard-unit auto is one unit, which holds every unsharded
+# gradient (no saving for in-backward or sharded accumulation to show) and which the planner would plan differently.
+PER_BLOCK = ["--shard-unit", "block"]
 
 # (key, label, flags): each mode keeps the savers of the ones before it.
 MODES = [
@@ -135,9 +138,7 @@ def scaling_worker(model_dir: str, batch: int, seq: int, flags: list[str]) -> No
 
     d = ft.setup_distributed()
     try:
-        cfg = ft.parse_args(
-            ["-d", "-", "-m", model_dir, "-b", str(batch), "-s", str(seq), "--shard-unit", "block", *flags]
-        )
+        cfg = ft.parse_args(["-d", "-", "-m", model_dir, "-b", str(batch), "-s", str(seq), *PER_BLOCK, *flags])
         # Real weights (rank 0 reads and broadcasts them): to_empty leaves garbage, whose NaNs and denormals would
         # make the step slow and the non-persistent rotary buffers wrong.
         model = ft.build_model(cfg, d, load_pretrained=True)
@@ -170,7 +171,7 @@ def scaling_worker(model_dir: str, batch: int, seq: int, flags: list[str]) -> No
 def plan(model: Path, nproc: int, batch: int, seq: int, flags: list[str]) -> dict:
     """`fsdp_train.py plan ... --json`'s "as given" estimate (bytes per rank)."""
     cmd = python("fsdp_train.py", "plan", "-m", model, "--nproc", nproc, "-b", batch, "-s", seq, "--device", "cpu")
-    cmd += ["--shard-unit", "block"]  # as the measured runs
+    cmd += PER_BLOCK
     run = run_timed([*cmd, *flags, "--json"]).check()
     return json.loads(run.output.strip().splitlines()[-1])["plans"]["as given"]
 
@@ -198,7 +199,7 @@ def run_modes(args, model: Path, dataset: Path, work: Path) -> dict:
                 exp = f"{name}-{key}-{r}"
                 cmd = [*TORCHRUN, ROOT / "fsdp_train.py", "-e", exp, "-d", dataset, "-m", model, "--save-dir", save_dir]
                 cmd += ["-b", batch, "-s", seq, "--max-steps", STEPS, "--log-freq", 1, "--warmup-steps", 1]
-                cmd += ["--shard-unit", "block"]  # the modes as they work on GPUs (on CPU auto is one unit)
+                cmd += PER_BLOCK
                 cmd += ["--tensorboard", "off", "--ckpt-freq", 0, *flags]
                 run = run_timed(cmd, env=MALLOC_ENV, log=logs / f"{exp}.log").check()
                 runs[name].append(measured_peak(save_dir / exp / "metrics.jsonl"))
@@ -253,7 +254,7 @@ def run_accum(args, model: Path, dataset: Path, work: Path) -> dict:
                 exp = f"accum-{name}-{key}-{r}"
                 cmd = [*TORCHRUN, ROOT / "fsdp_train.py", "-e", exp, "-d", dataset, "-m", model, "--save-dir", save_dir]
                 cmd += ["-b", batch, "-s", seq, "--max-steps", args.accum_steps, "--log-freq", 1, "--warmup-steps", 1]
-                cmd += ["--shard-unit", "block"]  # one unit would hold every unsharded gradient in both variants
+                cmd += PER_BLOCK
                 cmd += ["--tensorboard", "off", "--ckpt-freq", 0, *flags]
                 run = run_timed(cmd, env=MALLOC_ENV, log=logs / f"{exp}.log").check()
                 rows = [json.loads(x) for x in (save_dir / exp / "metrics.jsonl").read_text().splitlines() if x.strip()]

@@ -308,7 +308,8 @@ def test_python_api_in_process_and_through_the_elastic_launcher(prep, reference_
     )
     proc = ok(run([sys.executable, "-c", launched]))
     assert "world 2" in proc.stdout
-    # The same job as the torchrun command line's, to the bit.
+    assert "FSDP units: 1 (the whole model)" in proc.stdout  # --shard-unit auto on CPU
+    # The same job as the torchrun command line's (per block), to the bit.
     expected = [m["loss"] for m in reference_run["metrics"][:2]]
     assert [m["loss"] for m in read_metrics(tmp_path / "two")] == expected
 
