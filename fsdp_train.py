@@ -81,6 +81,7 @@ def _opt(default, help: str, short: str | None = None, choices: tuple | None = N
 
 LR_SCHEDULERS = ("cosine", "linear", "constant", "wsd")
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flex_attention", "flash_attention_2")
+CUDA_ONLY_ATTENTION = frozenset({"flex_attention", "flash_attention_2"})  # tests/flash_emulation.py empties it
 
 
 @dataclass
@@ -921,7 +922,7 @@ def attn_implementation(cfg: Config, device: torch.device) -> str:
     and with packed position_ids transformers gives it an explicit block-diagonal mask (B x 1 x S x S booleans)."""
     import importlib.util
 
-    if cfg.attn_implementation in ("flex_attention", "flash_attention_2") and device.type != "cuda":
+    if cfg.attn_implementation in CUDA_ONLY_ATTENTION and device.type != "cuda":
         raise InputError(f"--attn-implementation {cfg.attn_implementation} trains on CUDA only: use sdpa or eager")
     if cfg.attn_implementation != "auto":
         return cfg.attn_implementation
@@ -930,28 +931,75 @@ def attn_implementation(cfg: Config, device: torch.device) -> str:
     return "sdpa"
 
 
+def takes_segments(attn: str) -> bool:
+    """Whether this attention implementation is told the packed documents as variable-length segments (cu_seqlens)
+    instead of through a mask built from position_ids."""
+    return "flash" in attn  # flash_attention_2/3 and hub flash kernels share transformers' _flash_attention_forward
+
+
+def model_inputs(ids: torch.Tensor, positions: torch.Tensor, attn: str, labels: torch.Tensor | None = None) -> dict:
+    """The forward's keyword arguments for a micro-batch of packed rows (host tensors; every row starts a document).
+
+    Restarting position_ids keep packed documents apart for sdpa, eager and flex attention at any batch size:
+    transformers builds a block-diagonal mask from them row by row. Flash-attention builds no mask, and transformers
+    infers the segments from position_ids only for a single row (`_is_packed_sequence` needs batch size 1); with more
+    rows it runs the plain causal kernel over whole rows, every document seeing the ones before it. So flash gets the
+    segments explicitly, over the B x S tokens flattened (transformers' varlen-kwargs path reshapes q/k/v to exactly
+    that): `cu_seq_lens_q/k` (int32 offsets of each document, then the total) and `max_length_q/k` (the longest, a
+    Python int, so no device sync in every layer).
+    """
+    inputs = {"input_ids": ids, "position_ids": positions}
+    if labels is not None:
+        inputs["labels"] = labels
+    if takes_segments(attn):
+        assert bool((positions[:, 0] == 0).all()), "every packed row starts a segment"
+        flat = positions.flatten()
+        starts = torch.nonzero(flat == 0).flatten()
+        offsets = torch.cat([starts, torch.tensor([flat.numel()])]).to(torch.int32)
+        longest = int(offsets.diff().max())
+        inputs.update(cu_seq_lens_q=offsets, cu_seq_lens_k=offsets, max_length_q=longest, max_length_k=longest)
+    return inputs
+
+
+def inputs_to(inputs: dict, device: torch.device) -> dict:
+    return {k: to_device(v, device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+
 ISOLATION_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 0.1}  # bf16 rounding differs between the layouts
+ISOLATION_SPLITS = ((16, 32), (28, 20))  # document lengths in the check's rows, alternating
 
 
 @torch.no_grad()
-def document_isolation_gap(model, device: torch.device, vocab_size: int) -> float:
-    """Collective (an FSDP forward on every rank): the largest log-prob difference between a document packed second
-    in a block, with restarting position_ids, and the same document alone. ~0 when the attention implementation keeps
-    packed documents apart; of order 1 when the second one attends to the first. Uses its own generator and eval
-    mode, so training's RNG streams and results are untouched."""
+def document_isolation_gap(model, device: torch.device, vocab_size: int, rows: int, attn: str) -> float:
+    """Collective (FSDP forwards on every rank): the largest log-prob difference between a document packed in a
+    micro-batch of `rows` rows, fed exactly as training feeds it (model_inputs), and the same document alone. ~0 when
+    the attention implementation keeps packed documents apart at this shape; of order 1 when one attends to another.
+
+    Every row holds two documents (cut at alternating points), so later rows and second documents are checked: a
+    kernel that is right for one row only (flash-attention's batch-1 inference of segments) fails here. The documents
+    alone are fed without segments or restarts, one length per forward: plain causal attention, the reference. Uses
+    its own generator and eval mode, so training's RNG streams and results are untouched."""
     g = torch.Generator().manual_seed(0)
-    first, second = (torch.randint(0, vocab_size, (n,), generator=g) for n in (24, 24))
-    packed = torch.cat([first, second])[None].to(device)
-    packed_pos = torch.cat([torch.arange(len(first)), torch.arange(len(second))])[None].to(device)
-    alone, alone_pos = second[None].to(device), torch.arange(len(second))[None].to(device)
+    splits = [ISOLATION_SPLITS[r % len(ISOLATION_SPLITS)] for r in range(rows)]
+    docs = [[torch.randint(0, vocab_size, (n,), generator=g) for n in split] for split in splits]
+    ids = torch.stack([torch.cat(row) for row in docs])
+    positions = torch.stack([torch.cat([torch.arange(len(doc)) for doc in row]) for row in docs])
     model.eval()
     try:
-        in_block = model(input_ids=packed, position_ids=packed_pos).logits[0, len(first) :].float().log_softmax(-1)
-        by_itself = model(input_ids=alone, position_ids=alone_pos).logits[0].float().log_softmax(-1)
+        packed = model(**inputs_to(model_inputs(ids, positions, attn), device)).logits.float().log_softmax(-1)
+        gap = 0.0
+        for length in sorted({n for split in splits for n in split}):
+            where = [(r, i) for r, split in enumerate(splits) for i, n in enumerate(split) if n == length]
+            alone_ids = torch.stack([docs[r][i] for r, i in where]).to(device)
+            alone_pos = torch.arange(length).expand(len(where), length).to(device)
+            alone = model(input_ids=alone_ids, position_ids=alone_pos).logits.float().log_softmax(-1)
+            for k, (r, i) in enumerate(where):
+                start = sum(splits[r][:i])
+                gap = max(gap, (packed[r, start : start + length] - alone[k]).abs().max().item())
     finally:
         model.train()
         reshard_all(model)
-    return (in_block - by_itself).abs().max().item()
+    return gap
 
 
 def reshard_all(model: torch.nn.Module) -> None:
@@ -970,16 +1018,21 @@ def reshard_all(model: torch.nn.Module) -> None:
 def check_document_isolation(model, cfg: Config, d: Dist) -> None:
     """Never train on packed documents that see each other: refuse, saying what to change, if this architecture and
     attention implementation do not isolate them."""
-    gap = document_isolation_gap(model, d.device, model.config.vocab_size)
+    attn, rows = attn_implementation(cfg, d.device), max(2, cfg.batch_size)
+    gap = document_isolation_gap(model, d.device, model.config.vocab_size, rows, attn)
     compute = cfg.compute_dtype(d.device)
-    attn = attn_implementation(cfg, d.device)
     if not gap <= ISOLATION_TOLERANCE[compute]:
-        others = ", ".join(a for a in ATTN_IMPLEMENTATIONS[1:] if a != attn)
+        usable = [a for a in ATTN_IMPLEMENTATIONS[1:] if d.device.type == "cuda" or a not in CUDA_ONLY_ATTENTION]
+        others = ", ".join(a for a in usable if a != attn)
         raise InputError(
             f"{type(model).__name__} with --attn-implementation {attn} lets packed documents attend to each other "
-            f"(a document's log-probs move by {gap:.3g} next to another): try --attn-implementation {others}"
+            f"(a document's log-probs move by {gap:.3g} next to another in a micro-batch of {rows} rows): "
+            f"try --attn-implementation {others}"
         )
-    log.info(f"Packed documents are isolated ({attn}): log-probs within {gap:.1e} of each document alone")
+    log.info(
+        f"Packed documents are isolated ({attn}, {rows} rows a micro-batch): log-probs within {gap:.1e} of each "
+        "document alone"
+    )
 
 
 def count_params(model: torch.nn.Module) -> int:
@@ -1123,10 +1176,12 @@ def segment_positions(starts: np.ndarray) -> np.ndarray:
     return idx - np.maximum.accumulate(np.where(starts, idx, 0), axis=1)
 
 
-def block_labels(ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-    """Text blocks train on every token except a segment's first, whose prediction would cross from the end of the
-    previous document (labels are shifted by the loss, so label t is predicted at t - 1)."""
-    return ids.masked_fill(position_ids == 0, -100)
+def block_labels(labels: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """The labels with every segment's first token masked: its prediction would cross from the end of the previous
+    document or conversation (labels are shifted by the loss, so label t is predicted at t - 1). Text blocks pass their
+    tokens; chat blocks their assistant-only labels, which a template that opens inside an assistant span would
+    otherwise leave trained at position 0."""
+    return labels.masked_fill(position_ids == 0, -100)
 
 
 class TextPacker:
@@ -1521,10 +1576,11 @@ def prepare_data(cfg: Config, d: Dist | None, tokenizer, ds, role: str):
 
 
 def fetch_batch(data, indices) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """(input_ids, labels, position_ids, real tokens) of some packed blocks."""
+    """(input_ids, labels, position_ids, real tokens) of some packed blocks. Text blocks train on their tokens, chat
+    blocks on their labels; in both, a segment's first token is never a target (block_labels)."""
     rows = data[indices]
     ids, positions = rows["input_ids"].long(), rows["position_ids"].long()
-    labels = rows["labels"].long() if "labels" in rows else block_labels(ids, positions)
+    labels = block_labels(rows["labels"].long() if "labels" in rows else ids, positions)
     real = int(rows["num_tokens"].sum()) if "num_tokens" in rows else ids.numel()
     return ids, labels, positions, real
 
@@ -2633,7 +2689,7 @@ def eval_blocks(num_blocks: int, cap: int, seed: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def evaluate(model, data, cfg: Config, d: Dist) -> dict[str, float]:
+def evaluate(model, data, cfg: Config, d: Dist, attn: str) -> dict[str, float]:
     """Token-weighted loss over all validation blocks and ranks (not a mean of per-rank means).
 
     Every rank runs the same number of forwards (FSDP all-gathers in each one); a rank short of blocks repeats
@@ -2649,8 +2705,7 @@ def evaluate(model, data, cfg: Config, d: Dist) -> dict[str, float]:
         chunk = mine[i : i + cfg.batch_size]
         ids, labels, positions, _ = fetch_batch(data, [max(j, 0) for j in chunk])
         labels[torch.tensor([j < 0 for j in chunk])] = -100
-        ids, labels, positions = ids.to(d.device), labels.to(d.device), positions.to(d.device)
-        out = model(input_ids=ids, position_ids=positions, labels=labels, num_items_in_batch=1)
+        out = model(**inputs_to(model_inputs(ids, positions, attn, labels), d.device), num_items_in_batch=1)
         totals[0] += out.loss.double()  # a sum: divided by 1
         totals[1] += trained_targets(labels)
     dist.all_reduce(totals)
@@ -2735,6 +2790,7 @@ class Run:
     data: object  # packed training blocks (load_packed)
     val_data: object | None
     model: torch.nn.Module
+    attn: str  # the attention implementation the model runs (auto resolved): how batches tell it the documents
     optimizer: object
     schedule: Callable[[int], float]  # LR factor of a step
     state: TrainState  # where training stands; the loop advances it
@@ -2789,11 +2845,11 @@ def prepare_run(cfg: Config, d: Dist) -> Run | None:
     record_start(cfg, d, state)
     resumed_from = candidates[0] if candidates else None
     schedule = schedule_for(cfg, total_steps)
-    return Run(cfg, d, data, val_data, model, optimizer, schedule, state, accum, total_steps, stop_step,
-               resumed_from, memory_base, t_start)  # fmt: skip
+    return Run(cfg, d, data, val_data, model, attn_implementation(cfg, d.device), optimizer, schedule, state, accum,
+               total_steps, stop_step, resumed_from, memory_base, t_start)  # fmt: skip
 
 
-def next_batches(run: Run) -> tuple[list[tuple[torch.Tensor, ...]], float, int]:
+def next_batches(run: Run) -> tuple[list[dict], float, int]:
     """Collective: this rank's micro-batches of the next step, in the epoch's seeded order from the global sample
     offset (so any world size continues where another stopped), the loss divisor, and the step's real tokens."""
     cfg, d, state = run.cfg, run.d, run.state
@@ -2807,7 +2863,7 @@ def next_batches(run: Run) -> tuple[list[tuple[torch.Tensor, ...]], float, int]:
         hook_for_tests("batch", state.step + 1, d.rank, epoch=state.epoch, indices=idx)
         ids, labels, positions, real = fetch_batch(run.data, idx)
         tally += torch.tensor([int(trained_targets(labels)), real])
-        batches.append(tuple(to_device(t, d.device) for t in (ids, labels, positions)))
+        batches.append(inputs_to(model_inputs(ids, positions, run.attn, labels), d.device))
     dist.all_reduce(tally)  # the step's totals over ranks (one small all-CPU sum)
     step_targets, step_tokens = tally.tolist()
     return batches, loss_divisor(step_targets, d.world_size), step_tokens
@@ -2819,11 +2875,11 @@ def train_step(run: Run, batches, divisor: float, lr: float, params, timer: Phas
     model, cfg = run.model, run.cfg
     set_lr(run.optimizer, lr)  # before backward: --optimizer-in-backward steps inside it
     loss_sum = torch.zeros((), device=run.d.device)
-    for m, (ids, labels, positions) in enumerate(batches):
+    for m, batch in enumerate(batches):
         if cfg.accumulate_unsharded:  # reduce-scatter once per step; FSDP keeps full gradients until then
             model.set_requires_gradient_sync(m == run.accum - 1)
         with timer("forward"):
-            loss = model(input_ids=ids, position_ids=positions, labels=labels, num_items_in_batch=divisor).loss
+            loss = model(**batch, num_items_in_batch=divisor).loss
             hook_for_tests("crash", run.state.step + 1, run.d.rank)
         if hook_for_tests("nan_loss", run.state.step + 1, run.d.rank):
             loss = loss * float("nan")
@@ -2912,7 +2968,7 @@ def train_loop(run: Run) -> None:
                 record = step_record(run, loss_sum, lr, grad_norm, timer, window)
                 if events.evaluate:
                     t0 = time.perf_counter()
-                    record.update(evaluate(run.model, run.val_data, cfg, d))
+                    record.update(evaluate(run.model, run.val_data, cfg, d, run.attn))
                     record["time/eval"] = (time.perf_counter() - t0) * 1e3
                 metrics.log(record)
                 heartbeat.beat(force=True, step=state.step, loss=record["loss"], **{"tok/s": record["tok/s"]})

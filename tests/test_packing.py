@@ -99,7 +99,7 @@ def test_the_start_up_check_refuses_a_model_that_lets_documents_mix(monkeypatch)
     cfg = ft.Config(dataset_name="d", model_name="m")
     d = ft.Dist(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
     model = tiny_model("llama")
-    assert ft.document_isolation_gap(model, d.device, VOCAB) < 1e-5
+    assert ft.document_isolation_gap(model, d.device, VOCAB, 2, "sdpa") < 1e-5
     ft.check_document_isolation(model, cfg, d)
     # A transformers release that stopped turning restarting positions into a packed mask must stop the run.
     import transformers.masking_utils as mu

@@ -1,0 +1,189 @@
+"""The CUDA-only attention paths, proven on CPU (#21): transformers' own flash-attention and flex-attention dispatch,
+driven exactly as fsdp_train.py drives it, with only flash_attn's CUDA kernels replaced by exact references
+(tests/flash_emulation.py). Every reference is plain transformers on each document alone."""
+
+from __future__ import annotations
+
+import copy
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, ok, read_metrics, reference_loss, run, train_args
+
+import flash_emulation as fe
+import fsdp_train as ft
+
+VOCAB = 97
+ARCHS = {"llama": dict(num_key_value_heads=2), "qwen2": dict(num_key_value_heads=2)}
+
+
+@pytest.fixture
+def emulated_flash(monkeypatch):
+    fe.install(patch=monkeypatch)
+    monkeypatch.setattr(ft, "CUDA_ONLY_ATTENTION", frozenset())
+    fe.KERNEL_CALLS.clear()
+
+
+def model_pair(arch: str, attn: str, dtype=torch.float32):
+    """(the model under `attn`, the same weights under plain sdpa): pretrained-like random weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        arch, vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        use_cache=False, **ARCHS[arch],
+    )  # fmt: skip
+    torch.manual_seed(0)
+    ref = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="sdpa", dtype=dtype).eval()
+    with torch.no_grad():  # a random init this small barely depends on the context at all
+        for p in ref.parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.3)
+    model = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=attn, dtype=dtype).eval()
+    model.load_state_dict(ref.state_dict())
+    return model, ref
+
+
+def packed_rows(rows: int, seq: int = 40, seed: int = 1):
+    """(ids, positions, documents per row) of `rows` packed rows of uneven documents, as TextPacker packs them."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(5, 23, (rows * 8,), generator=g).tolist()
+    docs = [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in lengths]
+    blocks, positions, _ = ft.pack_sequences(docs, seq)
+    ids, pos = torch.tensor(blocks[:rows]), torch.tensor(positions[:rows])
+    assert len(ids) == rows
+    return ids, pos
+
+
+def segments(positions_row: torch.Tensor) -> list[tuple[int, int]]:
+    starts = (positions_row == 0).nonzero().flatten().tolist() + [len(positions_row)]
+    return list(zip(starts, starts[1:], strict=False))
+
+
+def max_gap_to_documents_alone(model, ref, ids, positions, inputs) -> float:
+    """Largest |log-prob| difference of any packed token to the same token of its document run alone through the
+    plain sdpa model (no position_ids, no mask)."""
+    with torch.no_grad():
+        packed = model(**inputs).logits.float().log_softmax(-1)
+        gap = 0.0
+        for r in range(len(ids)):
+            for a, b in segments(positions[r]):
+                alone = ref(input_ids=ids[r, a:b][None]).logits[0].float().log_softmax(-1)
+                gap = max(gap, (packed[r, a:b] - alone).abs().max().item())
+    return gap
+
+
+@pytest.mark.parametrize("rows", [1, 2, 4])
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_flash_attention_keeps_packed_documents_apart_at_every_batch_size(emulated_flash, arch, rows):
+    model, ref = model_pair(arch, "flash_attention_2")
+    ids, pos = packed_rows(rows)
+    fe.KERNEL_CALLS.clear()
+    fed = ft.model_inputs(ids, pos, "flash_attention_2")
+    gap = max_gap_to_documents_alone(model, ref, ids, pos, fed)
+    assert gap < 1e-5, gap
+    assert fe.KERNEL_CALLS["varlen"] == 2  # one variable-length call per layer for the packed micro-batch
+    # What training fed before (position_ids only): right for one row, every row's documents mixed from two on.
+    old_gap = max_gap_to_documents_alone(model, ref, ids, pos, {"input_ids": ids, "position_ids": pos})
+    assert old_gap < 1e-5 if rows == 1 else old_gap > 0.1, old_gap
+
+
+@pytest.mark.parametrize("rows", [2, 4])
+def test_flash_attention_in_bf16_keeps_packed_documents_apart(emulated_flash, rows):
+    model, ref = model_pair("llama", "flash_attention_2", torch.bfloat16)
+    ids, pos = packed_rows(rows)
+    gap = max_gap_to_documents_alone(model, ref, ids, pos, ft.model_inputs(ids, pos, "flash_attention_2"))
+    old_gap = max_gap_to_documents_alone(model, ref, ids, pos, {"input_ids": ids, "position_ids": pos})
+    # bf16 rounding of log-probs of magnitude ~20 (this init's logits are large) vs documents mixing
+    assert gap < 0.3 < 3 < old_gap, (gap, old_gap)
+
+
+def test_flex_attention_keeps_packed_documents_apart_at_every_batch_size():
+    model, ref = model_pair("llama", "flex_attention")  # its CPU forward runs (compiled); only backward is CUDA-only
+    for rows in (1, 2, 4):
+        ids, pos = packed_rows(rows)
+        gap = max_gap_to_documents_alone(model, ref, ids, pos, ft.model_inputs(ids, pos, "flex_attention"))
+        assert gap < 1e-5, (rows, gap)
+
+
+def test_the_start_up_check_runs_at_the_micro_batch_shape_and_refuses_a_mixing_kernel(emulated_flash, monkeypatch):
+    model, _ = model_pair("llama", "flash_attention_2")
+    model.train()
+    d = ft.Dist(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    cfg = ft.Config(dataset_name="d", model_name="m", attn_implementation="flash_attention_2", batch_size=4)
+    ft.check_document_isolation(model, cfg, d)
+    assert fe.KERNEL_CALLS["varlen"] == 2  # the check took the path training takes
+    # Broken on purpose: batches fed as before (no segments: the plain kernel over whole rows)...
+    monkeypatch.setattr(ft, "takes_segments", lambda attn: False)
+    with pytest.raises(ft.InputError, match="attend to each other.*micro-batch of 4 rows"):
+        ft.check_document_isolation(model, cfg, d)
+    # ... which a one-row check, as before, could not see.
+    assert ft.document_isolation_gap(model, d.device, VOCAB, 1, "flash_attention_2") < 1e-5
+    # Broken on purpose: a varlen kernel that ignores the segments.
+    monkeypatch.undo()
+    fe.install(fe.mixing_varlen_fn, patch=monkeypatch)
+    monkeypatch.setattr(ft, "CUDA_ONLY_ATTENTION", frozenset())
+    with pytest.raises(ft.InputError, match="attend to each other"):
+        ft.check_document_isolation(model, cfg, d)
+    assert model.training
+
+
+def context_sensitive_model(prep, out):
+    """The tiny model with larger weights, so that its predictions depend on the context: the random init's are
+    nearly uniform (loss ~ln(vocab)) and barely move when documents mix."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(prep["model"], dtype=torch.float32)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.2)
+    model.save_pretrained(out / "model")
+    AutoTokenizer.from_pretrained(prep["model"]).save_pretrained(out / "model")
+    return out / "model"
+
+
+def short_documents(out):
+    """The sample corpus one line a document (~30 tokens each): several documents in every 64-token block."""
+    import datasets
+
+    lines = [line.strip() for f in sorted((ROOT / "data").rglob("*.txt")) for line in f.read_text().splitlines()]
+    datasets.Dataset.from_dict({"text": [x for x in lines if x]}).save_to_disk(out / "lines")
+    return out / "lines"
+
+
+def test_a_packed_training_step_with_flash_attention_equals_transformers_on_each_document_alone(prep, tmp_path):
+    """fsdp_train.py itself on 2 ranks, 4 rows a micro-batch, transformers' flash dispatch with the stand-in kernels:
+    the step-1 loss equals plain transformers on every document of the step alone."""
+    sharp = {"model": context_sensitive_model(prep, tmp_path), "dataset": short_documents(tmp_path)}
+    args = train_args(sharp, tmp_path / "runs", "flash", "-b", 4, "--max-steps", 1, "--attn-implementation", "flash_attention_2")
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    proc = ok(run([*launcher, ROOT / "tests" / "flash_emulation.py", *args], env={"OMP_NUM_THREADS": "1"}))
+    assert "Packed documents are isolated (flash_attention_2, 4 rows a micro-batch)" in proc.stdout
+    (step1,) = read_metrics(tmp_path / "runs" / "flash")
+    expected = reference_loss(sharp, tmp_path / "runs", "model", world_size=2, batch_size=4)
+    assert step1["loss"] == pytest.approx(expected, abs=2e-5), (step1["loss"], expected)
+    # The same command with a kernel that mixes documents stops at the start-up check, before training.
+    mixing = run([*launcher, ROOT / "tests" / "flash_emulation.py", *args, "-e", "mixing"],
+                 env={"OMP_NUM_THREADS": "1", "FLASH_EMULATION": "mixing"})  # fmt: skip
+    assert mixing.returncode != 0 and "error:" in mixing.stdout and "attend to each other" in mixing.stdout
+
+
+def test_position_zero_is_never_a_target_in_chat_blocks(prep):
+    """A template that opens a conversation inside an assistant span labels its first token; packed after another
+    conversation, that label would train the previous one's last token to predict the next conversation."""
+    import datasets
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(prep["model"])
+    # Renders only the assistant turns: the conversation's first token is the first assistant token.
+    template = "{% for m in messages %}{% if m.role == 'assistant' %}{{ m.content }}{{ eos_token }}{% endif %}{% endfor %}"
+    conv = [{"role": "user", "content": "why"}, {"role": "assistant", "content": "because the sea"}]
+    ids, labels = ft.chat_example(conv, tok, template)
+    assert labels[0] != -100  # the template leaks: the first token is an assistant token
+    block = ft.pack_examples([(ids, labels), (ids, labels)], seq_length=2 * len(ids) + 3, pad_id=0)
+    data = datasets.Dataset.from_dict(block).with_format("torch")
+    _, fetched, positions, _ = ft.fetch_batch(data, [0])
+    assert (fetched[positions == 0] == -100).all()
+    assert int((fetched != -100).sum()) == 2 * (sum(x != -100 for x in labels) - 1)  # nothing else masked
