@@ -7,11 +7,11 @@ from __future__ import annotations
 import copy
 import sys
 
+import flash_emulation as fe
 import pytest
 import torch
 from conftest import ROOT, ok, read_metrics, reference_loss, run, train_args
 
-import flash_emulation as fe
 import fsdp_train as ft
 
 VOCAB = 97
@@ -157,7 +157,9 @@ def test_a_packed_training_step_with_flash_attention_equals_transformers_on_each
     """fsdp_train.py itself on 2 ranks, 4 rows a micro-batch, transformers' flash dispatch with the stand-in kernels:
     the step-1 loss equals plain transformers on every document of the step alone."""
     sharp = {"model": context_sensitive_model(prep, tmp_path), "dataset": short_documents(tmp_path)}
-    args = train_args(sharp, tmp_path / "runs", "flash", "-b", 4, "--max-steps", 1, "--attn-implementation", "flash_attention_2")
+    args = train_args(
+        sharp, tmp_path / "runs", "flash", "-b", 4, "--max-steps", 1, "--attn-implementation", "flash_attention_2"
+    )
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     proc = ok(run([*launcher, ROOT / "tests" / "flash_emulation.py", *args], env={"OMP_NUM_THREADS": "1"}))
     assert "Packed documents are isolated (flash_attention_2, 4 rows a micro-batch)" in proc.stdout
@@ -178,7 +180,9 @@ def test_position_zero_is_never_a_target_in_chat_blocks(prep):
 
     tok = AutoTokenizer.from_pretrained(prep["model"])
     # Renders only the assistant turns: the conversation's first token is the first assistant token.
-    template = "{% for m in messages %}{% if m.role == 'assistant' %}{{ m.content }}{{ eos_token }}{% endif %}{% endfor %}"
+    template = (
+        "{% for m in messages %}{% if m.role == 'assistant' %}{{ m.content }}{{ eos_token }}{% endif %}{% endfor %}"
+    )
     conv = [{"role": "user", "content": "why"}, {"role": "assistant", "content": "because the sea"}]
     ids, labels = ft.chat_example(conv, tok, template)
     assert labels[0] != -100  # the template leaks: the first token is an assistant token
