@@ -899,21 +899,45 @@ def broadcast_weights(model: torch.nn.Module, cfg: Config, d: Dist, config) -> N
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from transformers import AutoModelForCausalLM
 
-    full_sd, ref_buffers = {}, {}
+    full_sd, ref_buffers, error = {}, {}, None
     if d.is_main:
-        ref = AutoModelForCausalLM.from_pretrained(
+        ref, info = AutoModelForCausalLM.from_pretrained(
             cfg.model_name,
             config=config,
             dtype=param_dtype(cfg),
             attn_implementation="eager",  # only its weights are used
             trust_remote_code=cfg.trust_remote_code,
+            output_loading_info=True,
         )
+        error = incomplete_load_error(cfg.model_name, info)
         full_sd, ref_buffers = ref.state_dict(), dict(ref.named_buffers())
+    raise_if_any_failed(error)  # before the broadcast, which the other ranks are about to enter
     set_model_state_dict(model, full_sd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     for name, buf in nonpersistent_buffers(model).items():
         if d.is_main:
             buf.copy_(ref_buffers[name])
         dist.broadcast(buf, src=0)
+
+
+def incomplete_load_error(name: str, info: dict) -> InputError | None:
+    """from_pretrained initialises a weight the checkpoint lacks at random and only prints a report: fine-tuning from
+    it would silently train a partly random model. Refuse where any weight was missing, unexpected or of another
+    shape (a tied weight that the checkpoint stores once is not missing: transformers does not report it)."""
+    problems = [
+        f"{what} {', '.join(sorted(map(str, keys))[:5])}{' ...' if len(keys) > 5 else ''} ({len(keys)})"
+        for what, keys in (
+            ("missing", info.get("missing_keys") or []),
+            ("unexpected", info.get("unexpected_keys") or []),
+            ("of another shape", info.get("mismatched_keys") or []),
+        )
+        if keys
+    ]
+    if not problems:
+        return None
+    return InputError(
+        f"{name} does not hold the model's weights exactly: {'; '.join(problems)}. Training would start from random "
+        "values there: point -m at a complete checkpoint of this architecture"
+    )
 
 
 def attn_implementation(cfg: Config, device: torch.device) -> str:

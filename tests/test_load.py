@@ -96,3 +96,33 @@ def test_renamed_keys_train_through_rank0_from_the_right_weights(prep, models, t
     assert len(said) == 1 and FALLBACK in said[0] and "[rank0]" in said[0], proc.stdout[-3000:]
     first = read_metrics(tmp_path / "r")[0]
     assert first["loss"] == pytest.approx(reference_loss({"renamed": models["renamed"]}, tmp_path, "renamed"), abs=1e-5)
+
+
+def test_the_rank0_load_refuses_a_checkpoint_that_would_leave_weights_random(prep, tmp_path):
+    """The fallback load (renamed keys) of a checkpoint that lacks one weight and holds one the model has not: before
+    #21 from_pretrained initialised the missing one at random, printed a report, and training went on (exit 0)."""
+    import torch
+    from conftest import assert_single_error
+
+    def damage(t):
+        t = {k.removeprefix("model."): v for k, v in t.items() if k != "model.layers.0.mlp.down_proj.weight"}
+        return {**t, "layers.0.mlp.extra.weight": torch.zeros(3)}
+
+    broken = rewrite_weights(prep["tied"], tmp_path / "broken", damage)
+    proc = torchrun(train_args({**prep, "broken": broken}, tmp_path / "runs", "b", "--max-steps", 1, model="broken"))
+    line = assert_single_error(proc, "does not hold the model's weights exactly")
+    assert "missing model.layers.0.mlp.down_proj.weight (1)" in line and "unexpected layers.0.mlp.extra.weight" in line
+    assert "lm_head" not in line  # tied to the embedding, stored once: not missing
+    assert not (tmp_path / "runs" / "b" / "checkpoints").exists() or not any((tmp_path / "runs" / "b").rglob("step-*"))
+
+
+def test_incomplete_load_error_names_each_kind_of_problem():
+    import fsdp_train as ft
+
+    assert (
+        ft.incomplete_load_error("m", {"missing_keys": set(), "unexpected_keys": set(), "mismatched_keys": []}) is None
+    )
+    only_unexpected = ft.incomplete_load_error("m", {"missing_keys": set(), "unexpected_keys": {"a.b"}})
+    assert "unexpected a.b (1)" in str(only_unexpected) and "missing" not in str(only_unexpected)
+    many = ft.incomplete_load_error("m", {"missing_keys": {f"w{i}" for i in range(7)}})
+    assert "missing w0, w1, w2, w3, w4 ... (7)" in str(many)
