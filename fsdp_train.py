@@ -2531,21 +2531,85 @@ def tied_names(model: torch.nn.Module) -> set[str]:
     return {clean_fqn(n) for n, p in model.named_parameters(remove_duplicate=False) if first[id(p)] != clean_fqn(n)}
 
 
-def write_hf_folder(state_dict: dict, cfg: Config, out: Path, tied: set[str], d: Dist | None = None) -> None:
-    """A from_pretrained-loadable folder: safetensors files of ~5 GB with their index, the config (use_cache on, the
-    export dtype), generation config and tokenizer; written into a temp folder and renamed into place.
+def conversion_skeleton(model: torch.nn.Module) -> torch.nn.Module:
+    """The model as transformers' save-time conversion must see it. fully_shard swaps the root's class for a generated
+    FSDP<Class> whose module is torch's, which transformers takes for remote code and skips when it looks up the
+    model's conversions; an unwrapped meta-device build of the same class and config has the same ones, and no memory."""
+    from torch.distributed.fsdp import FSDPModule
 
-    With `d`, the state dict holds DTensor shards and every rank writes its own slices (DCP's HuggingFaceStorageWriter),
-    which rank 0 then consolidates into the final files from disk: no rank ever holds the whole model. Without,
-    one process writes plain tensors (`fsdp_train.py export`). A weight tied to another is stored once.
+    if not isinstance(model, FSDPModule):
+        return model
+    name = type(model).__name__.removeprefix("FSDP")
+    cls = next(c for c in type(model).__mro__ if c.__name__ == name)
+    with torch.device("meta"):
+        return cls(model.config)
+
+
+def checkpoint_layout(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors under the names and shapes that `save_pretrained` writes. transformers 5 converts some checkpoints
+    while loading (Mixtral, Qwen2-MoE: each block's per-expert weights fused into one tensor) and reverts that when
+    saving, with `revert_weight_conversion` (the call save_pretrained makes); vLLM, transformers 4 and conversion tools
+    read only the checkpoint layout. The identity for most models. Plain whole tensors, or meta ones to learn the
+    layout; tied names already left out (as save_pretrained does first)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    out = revert_weight_conversion(conversion_skeleton(model), dict(tensors))
+    given = {id(t) for t in tensors.values()}  # only renamed: the same tensor; split: views of one storage, copied
+    return {k: v if id(v) in given else v.clone(memory_format=torch.contiguous_format) for k, v in out.items()}
+
+
+def converts_on_save(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> bool:
+    """Whether checkpoint_layout changes any name or shape, asked with meta tensors of the (global) shapes."""
+    meta = {k: torch.empty(t.shape, dtype=t.dtype, device="meta") for k, t in tensors.items()}
+    layout = checkpoint_layout(model, meta)
+    return {k: tuple(t.shape) for k, t in layout.items()} != {k: tuple(t.shape) for k, t in meta.items()}
+
+
+def base_generation_config(cfg: Config, config):
+    """The base model's own generation settings (an instruct model's extra stop ids, its sampling defaults), else
+    transformers' defaults for its config."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(model_folder(cfg.model_name) or cfg.model_name)
+    except OSError:  # the base has no generation_config.json
+        return GenerationConfig.from_model_config(config)
+
+
+def remote_code_files(cfg: Config, config) -> list[Path]:
+    """With --trust-remote-code: the base folder's Python files that config.auto_map names (modeling_x.py for
+    "modeling_x.XForCausalLM") and the files they import relatively, so the export loads elsewhere. Code that auto_map
+    takes from another repository ("org/repo--module.Class") is not in the folder; the export names it as the base
+    did."""
+    from transformers.dynamic_module_utils import get_relative_import_files
+
+    folder = model_folder(cfg.model_name)
+    if not cfg.trust_remote_code or folder is None:
+        return []
+    refs = [r for v in (getattr(config, "auto_map", None) or {}).values() for r in (v if isinstance(v, list) else [v])]
+    files: set[Path] = set()
+    for ref in refs:
+        path = folder / f"{ref.split('.')[0]}.py" if ref and "--" not in ref else None
+        if path is not None and path.is_file():
+            files |= {path, *map(Path, get_relative_import_files(str(path)))}
+    return sorted(files)
+
+
+def write_hf_folder(tensors: dict, cfg: Config, out: Path, d: Dist | None = None) -> None:
+    """A from_pretrained-loadable folder: safetensors files of ~5 GB with their index (the tensors as given: in the
+    checkpoint layout, tied names left out), the config (use_cache on, the export dtype), the base model's generation
+    config, its remote code (--trust-remote-code) and the tokenizer; written into a temp folder, renamed into place.
+
+    With `d`, the tensors are DTensor shards and every rank writes its own slices (DCP's HuggingFaceStorageWriter),
+    which rank 0 then consolidates into the final files from disk: no rank ever holds the whole model. Without, one
+    process writes plain tensors.
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageWriter
-    from transformers import GenerationConfig
 
     config = load_model_config(cfg.model_name, cfg.trust_remote_code)
     dtype = export_dtype(cfg, config)
-    tensors = {name: t.to(dtype) for name, t in state_dict.items() if name not in tied}
+    tensors = {name: t.to(dtype) for name, t in tensors.items()}
     tmp = out.with_name(f"{out.name}.tmp")
     is_main = d is None or d.is_main
     if is_main:
@@ -2562,7 +2626,9 @@ def write_hf_folder(state_dict: dict, cfg: Config, out: Path, tied: set[str], d:
         shutil.rmtree(tmp / "sharded", ignore_errors=True)  # the per-rank files, consolidated by now
         config.use_cache, config.dtype = True, dtype
         config.save_pretrained(tmp)
-        GenerationConfig.from_model_config(config).save_pretrained(tmp)
+        base_generation_config(cfg, config).save_pretrained(tmp)
+        for path in remote_code_files(cfg, config):
+            shutil.copy2(path, tmp / path.name)
         tokenizer = load_tokenizer(cfg.model_name, cfg.trust_remote_code)
         if cfg.chat_template:
             tokenizer.chat_template = chat_template_for(cfg, tokenizer)
@@ -2573,13 +2639,23 @@ def write_hf_folder(state_dict: dict, cfg: Config, out: Path, tied: set[str], d:
 
 
 def export_hf(model, cfg: Config, d: Dist, out: Path) -> None:
-    """Write the HF folder from the shards, every rank its own part (see write_hf_folder)."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    """Write the HF folder from the shards, every rank its own part (see write_hf_folder). A model whose checkpoint
+    layout differs from its in-memory one (checkpoint_layout) needs whole tensors to convert: rank 0 gathers the
+    model on the host and writes it alone (rank 0 then holds the whole model in host memory, in the master dtype)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     t0 = time.perf_counter()
     error = None
+    tied = tied_names(model)
     try:
-        write_hf_folder(get_model_state_dict(model), cfg, out, tied_names(model), d)
+        shards = {k: v for k, v in get_model_state_dict(model).items() if k not in tied}
+        if not converts_on_save(model, shards):
+            write_hf_folder(shards, cfg, out, d)
+        else:
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # collective; rank 0 gets the tensors
+            full = {k: v for k, v in get_model_state_dict(model, options=options).items() if k not in tied}
+            if d.is_main:
+                write_hf_folder(checkpoint_layout(model, full), cfg, out)
     except OSError as e:
         error = JobError(f"cannot write the Hugging Face export to {out}: {e.strerror or first_line(e)}")
     raise_if_any_failed(error)
@@ -2607,7 +2683,8 @@ def export_checkpoint(checkpoint: Path, out: Path) -> None:
     model.tie_weights()  # to_empty made new tensors: tied names must share one again (stored once)
     state = model.state_dict()
     dcp.load({"model": state}, checkpoint_id=checkpoint, no_dist=True)
-    write_hf_folder(state, cfg, out, tied_names(model))
+    tied = tied_names(model)
+    write_hf_folder(checkpoint_layout(model, {k: v for k, v in state.items() if k not in tied}), cfg, out)
 
 
 # ======================================================================================================================
