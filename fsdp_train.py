@@ -82,6 +82,7 @@ def _opt(default, help: str, short: str | None = None, choices: tuple | None = N
 LR_SCHEDULERS = ("cosine", "linear", "constant", "wsd")
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flex_attention", "flash_attention_2")
 CUDA_ONLY_ATTENTION = frozenset({"flex_attention", "flash_attention_2"})  # tests/flash_emulation.py empties it
+PACKINGS = ("auto", "isolated", "padded")
 
 
 @dataclass
@@ -179,6 +180,15 @@ class Config:
         "attention kernel; every choice keeps packed documents apart (checked at start-up). auto: "
         "flash_attention_2 on CUDA when the flash-attn package is installed (no S x S mask), else sdpa",
         choices=ATTN_IMPLEMENTATIONS,
+    )
+    packing: str = _opt(
+        "auto",
+        "how documents share a block. isolated: packed end to end, each attending only to itself (needs an "
+        "architecture and --attn-implementation that honour restarting position_ids; checked at start-up). padded: one "
+        "document (or a block-sized piece of a longer one) per block, the rest padding that is neither trained nor "
+        "counted (costs the padding's compute). auto: isolated where the start-up check passes, else padded, with a "
+        "warning",
+        choices=PACKINGS,
     )
     reshard_after_forward: bool = _opt(
         True,
@@ -1039,24 +1049,28 @@ def reshard_all(model: torch.nn.Module) -> None:
             module.reshard()
 
 
-def check_document_isolation(model, cfg: Config, d: Dist) -> None:
-    """Never train on packed documents that see each other: refuse, saying what to change, if this architecture and
-    attention implementation do not isolate them."""
+def documents_isolated(model, cfg: Config, d: Dist) -> bool:
+    """Collective: whether packed documents attend only to themselves with this architecture and attention
+    implementation, at the run's micro-batch shape. Where they do not, --packing isolated refuses (saying what can
+    run here) and auto returns False: the run trains on padded blocks instead."""
     attn, rows = attn_implementation(cfg, d.device), max(2, cfg.batch_size)
     gap = document_isolation_gap(model, d.device, model.config.vocab_size, rows, attn)
     compute = cfg.compute_dtype(d.device)
-    if not gap <= ISOLATION_TOLERANCE[compute]:
-        usable = [a for a in ATTN_IMPLEMENTATIONS[1:] if d.device.type == "cuda" or a not in CUDA_ONLY_ATTENTION]
-        others = ", ".join(a for a in usable if a != attn)
-        raise InputError(
-            f"{type(model).__name__} with --attn-implementation {attn} lets packed documents attend to each other "
-            f"(a document's log-probs move by {gap:.3g} next to another in a micro-batch of {rows} rows): "
-            f"try --attn-implementation {others}"
-        )
-    log.info(
-        f"Packed documents are isolated ({attn}, {rows} rows a micro-batch): log-probs within {gap:.1e} of each "
-        "document alone"
+    mixing = (
+        f"{type(model).__name__.removeprefix('FSDP')} with --attn-implementation {attn} lets packed documents attend to each other (a "
+        f"document's log-probs move by {gap:.3g} next to another in a micro-batch of {rows} rows)"
     )
+    if gap <= ISOLATION_TOLERANCE[compute]:
+        log.info(f"Packed documents are isolated ({attn}, {rows} rows a micro-batch): log-probs within {gap:.1e} of "
+                 "each document alone")  # fmt: skip
+        return True
+    if cfg.packing == "isolated":
+        usable = [a for a in ATTN_IMPLEMENTATIONS[1:] if d.device.type == "cuda" or a not in CUDA_ONLY_ATTENTION]
+        others = " or ".join(f"--attn-implementation {a}" for a in usable if a != attn)
+        raise InputError(f"{mixing}: try {others + ', or ' if others else ''}--packing padded (one document per block)")
+    if d.is_main:  # every rank measured the same
+        log.warning(f"{mixing}: training on padded blocks instead (--packing auto -> padded)")
+    return False
 
 
 def count_params(model: torch.nn.Module) -> int:
@@ -1287,13 +1301,15 @@ def chat_example(messages: list[dict], tokenizer, template: str | None) -> tuple
 class ChatPacker:
     """Greedy packing of (ids, labels) examples that never splits one across blocks; the rest of a block is padding
     (label -100) with positions of its own, so it is a segment like any example and no example attends to it.
+    With `one_per_block`, every example gets a block of its own (--packing padded).
 
     An example longer than a block is truncated to the block, or dropped with `drop_long`; both are counted.
     The open block carries over between batches, so the blocks do not depend on batching or worker count.
     """
 
-    def __init__(self, seq_length: int, pad_id: int, drop_long: bool = False):
+    def __init__(self, seq_length: int, pad_id: int, drop_long: bool = False, one_per_block: bool = False):
         self.seq_length, self.pad_id, self.drop_long = seq_length, pad_id, drop_long
+        self.one_per_block = one_per_block
         self.parts: list[tuple[np.ndarray, np.ndarray]] = []
         self.used = 0
         self.long_examples = self.long_tokens_lost = 0
@@ -1325,7 +1341,7 @@ class ChatPacker:
                 if self.drop_long:
                     continue
                 ids, labels = ids[: self.seq_length], labels[: self.seq_length]
-            if self.used + len(ids) > self.seq_length:
+            if self.used + len(ids) > self.seq_length or self.one_per_block:
                 self._close(out)
             self.parts.append((np.asarray(ids, dtype=np.int32), np.asarray(labels, dtype=np.int32)))
             self.used += len(ids)
@@ -1337,9 +1353,9 @@ class ChatPacker:
         return out
 
 
-def pack_examples(examples, seq_length: int, pad_id: int, drop_long: bool = False) -> dict:
+def pack_examples(examples, seq_length: int, pad_id: int, drop_long: bool = False, one_per_block: bool = False) -> dict:
     """ChatPacker over one list of examples, as lists (for tests and tools)."""
-    packer = ChatPacker(seq_length, pad_id, drop_long)
+    packer = ChatPacker(seq_length, pad_id, drop_long, one_per_block)
     a, b = packer.add(examples), packer.finish()
     return {k: [x.tolist() if isinstance(x, np.ndarray) else x for x in a[k] + b[k]] for k in a}
 
@@ -1419,16 +1435,30 @@ def list_columns(table, name: str) -> tuple[np.ndarray, np.ndarray]:
     return col.values.to_numpy()[offsets[0] : offsets[-1]], np.diff(offsets)
 
 
+def document_pieces(ids: np.ndarray, labels: np.ndarray, lengths: np.ndarray, size: int | None):
+    """(ids, labels) of each concatenated document in turn, cut into consecutive pieces of at most `size` tokens
+    (None: whole)."""
+    for end, n in zip(np.cumsum(lengths), lengths, strict=True):
+        for a in range(end - n, end, size or max(n, 1)):
+            b = min(a + (size or n), end)
+            yield ids[a:b], labels[a:b]
+
+
 def write_packed(tokenized, kind: str, cfg: Config, pad_id: int, path: Path) -> dict:
-    """Pack the tokenized documents in their order into an Arrow file of blocks, streaming; returns the counts."""
+    """Pack the tokenized documents in their order into an Arrow file of blocks, streaming; returns the counts.
+
+    Text is packed end to end (TextPacker), unless --packing padded: then, like chat examples, documents go through
+    ChatPacker, one per block, a document longer than a block cut into consecutive block-sized pieces (as packing cuts
+    it at a block boundary), with labels and a real-token count so that padding is neither trained nor counted."""
     import pyarrow as pa
 
-    s = cfg.seq_length
-    columns = ["input_ids", "position_ids"] + (["labels", "num_tokens"] if kind != "text" else [])
+    s, padded = cfg.seq_length, cfg.packing == "padded"
+    labelled = kind != "text" or padded
+    columns = ["input_ids", "position_ids"] + (["labels", "num_tokens"] if labelled else [])
     types = {"num_tokens": pa.int32()}
     schema = pa.schema([(c, types.get(c, pa.list_(pa.int32(), s))) for c in columns])
-    packer = TextPacker(s) if kind == "text" else ChatPacker(s, pad_id, cfg.drop_long_examples)
-    stats = {"examples": len(tokenized), "tokens": 0, "blocks": 0, "packed_tokens": 0}
+    packer = ChatPacker(s, pad_id, cfg.drop_long_examples, one_per_block=padded) if labelled else TextPacker(s)
+    stats = {"examples": len(tokenized), "tokens": 0, "blocks": 0, "packed_tokens": 0, "padded": padded}
     last_report = time.monotonic()
 
     def write(writer, blocks: dict) -> None:
@@ -1444,31 +1474,33 @@ def write_packed(tokenized, kind: str, cfg: Config, pad_id: int, path: Path) -> 
                 arrays.append(pa.FixedSizeListArray.from_arrays(flat, s))
         writer.write_batch(pa.record_batch(arrays, schema=schema))
         stats["blocks"] += n
-        stats["packed_tokens"] += int(np.sum(blocks["num_tokens"])) if kind != "text" else n * s
+        stats["packed_tokens"] += int(np.sum(blocks["num_tokens"])) if labelled else n * s
 
     with pa.OSFile(str(path), "wb") as f, pa.ipc.new_stream(f, schema) as writer:
         for table in tokenized.with_format("arrow").iter(batch_size=10_000):
             ids, lengths = list_columns(table, "input_ids")
             stats["tokens"] += int(lengths.sum())
-            if kind == "text":
+            if not labelled:
                 write(writer, packer.add(ids, lengths))
+            elif kind == "text":
+                write(writer, packer.add(document_pieces(ids, ids, lengths, s)))
             else:
-                labels, _ = list_columns(table, "labels")
-                ends = np.cumsum(lengths)
-                write(
-                    writer, packer.add((ids[e - n : e], labels[e - n : e]) for e, n in zip(ends, lengths, strict=True))
-                )
+                write(writer, packer.add(document_pieces(ids, list_columns(table, "labels")[0], lengths, None)))
             if time.monotonic() - last_report > 30:
                 log.info(f"Packed {stats['blocks']:,} blocks so far")
                 last_report = time.monotonic()
-        if kind != "text":
+        if labelled:
             write(writer, packer.finish())
-    if kind == "text":
+    if not labelled:
         stats["dropped_tokens"] = packer.leftover
     else:
         stats.update(long_examples=packer.long_examples, long_tokens_lost=packer.long_tokens_lost)
         stats["dropped_tokens"] = stats["tokens"] - stats["packed_tokens"]
     return stats
+
+
+def padding_share(stats: dict, cfg: Config) -> float:
+    return 1 - stats["packed_tokens"] / max(stats["blocks"] * cfg.seq_length, 1)
 
 
 def describe_packing(stats: dict, role: str, cfg: Config) -> str:
@@ -1477,6 +1509,10 @@ def describe_packing(stats: dict, role: str, cfg: Config) -> str:
         f"{role}: {stats['examples']:,} examples, {stats['tokens']:,} tokens -> {stats['blocks']:,} blocks of "
         f"{cfg.seq_length}; {stats['packed_tokens']:,} tokens packed ({kept:.2f}%), {stats['dropped_tokens']:,} dropped"
     )
+    if stats.get("padded"):
+        line += (
+            f"; one document per block (--packing padded): {padding_share(stats, cfg):.1%} of the tokens are padding"
+        )
     if stats.get("long_examples"):
         how = (
             "dropped (--drop-long-examples)"
@@ -1566,6 +1602,7 @@ def prepare_data(cfg: Config, d: Dist | None, tokenizer, ds, role: str):
             "pass --chat-template configs/chatml.jinja (or another Jinja template)"
         )
     extra = f"{role}|{kind}|{template or ''}|drop_long={cfg.drop_long_examples and kind != 'text'}"
+    extra += "|padded" if cfg.packing == "padded" else ""
     cache = Path(cfg.save_dir) / ".cache" / "tokenized" / data_cache_key(ds, tokenizer, cfg.seq_length, extra)
     # Rank 0's view decides for all (a rank on another node may see a new folder later): one quick collective that
     # also names this job's failure marker, so a stale one is never read.
@@ -2729,6 +2766,12 @@ def count_steps(
     return steps_per_epoch, max(epoch_steps, cfg.max_steps)
 
 
+def run_length(cfg: Config, num_samples: int, world_size: int, state: TrainState, accum: int) -> tuple[int, int, int]:
+    """(steps per epoch, steps the schedule spans, the step this job stops at)."""
+    steps_per_epoch, total_steps = count_steps(cfg, num_samples, world_size, state, accum)
+    return steps_per_epoch, total_steps, min(cfg.max_steps, total_steps) if cfg.max_steps else total_steps
+
+
 def quiet_library_progress_bars() -> None:
     """Progress bars from datasets/transformers are noise in Slurm/CI logs; keep them only on a terminal."""
     if not sys.stderr.isatty():
@@ -2915,13 +2958,15 @@ def prepare_run(cfg: Config, d: Dist) -> Run | None:
     accum, tokenizer = check_inputs(cfg, d)
     log.info(f"Config {json.dumps(dataclasses.asdict(cfg))}")
     train_raw, val_raw = load_datasets(cfg)
-    data = prepare_data(cfg, d, tokenizer, train_raw, "train")
-    val_data = prepare_data(cfg, d, tokenizer, val_raw, "validation") if val_raw is not None else None
-
     candidates, meta = resume_candidates(cfg, d)
+    if meta is not None and cfg.packing == "auto" and meta.config.get("packing") == "padded":
+        cfg.packing = "padded"  # as this run resolved it when it started (see documents_isolated below)
+    data, val_data = prepare_data(cfg, d, tokenizer, train_raw, "train"), None
+    if val_raw is not None:
+        val_data = prepare_data(cfg, d, tokenizer, val_raw, "validation")
+
     state = dataclasses.replace(meta.state) if meta else TrainState()
-    steps_per_epoch, total_steps = count_steps(cfg, len(data), d.world_size, state, accum)
-    stop_step = min(cfg.max_steps, total_steps) if cfg.max_steps else total_steps
+    steps_per_epoch, total_steps, stop_step = run_length(cfg, len(data), d.world_size, state, accum)
     if meta is not None:
         if state.step >= stop_step:
             log.info(f"Run already complete at step {state.step} ({candidates[0]}); nothing to do")
@@ -2936,7 +2981,17 @@ def prepare_run(cfg: Config, d: Dist) -> Run | None:
         state = resume(candidates, d, model, optimizer)
     else:
         torch.manual_seed(cfg.seed + d.rank)  # per-rank streams (dropout) that resume restores exactly
-    check_document_isolation(model, cfg, d)
+    if cfg.packing != "padded" and not documents_isolated(model, cfg, d):
+        if candidates:  # the blocks would change under the checkpoint's data position
+            raise InputError(
+                f"this run trained on packed blocks, which no longer keep documents apart here: start a new run (a "
+                f"new -e) with --packing padded, or go back to the software that wrote {candidates[0]}"
+            )
+        cfg.packing = "padded"  # resolved once; config.json and checkpoints record it, so a rerun resumes padded
+        data, val_data = prepare_data(cfg, d, tokenizer, train_raw, "train"), None
+        if val_raw is not None:
+            val_data = prepare_data(cfg, d, tokenizer, val_raw, "validation")
+        steps_per_epoch, total_steps, stop_step = run_length(cfg, len(data), d.world_size, state, accum)
     log.info(
         f"{count_params(model):,} params, {len(data):,} sequences x {cfg.seq_length} tokens, world {d.world_size}, "
         f"{accum} micro-batch(es)/step, {steps_per_epoch} steps/epoch, schedule {total_steps} steps, "

@@ -31,10 +31,10 @@ check() {
     "$@" >"$OUT/$name.log" 2>&1 || { status=FAIL; FAILED=1; }
     local figures
     figures=$(grep '^= ' "$OUT/$name.log" | tail -n 1 | cut -c 3-)
-    ROWS+=("$(printf '%-22s %-5s %5ss  %s' "$name" "$status" "$((SECONDS - t0))" "$figures")")
+    ROWS+=("$(printf '%-28s %-5s %5ss  %s' "$name" "$status" "$((SECONDS - t0))" "$figures")")
     [ "$status" = ok ] || tail -n 5 "$OUT/$name.log" | sed "s/^/    [$name] /"
 }
-na() { ROWS+=("$(printf '%-22s %-5s %6s  %s' "$1" "n/a" "" "$2")"); }
+na() { ROWS+=("$(printf '%-28s %-5s %6s  %s' "$1" "n/a" "" "$2")"); }
 
 train() {  # train EXP FLAGS...: the sharp tiny model on one-line documents, outputs under $OUT/EXP.exp, every step logged
     local exp=$1; shift
@@ -115,6 +115,6 @@ done
 
 echo
 echo "GPU check $(date -u +%Y-%m-%d) | $ENV"
-printf '%-22s %-5s %6s  %s\n' check state time figures
+printf '%-28s %-5s %6s  %s\n' check state time figures
 printf '%s\n' "${ROWS[@]}"
 exit $FAILED

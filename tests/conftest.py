@@ -132,6 +132,36 @@ def reference_loss(prep, save_dir: Path, model: str, world_size: int = 2, batch_
     return total / count
 
 
+def context_sensitive_model(prep, out, config=None):
+    """The tiny model (or one built from `config`, with the tiny model's tokenizer) with larger weights, so that its
+    predictions depend on the context: the random init's are nearly uniform (loss ~ln(vocab)) and barely move when
+    documents mix."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if config is None:
+        model = AutoModelForCausalLM.from_pretrained(prep["model"], dtype=torch.float32)
+    else:
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.2)
+    model.save_pretrained(out / "model")
+    AutoTokenizer.from_pretrained(prep["model"]).save_pretrained(out / "model")
+    return out / "model"
+
+
+def short_documents(out):
+    """The sample corpus one line a document (~30 tokens each): several documents in every 64-token block."""
+    import datasets
+
+    lines = [line.strip() for f in sorted((ROOT / "data").rglob("*.txt")) for line in f.read_text().splitlines()]
+    datasets.Dataset.from_dict({"text": [x for x in lines if x]}).save_to_disk(out / "lines")
+    return out / "lines"
+
+
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 

@@ -10,7 +10,7 @@ import sys
 import flash_emulation as fe
 import pytest
 import torch
-from conftest import ROOT, ok, read_metrics, reference_loss, run, train_args
+from conftest import ROOT, context_sensitive_model, ok, read_metrics, reference_loss, run, short_documents, train_args
 
 import fsdp_train as ft
 
@@ -110,13 +110,15 @@ def test_the_start_up_check_runs_at_the_micro_batch_shape_and_refuses_a_mixing_k
     model, _ = model_pair("llama", "flash_attention_2")
     model.train()
     d = ft.Dist(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
-    cfg = ft.Config(dataset_name="d", model_name="m", attn_implementation="flash_attention_2", batch_size=4)
-    ft.check_document_isolation(model, cfg, d)
+    cfg = ft.Config(
+        dataset_name="d", model_name="m", attn_implementation="flash_attention_2", batch_size=4, packing="isolated"
+    )
+    assert ft.documents_isolated(model, cfg, d)
     assert fe.KERNEL_CALLS["varlen"] == 2  # the check took the path training takes
     # Broken on purpose: batches fed as before (no segments: the plain kernel over whole rows)...
     monkeypatch.setattr(ft, "takes_segments", lambda attn: False)
     with pytest.raises(ft.InputError, match="attend to each other.*micro-batch of 4 rows"):
-        ft.check_document_isolation(model, cfg, d)
+        ft.documents_isolated(model, cfg, d)
     # ... which a one-row check, as before, could not see.
     assert ft.document_isolation_gap(model, d.device, VOCAB, 1, "flash_attention_2") < 1e-5
     # Broken on purpose: a varlen kernel that ignores the segments.
@@ -124,33 +126,8 @@ def test_the_start_up_check_runs_at_the_micro_batch_shape_and_refuses_a_mixing_k
     fe.install(fe.mixing_varlen_fn, patch=monkeypatch)
     monkeypatch.setattr(ft, "CUDA_ONLY_ATTENTION", frozenset())
     with pytest.raises(ft.InputError, match="attend to each other"):
-        ft.check_document_isolation(model, cfg, d)
+        ft.documents_isolated(model, cfg, d)
     assert model.training
-
-
-def context_sensitive_model(prep, out):
-    """The tiny model with larger weights, so that its predictions depend on the context: the random init's are
-    nearly uniform (loss ~ln(vocab)) and barely move when documents mix."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(prep["model"], dtype=torch.float32)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 2:
-                p.normal_(0, 0.2)
-    model.save_pretrained(out / "model")
-    AutoTokenizer.from_pretrained(prep["model"]).save_pretrained(out / "model")
-    return out / "model"
-
-
-def short_documents(out):
-    """The sample corpus one line a document (~30 tokens each): several documents in every 64-token block."""
-    import datasets
-
-    lines = [line.strip() for f in sorted((ROOT / "data").rglob("*.txt")) for line in f.read_text().splitlines()]
-    datasets.Dataset.from_dict({"text": [x for x in lines if x]}).save_to_disk(out / "lines")
-    return out / "lines"
 
 
 def test_a_packed_training_step_with_flash_attention_equals_transformers_on_each_document_alone(prep, tmp_path):

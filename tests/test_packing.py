@@ -6,13 +6,24 @@ the document alone, torch's own Adafactor maths in fp32, one replica against ano
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, ok, read_metrics, run, torchrun, train_args
+from conftest import (
+    ROOT,
+    context_sensitive_model,
+    ok,
+    read_metrics,
+    run,
+    short_documents,
+    torchrun,
+    train_args,
+    unpacked_loss,
+)
 
 import fsdp_train as ft
 
@@ -96,18 +107,66 @@ def test_a_packed_chat_example_scores_like_the_example_alone():
 
 
 def test_the_start_up_check_refuses_a_model_that_lets_documents_mix(monkeypatch):
-    cfg = ft.Config(dataset_name="d", model_name="m")
+    cfg = ft.Config(dataset_name="d", model_name="m", packing="isolated")
     d = ft.Dist(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
     model = tiny_model("llama")
     assert ft.document_isolation_gap(model, d.device, VOCAB, 2, "sdpa") < 1e-5
-    ft.check_document_isolation(model, cfg, d)
-    # A transformers release that stopped turning restarting positions into a packed mask must stop the run.
+    assert ft.documents_isolated(model, cfg, d)
+    # A transformers release that stopped turning restarting positions into a packed mask must stop the run, or
+    # (--packing auto) make it train on padded blocks.
     import transformers.masking_utils as mu
 
     monkeypatch.setattr(mu, "find_packed_sequence_indices", lambda position_ids: None)
-    with pytest.raises(ft.InputError, match="lets packed documents attend to each other.*--attn-implementation"):
-        ft.check_document_isolation(model, cfg, d)
+    with pytest.raises(
+        ft.InputError, match="attend to each other.*: try --attn-implementation eager, or --packing padded"
+    ):
+        ft.documents_isolated(model, cfg, d)  # only what runs on this device is suggested
+    assert not ft.documents_isolated(model, ft.Config(dataset_name="d", model_name="m"), d)
     assert model.training  # left as it was found
+
+
+def padded_reference_loss(save_dir: Path, model: Path, world_size: int = 2, batch_size: int = 2) -> float:
+    """Step-1 loss of the plain transformers model on the padded blocks each rank trained on: each block's document
+    (its first num_tokens tokens) alone, no padding, no position_ids."""
+    from transformers import AutoModelForCausalLM
+
+    caches = (save_dir / ".cache" / "tokenized").iterdir()
+    (cache,) = [c for c in caches if json.loads((c / "info.json").read_text()).get("padded")]
+    data = ft.load_packed(cache)
+    ref = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    perm = ft.epoch_permutation(len(data), seed=0, epoch=0)
+    total, count = 0.0, 0
+    for rank in range(world_size):
+        rows = data[ft.rank_batch_indices(perm, 0, batch_size, rank, world_size)]
+        for ids, n in zip(rows["input_ids"], rows["num_tokens"], strict=True):
+            t, c = unpacked_loss(ref, ids[:n], ids[:n], [0, int(n)])
+            total, count = total + t, count + c
+    return total / count
+
+
+@pytest.mark.parametrize("arch", ["opt", "llama"])
+def test_padded_blocks_train_like_each_document_alone(prep, tmp_path, arch):
+    """OPT's mask ignores position_ids, so packed documents would see each other: --packing auto falls back to one
+    document per block with one warning. Llama isolates packed documents but is forced to pad here. Either way the
+    step-1 loss equals plain transformers on each document alone, padding neither trained nor counted."""
+    from transformers import AutoConfig
+
+    config = None
+    if arch == "opt":
+        config = AutoConfig.for_model(
+            "opt", vocab_size=512, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+            word_embed_proj_dim=32, max_position_embeddings=128, dropout=0.0,  # the reference runs in eval mode
+        )  # fmt: skip
+    model = context_sensitive_model(prep, tmp_path, config)
+    extra = ["--max-steps", 1] + (["--packing", "padded"] if arch == "llama" else [])
+    proc = ok(torchrun(train_args({"model": model, "dataset": short_documents(tmp_path)}, tmp_path / "r", "p", *extra)))
+    warned = [line for line in proc.stdout.splitlines() if "training on padded blocks instead" in line]
+    assert len(warned) == (arch == "opt"), proc.stdout[-3000:]
+    share = re.search(r"one document per block \(--packing padded\): ([\d.]+)% of the tokens are padding", proc.stdout)
+    assert share and 0 < float(share[1]) < 100, proc.stdout[-3000:]
+    (step1,) = read_metrics(tmp_path / "r" / "p")
+    assert step1["loss"] == pytest.approx(padded_reference_loss(tmp_path / "r", model), abs=2e-5)
+    assert json.loads((tmp_path / "r" / "p" / "config.json").read_text())["packing"] == "padded"  # a rerun resumes so
 
 
 def test_cpu_refuses_attention_kernels_without_a_cpu_backward():
