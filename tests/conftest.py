@@ -78,9 +78,11 @@ def assert_same_weights(a: Path, b: Path) -> None:
     assert all(torch.equal(wa[k], wb[k]) for k in wa), [k for k in wa if not torch.equal(wa[k], wb[k])]
 
 
-def assert_runs_close(a: Path, b: Path, step: int, atol: float = 1e-5) -> None:
+def assert_runs_close(a: Path, b: Path, step: int, atol: float = 1e-5, weight_atol: float | None = None) -> None:
     """Two experiment folders' logged losses up to `step` and step-`step` weights agree to `atol` (same maths, other
-    layout)."""
+    layout). `weight_atol`: for weights where the layouts sum gradients in another order: AdamW divides each update by
+    sqrt(v), so the rounding of a near-zero gradient can move that weight by up to ~lr x 1e-2 (seen: 1.09e-5 after 3
+    steps at lr 3e-3 on a 2-core VM, where the loss agreed to 1e-6)."""
     import pytest
     import torch
 
@@ -88,7 +90,9 @@ def assert_runs_close(a: Path, b: Path, step: int, atol: float = 1e-5) -> None:
     assert list(losses_b) == list(losses_a) == list(range(1, step + 1))
     assert list(losses_b.values()) == pytest.approx(list(losses_a.values()), abs=atol)
     wa, wb = (checkpoint_weights(e / "checkpoints" / f"step-{step}") for e in (a, b))
-    assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=atol) for k in wa)
+    tol = weight_atol or atol
+    assert wa.keys() == wb.keys()
+    assert all(torch.allclose(wa[k], wb[k], atol=tol) for k in wa), max((wa[k] - wb[k]).abs().max() for k in wa)
 
 
 def unpacked_loss(model, ids, labels, cuts: list[int]) -> tuple[float, int]:
@@ -110,25 +114,41 @@ def unpacked_loss(model, ids, labels, cuts: list[int]) -> tuple[float, int]:
     return total, count
 
 
-def reference_loss(prep, save_dir: Path, model: str, world_size: int = 2, batch_size: int = 2) -> float:
-    """Step-0 loss of the plain (unsharded, single-process) HF model on the batches each rank trained on."""
+def packed_cache(save_dir: Path, role: str = "train") -> Path:
+    """The packed-data cache a run in save_dir made for `role` (train or validation)."""
+    caches = (save_dir / ".cache" / "tokenized").iterdir()
+    (cache,) = [c for c in caches if json.loads((c / "info.json").read_text())["role"] == role]
+    return cache
+
+
+def unpacked_sums(model_path, rows) -> tuple[float, int]:
+    """(summed loss, targets) of packed text rows computed the independent way: every document (they end at EOS)
+    alone through the plain transformers model."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    ref = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    eos = AutoTokenizer.from_pretrained(model_path).eos_token_id
+    total, count = 0.0, 0
+    for row in rows:
+        cuts = [0, *((row == eos).nonzero().flatten() + 1).tolist(), len(row)]
+        t, n = unpacked_loss(ref, row, row, sorted(set(cuts)))
+        total, count = total + t, count + n
+    return total, count
+
+
+def reference_loss(prep, save_dir: Path, model: str, world_size: int = 2, batch_size: int = 2) -> float:
+    """Step-0 loss of the plain (unsharded, single-process) HF model on the batches each rank trained on."""
     import fsdp_train
 
-    (cache,) = (save_dir / ".cache" / "tokenized").iterdir()
-    data = fsdp_train.load_packed(cache)
-    ref = AutoModelForCausalLM.from_pretrained(prep[model], dtype=torch.float32)
-    eos = AutoTokenizer.from_pretrained(prep[model]).eos_token_id
+    data = fsdp_train.load_packed(packed_cache(save_dir))
     perm = fsdp_train.epoch_permutation(len(data), seed=0, epoch=0)
-    total, count = 0.0, 0
-    for rank in range(world_size):
-        batch = data[fsdp_train.rank_batch_indices(perm, 0, batch_size, rank, world_size)]["input_ids"]
-        for row in batch:  # documents end at EOS: each one alone through the plain model
-            cuts = [0, *((row == eos).nonzero().flatten() + 1).tolist(), len(row)]
-            t, n = unpacked_loss(ref, row, row, sorted(set(cuts)))
-            total, count = total + t, count + n
+    rows = [
+        row
+        for rank in range(world_size)
+        for row in data[fsdp_train.rank_batch_indices(perm, 0, batch_size, rank, world_size)]["input_ids"]
+    ]
+    total, count = unpacked_sums(prep[model], rows)
     return total / count
 
 

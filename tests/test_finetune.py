@@ -101,11 +101,13 @@ def test_pack_examples_never_splits_an_example_and_masks_padding():
 def test_accumulated_micro_batches_give_the_update_of_one_big_batch(prep, big_batch_run, tmp_path):
     accum = ok(torchrun(train_args(prep, tmp_path, "accum", "-b", 2, "--grad-accum-steps", 2, "--max-steps", 3)))
     assert "2 micro-batch(es)/step" in accum.stdout
-    assert_runs_close(big_batch_run, tmp_path / "accum", step=3)  # sharded: reduce-scatter per micro-batch
+    assert_runs_close(
+        big_batch_run, tmp_path / "accum", step=3, weight_atol=5e-5
+    )  # sharded: reduce-scatter per micro-batch
     # The global batch derives the same K; unsharded accumulation (one reduce-scatter per step) is the same maths.
     unsharded = ["-b", 2, "--global-batch-size", 8, "--accumulate-unsharded", "--max-steps", 3]
     assert "2 micro-batch(es)/step" in ok(torchrun(train_args(prep, tmp_path, "global", *unsharded))).stdout
-    assert_runs_close(big_batch_run, tmp_path / "global", step=3)
+    assert_runs_close(big_batch_run, tmp_path / "global", step=3, weight_atol=5e-5)
 
 
 @pytest.mark.slow

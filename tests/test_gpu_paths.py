@@ -10,7 +10,18 @@ import sys
 import flash_emulation as fe
 import pytest
 import torch
-from conftest import ROOT, context_sensitive_model, ok, read_metrics, reference_loss, run, short_documents, train_args
+from conftest import (
+    ROOT,
+    context_sensitive_model,
+    ok,
+    packed_cache,
+    read_metrics,
+    reference_loss,
+    run,
+    short_documents,
+    train_args,
+    unpacked_sums,
+)
 
 import fsdp_train as ft
 
@@ -134,17 +145,21 @@ def test_a_packed_training_step_with_flash_attention_equals_transformers_on_each
     """fsdp_train.py itself on 2 ranks, 4 rows a micro-batch, transformers' flash dispatch with the stand-in kernels:
     the step-1 loss equals plain transformers on every document of the step alone."""
     sharp = {"model": context_sensitive_model(prep, tmp_path), "dataset": short_documents(tmp_path)}
-    args = train_args(
-        sharp, tmp_path / "runs", "flash", "-b", 4, "--max-steps", 1, "--attn-implementation", "flash_attention_2"
-    )
+    args = train_args(sharp, tmp_path / "runs", "flash", "-b", 4, "--max-steps", 1, "--attn-implementation",
+                      "flash_attention_2", "--val-split", 0.05, "--lr", 1e-9)  # fmt: skip
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     proc = ok(run([*launcher, ROOT / "tests" / "flash_emulation.py", *args], env={"OMP_NUM_THREADS": "1"}))
     assert "Packed documents are isolated (flash_attention_2, 4 rows a micro-batch)" in proc.stdout
     (step1,) = read_metrics(tmp_path / "runs" / "flash")
     expected = reference_loss(sharp, tmp_path / "runs", "model", world_size=2, batch_size=4)
     assert step1["loss"] == pytest.approx(expected, abs=2e-5), (step1["loss"], expected)
-    # The same command with a kernel that mixes documents stops at the start-up check, before training.
-    mixing = run([*launcher, ROOT / "tests" / "flash_emulation.py", *args, "-e", "mixing"],
+    # Evaluation (after a step of lr 1e-9, on every validation block): every validation document alone.
+    val = ft.load_packed(packed_cache(tmp_path / "runs", "validation"))["input_ids"]
+    total, count = unpacked_sums(sharp["model"], val)
+    assert step1["val/loss"] == pytest.approx(total / count, abs=2e-5), (step1["val/loss"], total / count)
+    # The same command with a kernel that mixes documents stops at the start-up check, before training (with
+    # --packing auto it would train on padded blocks instead: test_padded_blocks_train_like_each_document_alone).
+    mixing = run([*launcher, ROOT / "tests" / "flash_emulation.py", *args, "-e", "mixing", "--packing", "isolated"],
                  env={"OMP_NUM_THREADS": "1", "FLASH_EMULATION": "mixing"})  # fmt: skip
     assert mixing.returncode != 0 and "error:" in mixing.stdout and "attend to each other" in mixing.stdout
 
@@ -168,3 +183,33 @@ def test_position_zero_is_never_a_target_in_chat_blocks(prep):
     _, fetched, positions, _ = ft.fetch_batch(data, [0])
     assert (fetched[positions == 0] == -100).all()
     assert int((fetched != -100).sum()) == 2 * (sum(x != -100 for x in labels) - 1)  # nothing else masked
+
+
+def test_the_start_up_check_passes_correct_bf16_with_large_logits_and_refuses_bf16_mixing(monkeypatch):
+    """bf16 rounds logits of size 16-32 to steps of 0.125: an absolute log-prob bound (0.1, before) refused a correctly
+    isolated model with logits as large as a real LM's (here ~30); the bound relative to the logits' size does not, and
+    still refuses documents that mix."""
+    model, _ = model_pair("llama", "sdpa", torch.bfloat16)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(4)  # logits up to ~30
+    model.train()
+    d = ft.Dist(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    cfg = ft.Config(dataset_name="d", model_name="m", dtype="bf16", batch_size=4, packing="isolated")
+    assert ft.documents_isolated(model, cfg, d)
+    import transformers.masking_utils as mu
+
+    monkeypatch.setattr(mu, "find_packed_sequence_indices", lambda position_ids: None)
+    with pytest.raises(ft.InputError, match="attend to each other"):
+        ft.documents_isolated(model, cfg, d)
+
+
+def test_auto_picks_flash_attention_only_for_half_precision_on_cuda(monkeypatch):
+    """flash-attn has no fp32 kernel: `--dtype fp32` on CUDA with auto must get sdpa, not a crash."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" else real(name))
+    cuda = torch.device("cuda")  # only named: nothing runs on it
+    assert ft.attn_implementation(ft.Config(dataset_name="d", model_name="m"), cuda) == "flash_attention_2"
+    assert ft.attn_implementation(ft.Config(dataset_name="d", model_name="m", dtype="fp32"), cuda) == "sdpa"
+    assert ft.attn_implementation(ft.Config(dataset_name="d", model_name="m"), torch.device("cpu")) == "sdpa"

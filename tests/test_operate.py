@@ -102,7 +102,7 @@ def test_hsdp_2x2_trains_like_fsdp_over_4_ranks(prep, big_batch_run, tmp_path):
     # The reference: plain FSDP on 2 ranks with twice the per-rank batch, the same global batches (cheaper than 4).
     hsdp_run = ok(torchrun(train_args(prep, tmp_path, "hsdp", "--max-steps", 3, "--replicate-degree", 2), nproc=4))
     assert "Device mesh (2, 2) ('replicate', 'shard')" in hsdp_run.stdout  # really hybrid, not plain FSDP
-    assert_runs_close(big_batch_run, tmp_path / "hsdp", step=3)
+    assert_runs_close(big_batch_run, tmp_path / "hsdp", step=3, weight_atol=5e-5)
     bad = torchrun(train_args(prep, tmp_path, "odd", "--max-steps", 1, "--replicate-degree", 3), nproc=2)
     assert_single_error(bad, "--replicate-degree 3 does not divide the world size 2")
 
