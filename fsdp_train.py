@@ -1057,28 +1057,30 @@ def reshard_all(model: torch.nn.Module) -> None:
             module.reshard()
 
 
-def documents_isolated(model, cfg: Config, d: Dist) -> bool:
-    """Collective: whether packed documents attend only to themselves with this architecture and attention
-    implementation, at the run's micro-batch shape. Where they do not, --packing isolated refuses (saying what can
-    run here) and auto returns False: the run trains on padded blocks instead."""
+def isolation_problem(model, cfg: Config, d: Dist) -> str | None:
+    """Collective: None where packed documents attend only to themselves with this architecture and attention
+    implementation, at the run's micro-batch shape; else what mixes them. --packing isolated refuses such a run,
+    saying what can run here; auto trains it on padded blocks instead (prepare_run)."""
     attn, rows = attn_implementation(cfg, d.device), max(2, cfg.batch_size)
     gap = document_isolation_gap(model, d.device, model.config.vocab_size, rows, attn)
-    compute = cfg.compute_dtype(d.device)
-    mixing = (
-        f"{type(model).__name__.removeprefix('FSDP')} with --attn-implementation {attn} lets packed documents attend to each other (a "
-        f"document's log-probs move by {gap:.3g} (relative) next to another in a micro-batch of {rows} rows)"
+    if gap <= ISOLATION_TOLERANCE[cfg.compute_dtype(d.device)]:
+        log.info(
+            f"Packed documents are isolated ({attn}, {rows} rows a micro-batch): log-probs within {gap:.1e} "
+            "(relative) of each document alone"
+        )
+        return None
+    problem = (
+        f"{type(model).__name__.removeprefix('FSDP')} with --attn-implementation {attn} lets packed documents attend "
+        f"to each other (a document's log-probs move by {gap:.3g} (relative) next to another in a micro-batch of "
+        f"{rows} rows)"
     )
-    if gap <= ISOLATION_TOLERANCE[compute]:
-        log.info(f"Packed documents are isolated ({attn}, {rows} rows a micro-batch): log-probs within {gap:.1e} (relative) of "
-                 "each document alone")  # fmt: skip
-        return True
     if cfg.packing == "isolated":
         usable = [a for a in ATTN_IMPLEMENTATIONS[1:] if d.device.type == "cuda" or a not in CUDA_ONLY_ATTENTION]
         others = " or ".join(f"--attn-implementation {a}" for a in usable if a != attn)
-        raise InputError(f"{mixing}: try {others + ', or ' if others else ''}--packing padded (one document per block)")
-    if d.is_main:  # every rank measured the same
-        log.warning(f"{mixing}: training on padded blocks instead (--packing auto -> padded)")
-    return False
+        raise InputError(
+            f"{problem}: try {others + ', or ' if others else ''}--packing padded (one document per block)"
+        )
+    return problem
 
 
 def count_params(model: torch.nn.Module) -> int:
@@ -2968,7 +2970,7 @@ def prepare_run(cfg: Config, d: Dist) -> Run | None:
     train_raw, val_raw = load_datasets(cfg)
     candidates, meta = resume_candidates(cfg, d)
     if meta is not None and cfg.packing == "auto" and meta.config.get("packing") == "padded":
-        cfg.packing = "padded"  # as this run resolved it when it started (see documents_isolated below)
+        cfg.packing = "padded"  # as this run resolved it when it started (see isolation_problem below)
     data, val_data = prepare_data(cfg, d, tokenizer, train_raw, "train"), None
     if val_raw is not None:
         val_data = prepare_data(cfg, d, tokenizer, val_raw, "validation")
@@ -2989,7 +2991,8 @@ def prepare_run(cfg: Config, d: Dist) -> Run | None:
         state = resume(candidates, d, model, optimizer)
     else:
         torch.manual_seed(cfg.seed + d.rank)  # per-rank streams (dropout) that resume restores exactly
-    if cfg.packing != "padded" and not documents_isolated(model, cfg, d):
+    problem = isolation_problem(model, cfg, d) if cfg.packing != "padded" else None
+    if problem:
         if candidates:  # the blocks would change under the checkpoint's data position
             raise InputError(
                 f"this run trained on packed blocks, which no longer keep documents apart here: start a new run (a "
@@ -3000,6 +3003,10 @@ def prepare_run(cfg: Config, d: Dist) -> Run | None:
         if val_raw is not None:
             val_data = prepare_data(cfg, d, tokenizer, val_raw, "validation")
         steps_per_epoch, total_steps, stop_step = run_length(cfg, len(data), d.world_size, state, accum)
+        padding = 1 - int(np.sum(data.data.column("num_tokens").to_numpy())) / (len(data) * cfg.seq_length)
+        if d.is_main:
+            log.warning(f"{problem}: training on padded blocks instead (--packing auto), one document per block: "
+                        f"{padding:.1%} of the trained block tokens are padding, compute spent on nothing")  # fmt: skip
     log.info(
         f"{count_params(model):,} params, {len(data):,} sequences x {cfg.seq_length} tokens, world {d.world_size}, "
         f"{accum} micro-batch(es)/step, {steps_per_epoch} steps/epoch, schedule {total_steps} steps, "

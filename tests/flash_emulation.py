@@ -10,13 +10,12 @@ later transformers renames one, `install()` raises AttributeError and the tests 
 silently testing sdpa. `KERNEL_CALLS` counts which kernel ran, so a test can prove which path a forward took.
 
 Also a torchrun entry point: `python -m torch.distributed.run ... tests/flash_emulation.py FSDP_TRAIN_FLAGS` runs
-fsdp_train.main with the emulation installed (FLASH_EMULATION=mixing swaps in a varlen kernel that ignores the segments,
-to prove the start-up check refuses a kernel that lets documents see each other).
+fsdp_train.main with the emulation installed. `mixing_varlen_fn` is a broken kernel (it ignores the segments), to prove
+the start-up check refuses a kernel that lets documents see each other.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -98,7 +97,7 @@ def install(varlen=flash_varlen_fn, patch=_Permanent) -> None:
 
 if __name__ == "__main__":  # torchrun entry point: fsdp_train.py with the emulated kernels
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    install(mixing_varlen_fn if os.environ.get("FLASH_EMULATION") == "mixing" else flash_varlen_fn)
+    install()
     import fsdp_train
 
     fsdp_train.CUDA_ONLY_ATTENTION = frozenset()  # this process emulates the CUDA kernels

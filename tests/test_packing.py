@@ -111,7 +111,7 @@ def test_the_start_up_check_refuses_a_model_that_lets_documents_mix(monkeypatch)
     d = ft.Dist(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
     model = tiny_model("llama")
     assert ft.document_isolation_gap(model, d.device, VOCAB, 2, "sdpa") < 1e-5
-    assert ft.documents_isolated(model, cfg, d)
+    assert ft.isolation_problem(model, cfg, d) is None
     # A transformers release that stopped turning restarting positions into a packed mask must stop the run, or
     # (--packing auto) make it train on padded blocks.
     import transformers.masking_utils as mu
@@ -120,8 +120,8 @@ def test_the_start_up_check_refuses_a_model_that_lets_documents_mix(monkeypatch)
     with pytest.raises(
         ft.InputError, match="attend to each other.*: try --attn-implementation eager, or --packing padded"
     ):
-        ft.documents_isolated(model, cfg, d)  # only what runs on this device is suggested
-    assert not ft.documents_isolated(model, ft.Config(dataset_name="d", model_name="m"), d)
+        ft.isolation_problem(model, cfg, d)  # only what runs on this device is suggested
+    assert "attend to each other" in ft.isolation_problem(model, ft.Config(dataset_name="d", model_name="m"), d)
     assert model.training  # left as it was found
 
 
@@ -164,6 +164,8 @@ def test_padded_blocks_train_like_each_document_alone(prep, tmp_path, arch):
     assert len(warned) == (arch == "opt"), proc.stdout[-3000:]
     share = re.search(r"one document per block \(--packing padded\): ([\d.]+)% of the tokens are padding", proc.stdout)
     assert share and 0 < float(share[1]) < 100, proc.stdout[-3000:]
+    if warned:  # one line: why, and what it costs
+        assert f"{share[1]}% of the trained block tokens are padding" in warned[0], warned
     (step1,) = read_metrics(tmp_path / "r" / "p")
     assert step1["loss"] == pytest.approx(padded_reference_loss(tmp_path / "r", model), abs=2e-5)
     assert json.loads((tmp_path / "r" / "p" / "config.json").read_text())["packing"] == "padded"  # a rerun resumes so
