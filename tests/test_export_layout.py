@@ -55,9 +55,9 @@ def test_a_moe_export_has_the_checkpoint_layout_the_trained_logits_and_the_base_
     in_memory = set(AutoModelForCausalLM.from_pretrained(base).state_dict())
     assert on_disk != in_memory  # transformers converts this architecture's checkpoint while loading
 
-    ok(torchrun(train_args({**prep, "moe": base}, tmp_path, "run", "--max-steps", 2, "--ckpt-freq", 2, model="moe")))
+    ok(torchrun(train_args({**prep, "moe": base}, tmp_path, "run", "--max-steps", 1, model="moe")))
     offline = tmp_path / "offline"
-    ckpt = tmp_path / "run" / "checkpoints" / "step-2"
+    ckpt = tmp_path / "run" / "checkpoints" / "step-1"  # a run always saves its last step
     ok(run([sys.executable, "fsdp_train.py", "export", "--checkpoint", ckpt, "--out", offline]))
 
     trained = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
@@ -110,5 +110,5 @@ def test_a_remote_code_export_carries_its_modelling_code(prep, tmp_path):
     moved = shutil.copytree(tmp_path / "run" / "hf", tmp_path / "elsewhere")
     shutil.rmtree(base)  # the export must stand alone
     assert {"modeling_foo.py", "configuration_foo.py", "foo_utils.py"} <= {p.name for p in moved.glob("*.py")}
-    model = AutoModelForCausalLM.from_pretrained(moved, trust_remote_code=True)
+    model = AutoModelForCausalLM.from_pretrained(moved, trust_remote_code=True)  # the code this test wrote above
     assert type(model).__name__ == "FooForCausalLM"
