@@ -118,12 +118,30 @@ class Config:
     model_name: str = _opt("", "local HF model folder, or a hub id resolved through HF_HOME", "-m")
     save_dir: str = _opt("outputs", "root folder for runs")
     seed: int = _opt(0, "seed for data order and RNG")
-    num_epochs: int = _opt(1, "epochs over the packed data; sets the LR schedule's length")
+    num_epochs: int = _opt(
+        1, "epochs over the packed data: the run's length and the LR schedule's, unless --max-steps is set"
+    )
     max_steps: int = _opt(
         0,
-        "stop after this many optimizer steps in total (0: epochs decide). Within --num-epochs it does not change "
-        "the LR schedule, so a run stopped at N and continued to M equals an M-step run; beyond them it stretches "
-        "the schedule (and the data cycles) to M",
+        "optimizer steps in the whole run (0: --num-epochs decides): the LR schedule spans exactly these and the "
+        "data cycles through as many epochs as they take (as in HF Trainer and torchtitan). To stop early inside a "
+        "longer schedule, use --stop-at-step",
+    )
+    stop_at_step: int = _opt(
+        0,
+        "stop (with a checkpoint, as a finished run) after this step without changing the LR schedule, so steps "
+        "1..N are exactly those of the full run; a rerun without it (or with a larger N) continues (0: run to the end)",
+    )
+    fresh: bool = _opt(
+        False,
+        "start this experiment over: an existing SAVE_DIR/EXP is first moved aside to EXP.old-<date-time> (nothing "
+        "is deleted). A one-off: a requeue script that reruns the command to resume must not carry it (on|off)",
+    )
+    resume_from: str = _opt(
+        "",
+        "'latest' or a checkpoint folder (.../checkpoints/step-N, also another experiment's): resume from it even "
+        "though what is trained changed (dataset, model, --seq-length, chat template, packing, seed, optimizer), "
+        "which a plain rerun refuses",
     )
     lr: float = _opt(1e-4, "peak learning rate (adafactor: relative to each weight's RMS; PyTorch's default is 1e-2)")
     optimizer: str = _opt(
@@ -252,6 +270,7 @@ class Config:
         non_negative = (
             "eval_steps",
             "max_steps",
+            "stop_at_step",
             "warmup_steps",
             "ckpt_freq",
             "max_norm",
@@ -276,6 +295,8 @@ class Config:
                 raise InputError(
                     f"--{f.name.replace('_', '-')} must be one of {choices}, got {getattr(self, f.name)!r}"
                 )
+        if self.fresh and self.resume_from:
+            raise InputError("--fresh starts over and --resume-from continues: use one of them")
         if not 0 <= self.val_split < 1:
             raise InputError(f"--val-split must be in [0, 1), got {self.val_split}")
         if self.val_split and self.val_dataset:
@@ -498,8 +519,14 @@ def setup_logging(rank: int) -> None:
     handler.setFormatter(logging.Formatter(f"%(asctime)s [rank{rank}] %(message)s", "%Y-%m-%d %H:%M:%S"))
     log.handlers[:] = [handler]
     log.propagate = False
-    # Rank-0 output only; other ranks still show warnings of their own.
-    log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    # Rank 0 speaks for the job: every warning here is about something all ranks share (they agree through
+    # collectives), and eight copies of a library's warning are noise. Other ranks print only errors of their own.
+    log.setLevel(logging.INFO if rank == 0 else logging.ERROR)
+    if rank != 0:
+        import warnings
+
+        warnings.filterwarnings("ignore")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 def all_ok(ok: bool) -> bool:
@@ -1646,14 +1673,21 @@ def prepare_data(cfg: Config, d: Dist | None, tokenizer, ds, role: str):
     return load_packed(cache)
 
 
+FILLER = -1  # a batch index that stands for no block: a row that is computed but neither trained nor counted
+
+
 def fetch_batch(data, indices) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """(input_ids, labels, position_ids, real tokens) of some packed blocks. Text blocks train on their tokens, chat
-    blocks on their labels; in both, a segment's first token is never a target (block_labels)."""
-    rows = data[indices]
+    blocks on their labels; in both, a segment's first token is never a target (block_labels). A FILLER index
+    gives block 0 with every label masked: it keeps the batch's shape (and each rank's forwards, which FSDP's
+    collectives need) where an epoch or an evaluation runs out of blocks, and adds no target and no token."""
+    filler = torch.tensor([i == FILLER for i in indices])
+    rows = data[[0 if i == FILLER else i for i in indices]]
     ids, positions = rows["input_ids"].long(), rows["position_ids"].long()
     labels = block_labels(rows["labels"].long() if "labels" in rows else ids, positions)
-    real = int(rows["num_tokens"].sum()) if "num_tokens" in rows else ids.numel()
-    return ids, labels, positions, real
+    labels[filler] = -100
+    tokens = rows["num_tokens"] if "num_tokens" in rows else torch.full((len(indices),), ids.shape[1])
+    return ids, labels, positions, int(tokens[~filler].sum())
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -1670,14 +1704,16 @@ def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
 
 
 def rank_batch_indices(perm: torch.Tensor, offset: int, batch_size: int, rank: int, world_size: int) -> list[int]:
-    """Sample indices of one rank's batch for the global batch that starts at `offset` in this epoch's order.
+    """Sample indices of one rank's batch for the global batch that starts at `offset` in this epoch's order,
+    FILLER where the epoch has run out (its last global batch may be partial: no block is ever dropped).
 
     Rank r takes the r-th slice of the global batch. The data position is a global sample offset, so a resume
     continues exactly and, with another world size, without losing or repeating samples (unlike DistributedSampler,
     which cannot start mid-epoch).
     """
     start = offset + rank * batch_size
-    return perm[start : start + batch_size].tolist()
+    mine = perm[start : start + batch_size].tolist()
+    return mine + [FILLER] * (batch_size - len(mine))
 
 
 @dataclass
@@ -2192,25 +2228,69 @@ def clean_stale_temp(cfg: Config) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def config_changes(saved: dict, cfg: Config) -> list[str]:
-    """Settings that change the maths of a resumed run (not just when it stops or logs)."""
-    harmless = {
-        "config",
-        "eval_freq",
-        "compile",
-        "max_steps",
-        "log_freq",
-        "ckpt_freq",
-        "keep_latest_k",
-        "async_checkpoint",
-        "save_dir",
-        "activation_checkpointing",
-        "dist_timeout",
-        "load_weights",
-        "shard_unit",  # the same sums on the same shards, in bigger collectives (test_shard_unit_model_...)
-    }
+def flag_name(field: str) -> str:
+    return f"--{field.replace('_', '-')}"
+
+
+# What a run trains on and with: a rerun that changes any of these is another job. Resuming the old one's checkpoint
+# would mix two runs in one loss curve and one export, so it is refused unless --resume-from asks for it.
+RUN_IDENTITY = (
+    "dataset_name", "val_dataset", "val_split", "model_name", "seq_length", "chat_template", "drop_long_examples",
+    "packing", "seed", "optimizer",
+)  # fmt: skip
+# Settings that change when a run stops, logs or saves, or how fast it runs, but no number it trains.
+RUN_CADENCE = (
+    "config", "eval_freq", "eval_steps", "compile", "max_steps", "stop_at_step", "log_freq", "ckpt_freq",
+    "keep_latest_k", "async_checkpoint", "save_dir", "activation_checkpointing", "activation_offload", "dist_timeout",
+    "load_weights", "tensorboard", "peak_tflops", "fresh", "resume_from", "export_dtype",
+    "shard_unit",  # the same sums on the same shards, in bigger collectives (test_shard_unit_model_...)
+)  # fmt: skip
+
+
+def identity_changes(saved: dict, cfg: Config) -> list[str]:
+    """The RUN_IDENTITY settings this run changes from the checkpoint's, as `--flag old -> new`."""
     now = dataclasses.asdict(cfg)
-    return [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in now if k not in harmless and k in saved and saved[k] != now[k]]
+
+    def resolved(key: str, value):  # packing auto ran isolated unless it fell back (then padded was recorded)
+        return "isolated" if key == "packing" and value == "auto" else value
+
+    return [
+        f"{flag_name(k)} {saved[k]!r} -> {now[k]!r}"
+        for k in RUN_IDENTITY
+        if k in saved and resolved(k, saved[k]) != resolved(k, now[k])
+    ]
+
+
+def config_changes(saved: dict, cfg: Config) -> list[str]:
+    """The other settings that change the maths of a resumed run (not just when it stops, logs or saves)."""
+    now = dataclasses.asdict(cfg)
+    skip = set(RUN_IDENTITY) | set(RUN_CADENCE)
+    return [f"{flag_name(k)} {saved[k]!r} -> {now[k]!r}" for k in now if k not in skip and k in saved and saved[k] != now[k]]
+
+
+def refuse_changed_run(meta: CheckpointMeta, path: Path, cfg: Config) -> None:
+    """A plain rerun resumes the same job only: one that changes what is trained names the changes and the ways out."""
+    changes = identity_changes(meta.config, cfg)
+    if changes:
+        raise InputError(
+            f"{cfg.exp_dir} holds a run that trained with other settings ({path.name}): {'; '.join(changes)}. "
+            f"Start a new run with another -e, start this one over with --fresh (the old run is moved aside, not "
+            f"deleted), or continue its checkpoint with these changes with --resume-from latest"
+        )
+
+
+def schedule_change_causes(meta: CheckpointMeta, cfg: Config, global_batch: int) -> list[str]:
+    """Why a resumed run's LR schedule no longer spans what the checkpoint's did, in the user's terms."""
+    saved, causes = meta.config, []
+    for key in ("max_steps", "num_epochs"):
+        if saved.get(key) != getattr(cfg, key):
+            causes.append(f"{flag_name(key)} {saved.get(key)} -> {getattr(cfg, key)}")
+    if meta.global_batch != global_batch and not cfg.max_steps:
+        causes.append(
+            f"the global batch {meta.global_batch} -> {global_batch} sequences (--batch-size x ranks x micro-batches), "
+            "so the rest of the data takes another number of steps"
+        )
+    return causes or ["the training data packed into another number of sequences"]
 
 
 # ======================================================================================================================
@@ -2756,30 +2836,44 @@ def check_writable(cfg: Config) -> None:
 def count_steps(
     cfg: Config, num_samples: int, world_size: int, state: TrainState | None = None, accum: int = 1
 ) -> tuple[int, int]:
-    """(steps per epoch, total steps) for a run at `state`. The schedule spans num_epochs, or max_steps if longer.
+    """(steps per epoch, steps the LR schedule spans) for a run at `state`: --max-steps, else to the end of the last
+    epoch. An epoch's last step takes the blocks that are left (fewer than a global batch), so no block is dropped.
 
     Counted from the data position, so a resume with another world size still ends at the end of the last epoch.
     """
+    if num_samples == 0:
+        raise InputError("the training data packed into no sequence at all: add data")
     state = state or TrainState()
     global_batch = cfg.batch_size * world_size * accum
-    steps_per_epoch = num_samples // global_batch
-    if steps_per_epoch == 0:
-        raise InputError(
-            f"{num_samples} packed sequences of {cfg.seq_length} tokens are fewer than one global batch "
-            f"({cfg.batch_size} x {world_size} ranks x {accum} micro-batches): lower --batch-size, "
-            "--grad-accum-steps or --seq-length, or add data"
-        )
-    epoch_steps = state.step
+    steps_per_epoch = math.ceil(num_samples / global_batch)
+    if cfg.max_steps:
+        return steps_per_epoch, cfg.max_steps
+    total = state.step
     if state.epoch < cfg.num_epochs:
-        left_in_epoch = max(0, num_samples - state.offset) // global_batch
-        epoch_steps += left_in_epoch + (cfg.num_epochs - state.epoch - 1) * steps_per_epoch
-    return steps_per_epoch, max(epoch_steps, cfg.max_steps)
+        left_in_epoch = math.ceil(max(0, num_samples - state.offset) / global_batch)
+        total += left_in_epoch + (cfg.num_epochs - state.epoch - 1) * steps_per_epoch
+    return steps_per_epoch, total
 
 
 def run_length(cfg: Config, num_samples: int, world_size: int, state: TrainState, accum: int) -> tuple[int, int, int]:
     """(steps per epoch, steps the schedule spans, the step this job stops at)."""
     steps_per_epoch, total_steps = count_steps(cfg, num_samples, world_size, state, accum)
-    return steps_per_epoch, total_steps, min(cfg.max_steps, total_steps) if cfg.max_steps else total_steps
+    return steps_per_epoch, total_steps, min(cfg.stop_at_step, total_steps) if cfg.stop_at_step else total_steps
+
+
+def describe_length(cfg: Config, num_samples: int, global_batch: int, state: TrainState, total: int, stop: int) -> str:
+    """The start-up line on the run's length: steps per epoch (and the short last one), what sets the schedule,
+    where a resumed run stands, and where this job stops."""
+    steps_per_epoch, last = math.ceil(num_samples / global_batch), num_samples % global_batch
+    epoch = f"{steps_per_epoch} steps/epoch of global batch {global_batch}"
+    epoch += f" (the last one takes the {last} sequences left; none dropped)" if last else " (none dropped)"
+    spans = f"--max-steps {cfg.max_steps}" if cfg.max_steps else f"{cfg.num_epochs} epoch(s)"
+    line = f"Length: {epoch}; LR schedule {total} steps ({spans})"
+    if cfg.max_steps and cfg.max_steps > steps_per_epoch:
+        line += f", {cfg.max_steps * global_batch / num_samples:.2f} passes over the data"
+    if state.step:
+        line += f"; resuming after step {state.step}, at sequence {min(state.offset, num_samples):,} of epoch {state.epoch}"
+    return line + (f"; stopping at step {stop} (--stop-at-step)" if stop < total else "")
 
 
 def quiet_library_progress_bars() -> None:
@@ -2846,19 +2940,17 @@ def eval_blocks(num_blocks: int, cap: int, seed: int) -> np.ndarray:
 def evaluate(model, data, cfg: Config, d: Dist, attn: str) -> dict[str, float]:
     """Token-weighted loss over all validation blocks and ranks (not a mean of per-rank means).
 
-    Every rank runs the same number of forwards (FSDP all-gathers in each one); a rank short of blocks repeats
-    block 0 with every label masked, which adds nothing. No RNG is drawn, so training continues unchanged.
+    Every rank runs the same number of forwards (FSDP all-gathers in each one); a rank short of blocks fills in
+    FILLER rows, which add nothing. No RNG is drawn, so training continues unchanged.
     """
     model.eval()
     blocks = eval_blocks(len(data), cfg.eval_steps * cfg.batch_size * d.world_size, cfg.seed)
     per_rank = math.ceil(len(blocks) / d.world_size)
     mine = blocks[d.rank :: d.world_size].tolist()
-    mine += [-1] * (per_rank - len(mine))
+    mine += [FILLER] * (per_rank - len(mine))
     totals = torch.zeros(2, dtype=torch.float64, device=d.device)  # loss sum, tokens
     for i in range(0, per_rank, cfg.batch_size):
-        chunk = mine[i : i + cfg.batch_size]
-        ids, labels, positions, _ = fetch_batch(data, [max(j, 0) for j in chunk])
-        labels[torch.tensor([j < 0 for j in chunk])] = -100
+        ids, labels, positions, _ = fetch_batch(data, mine[i : i + cfg.batch_size])
         out = model(**inputs_to(model_inputs(ids, positions, attn, labels), d.device), num_items_in_batch=1)
         totals[0] += out.loss.double()  # a sum: divided by 1
         totals[1] += trained_targets(labels)
@@ -2889,15 +2981,21 @@ def check_inputs(cfg: Config, d: Dist) -> tuple[int, object]:
 
 def resume_candidates(cfg: Config, d: Dist) -> tuple[list[Path], CheckpointMeta | None]:
     """Collective: the complete checkpoints to try, newest first (one with an unreadable meta.json is skipped), and
-    the newest one's meta; then rank 0 removes what a killed job left (half-written saves, a control request)."""
+    the newest one's meta; then rank 0 removes what a killed job left (half-written saves, a control request).
+    --resume-from PATH puts PATH first, until this run has saved checkpoints of its own after it."""
+    own = [p for p in reversed(complete_checkpoints(cfg.exp_dir / "checkpoints"))]
     candidates, meta = [], None
-    for path in reversed(complete_checkpoints(cfg.exp_dir / "checkpoints")):
+    for path in own:
         found = read_meta(path)
         if found is None:
             log.warning(f"Skipping checkpoint {path}: meta.json is missing or unreadable")
         else:
             candidates.append(path)
             meta = meta or found
+    if cfg.resume_from == "latest" and not candidates:
+        raise InputError(f"--resume-from latest: {cfg.exp_dir / 'checkpoints'} holds no complete checkpoint to resume")
+    if cfg.resume_from not in ("", "latest") and not (meta and meta.config.get("resume_from") == cfg.resume_from):
+        candidates, meta = resume_from_path(Path(cfg.resume_from), candidates)
     dist.barrier()  # every rank has listed the checkpoints before rank 0 cleans anything
     if d.is_main:
         clean_stale_temp(cfg)
@@ -2907,22 +3005,60 @@ def resume_candidates(cfg: Config, d: Dist) -> tuple[list[Path], CheckpointMeta 
     return candidates, meta
 
 
+def resume_from_path(path: Path, own: list[Path]) -> tuple[list[Path], CheckpointMeta]:
+    """--resume-from PATH: the one checkpoint to resume, refused where this experiment already went past it (its
+    later checkpoints would mix with the new ones)."""
+    meta = read_meta(path) if (path / COMPLETE).is_file() else None
+    if meta is None:
+        raise InputError(
+            f"--resume-from {path}: not a complete checkpoint (a .../checkpoints/step-N folder holding COMPLETE and "
+            "a readable meta.json)"
+        )
+    later = [p for p in own if read_meta(p).state.step > meta.state.step and p.resolve() != path.resolve()]
+    if later:
+        raise InputError(
+            f"--resume-from {path}: this experiment already has a later checkpoint ({later[0]}) that would mix with "
+            "the resumed run: use another -e, or --fresh to move this one aside"
+        )
+    return [path], meta
+
+
 def warn_about_resume(meta: CheckpointMeta, cfg: Config, d: Dist, accum: int, total_steps: int) -> None:
-    """What differs from the run that wrote the checkpoint: allowed, but said."""
+    """Rank 0: what differs from the run that wrote the checkpoint: allowed, but said once, with its cause."""
+    if not d.is_main:
+        return
+    global_batch = cfg.batch_size * d.world_size * accum
+    if cfg.resume_from:
+        for change in identity_changes(meta.config, cfg):
+            log.warning(f"Resuming (--resume-from) with a changed setting: {change}")
     for change in config_changes(meta.config, cfg):
         log.warning(f"Resuming with a changed setting: {change}")
     if meta.schedule_steps is not None and meta.schedule_steps != total_steps:
         log.warning(
-            f"The LR schedule now spans {total_steps} steps instead of {meta.schedule_steps}: --max-steps "
-            "beyond --num-epochs stretches it, so this run no longer equals an uninterrupted one"
+            f"The LR schedule now spans {total_steps} steps instead of {meta.schedule_steps}, because of "
+            f"{'; '.join(schedule_change_causes(meta, cfg, global_batch))}: from step {meta.state.step} on, this run "
+            "no longer equals an uninterrupted one"
         )
     if meta.world_size != d.world_size:
         log.warning(
             f"Checkpoint was saved by {meta.world_size} ranks, now {d.world_size}: global batch "
-            f"{meta.global_batch} -> {cfg.batch_size * d.world_size * accum} sequences; data continues at sample "
+            f"{meta.global_batch} -> {global_batch} sequences; data continues at sample "
             f"{meta.state.offset} of epoch {meta.state.epoch} with nothing lost or repeated; per-rank RNG streams "
             "are re-seeded"
         )
+
+
+def move_aside(cfg: Config, d: Dist) -> None:
+    """Collective, --fresh: rank 0 renames an existing experiment folder to EXP.old-<date-time>; nothing is deleted."""
+    if d.is_main and cfg.exp_dir.is_dir() and any(cfg.exp_dir.iterdir()):
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        aside = cfg.exp_dir.with_name(f"{cfg.exp_dir.name}.old-{stamp}")
+        n = 1
+        while aside.exists():
+            aside, n = cfg.exp_dir.with_name(f"{cfg.exp_dir.name}.old-{stamp}-{n}"), n + 1
+        cfg.exp_dir.rename(aside)
+        log.info(f"--fresh: moved the previous run to {aside}; starting over")
+    dist.barrier()
 
 
 def record_start(cfg: Config, d: Dist, state: TrainState) -> None:
@@ -2968,9 +3104,11 @@ def prepare_run(cfg: Config, d: Dist) -> Run | None:
     accum, tokenizer = check_inputs(cfg, d)
     log.info(f"Config {json.dumps(dataclasses.asdict(cfg))}")
     train_raw, val_raw = load_datasets(cfg)
-    candidates, meta = resume_candidates(cfg, d)
+    candidates, meta = ([], None) if cfg.fresh else resume_candidates(cfg, d)
     if meta is not None and cfg.packing == "auto" and meta.config.get("packing") == "padded":
         cfg.packing = "padded"  # as this run resolved it when it started (see isolation_problem below)
+    if meta is not None and not cfg.resume_from:
+        refuse_changed_run(meta, candidates[0], cfg)
     data, val_data = prepare_data(cfg, d, tokenizer, train_raw, "train"), None
     if val_raw is not None:
         val_data = prepare_data(cfg, d, tokenizer, val_raw, "validation")
@@ -3009,10 +3147,12 @@ def prepare_run(cfg: Config, d: Dist) -> Run | None:
                         f"{padding:.1%} of the trained block tokens are padding, compute spent on nothing")  # fmt: skip
     log.info(
         f"{count_params(model):,} params, {len(data):,} sequences x {cfg.seq_length} tokens, world {d.world_size}, "
-        f"{accum} micro-batch(es)/step, {steps_per_epoch} steps/epoch, schedule {total_steps} steps, "
-        f"stopping at {stop_step}, device {d.device}, compute {cfg.compute_dtype(d.device)}, "
+        f"{accum} micro-batch(es)/step, device {d.device}, compute {cfg.compute_dtype(d.device)}, "
         f"params {param_dtype(cfg)}"
     )
+    log.info(describe_length(cfg, len(data), d.world_size * cfg.batch_size * accum, state, total_steps, stop_step))
+    if cfg.fresh:
+        move_aside(cfg, d)
     record_start(cfg, d, state)
     resumed_from = candidates[0] if candidates else None
     schedule = schedule_for(cfg, total_steps)
@@ -3024,7 +3164,7 @@ def next_batches(run: Run) -> tuple[list[dict], float, int]:
     """Collective: this rank's micro-batches of the next step, in the epoch's seeded order from the global sample
     offset (so any world size continues where another stopped), the loss divisor, and the step's real tokens."""
     cfg, d, state = run.cfg, run.d, run.state
-    if state.offset + run.global_batch > len(run.data):
+    if state.offset >= len(run.data):  # the last step of an epoch took what was left of it
         state.epoch, state.offset = state.epoch + 1, 0
     order = epoch_permutation(len(run.data), cfg.seed, state.epoch)
     batches, tally = [], torch.zeros(2, dtype=torch.int64)  # trained targets, real (non-pad) tokens

@@ -237,7 +237,7 @@ def reference_run(prep, tmp_path_factory) -> dict:
     run's: the LR schedule spans the epoch whatever --max-steps says, and saving changes no number.
     {"save_dir", "exp", "stdout", "metrics", "step": k -> checkpoint folder}."""
     save_dir = tmp_path_factory.mktemp("reference")
-    proc = ok(torchrun(train_args(prep, save_dir, "ref", "--max-steps", 30, "--ckpt-freq", 1, "--keep-latest-k", 99)))
+    proc = ok(torchrun(train_args(prep, save_dir, "ref", "--stop-at-step", 30, "--ckpt-freq", 1, "--keep-latest-k", 99)))
     exp = save_dir / "ref"
     return {
         "save_dir": save_dir,
@@ -252,7 +252,7 @@ def reference_run(prep, tmp_path_factory) -> dict:
 def four_steps(prep, tmp_path_factory) -> Path:
     """The save dir of a finished 4-step run with complete checkpoints step-2 and step-4 (copy it before changing)."""
     save_dir = tmp_path_factory.mktemp("four")
-    ok(torchrun(train_args(prep, save_dir, "exp", "--max-steps", 4, "--ckpt-freq", 2)))
+    ok(torchrun(train_args(prep, save_dir, "exp", "--stop-at-step", 4, "--ckpt-freq", 2)))
     return save_dir
 
 
@@ -260,7 +260,7 @@ def four_steps(prep, tmp_path_factory) -> Path:
 def big_batch_run(prep, tmp_path_factory) -> Path:
     """3 steps of batch 4 per rank on 2 ranks: the one-big-batch reference for accumulation and HSDP."""
     save_dir = tmp_path_factory.mktemp("big")
-    ok(torchrun(train_args(prep, save_dir, "big", "-b", 4, "--max-steps", 3)))
+    ok(torchrun(train_args(prep, save_dir, "big", "-b", 4, "--stop-at-step", 3)))
     return save_dir / "big"
 
 
@@ -270,7 +270,7 @@ def six_of_an_epoch(prep, tmp_path_factory) -> Path:
     took traced under trace/ (FSDP_TRAIN_TRACE_SAMPLES). Copy it before resuming."""
     root = tmp_path_factory.mktemp("six")
     (root / "trace").mkdir()
-    args = train_args(prep, root, "exp", "-b", 8, "--ckpt-freq", 3, "--max-steps", 6)
+    args = train_args(prep, root, "exp", "-b", 8, "--ckpt-freq", 3, "--stop-at-step", 6)
     ok(torchrun(args, env={"FSDP_TRAIN_TRACE_SAMPLES": str(root / "trace")}))
     return root
 

@@ -37,7 +37,7 @@ def checkpoint_names(ckpts: Path) -> list[str]:
 
 def test_async_saves_equal_blocking_saves_bitwise(prep, reference_run, tmp_path):
     # The shared reference run saved after every step, blocking. Here the step-4 write sleeps 3 s in the background.
-    args = train_args(prep, tmp_path, "async", "--max-steps", 12, "--ckpt-freq", 4, "--keep-latest-k", 5, ASYNC)
+    args = train_args(prep, tmp_path, "async", "--stop-at-step", 12, "--ckpt-freq", 4, "--keep-latest-k", 5, ASYNC)
     out = ok(torchrun(args, env={"FSDP_TRAIN_FAULT": "sleep_in_save:4:3"})).stdout
     # Written in the background: steps 5-7 were trained (and logged) before step-4 was sealed.
     sealed = out.index("Saved checkpoint " + str(tmp_path / "async/checkpoints/step-4"))
@@ -50,7 +50,7 @@ def test_async_saves_equal_blocking_saves_bitwise(prep, reference_run, tmp_path)
 
 
 def test_kill_during_background_save_then_rerun_resumes_bitwise(prep, reference_run, tmp_path):
-    args = train_args(prep, tmp_path, "exp", "--max-steps", 12, "--ckpt-freq", 4, ASYNC)
+    args = train_args(prep, tmp_path, "exp", "--stop-at-step", 12, "--ckpt-freq", 4, ASYNC)
     job = Job(args, env={"FSDP_TRAIN_FAULT": "sleep_in_save:8:30"})
     try:
         pids = {int(m[1]): int(m[2]) for m in job.wait_for(r"FAULT sleep_in_save step 8 rank (\d) pid (\d+)", 2)}
@@ -70,7 +70,7 @@ def test_kill_during_background_save_then_rerun_resumes_bitwise(prep, reference_
 
 def test_background_disk_full_is_one_error_and_keeps_the_previous_checkpoint(prep, tmp_path):
     proc = torchrun(
-        train_args(prep, tmp_path, "exp", "--max-steps", 8, "--ckpt-freq", 2, ASYNC),
+        train_args(prep, tmp_path, "exp", "--stop-at-step", 8, "--ckpt-freq", 2, ASYNC),
         env={"FSDP_TRAIN_FAULT": "enospc_in_save:4"},
     )
     assert_single_error(proc, "checkpoint at step 4 could not be saved (No space left on device); step-2 is intact")
@@ -82,7 +82,7 @@ def test_background_disk_full_is_one_error_and_keeps_the_previous_checkpoint(pre
 
 def test_sigterm_during_background_save_seals_it_and_the_stop_save(prep, tmp_path):
     job = Job(
-        train_args(prep, tmp_path, "exp", "--max-steps", 40, "--ckpt-freq", 3, ASYNC),
+        train_args(prep, tmp_path, "exp", "--stop-at-step", 40, "--ckpt-freq", 3, ASYNC),
         env={"FSDP_TRAIN_FAULT": "sleep_in_save:3:3"},
     )
     try:

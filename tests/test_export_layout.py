@@ -55,7 +55,7 @@ def test_a_moe_export_has_the_checkpoint_layout_the_trained_logits_and_the_base_
     in_memory = set(AutoModelForCausalLM.from_pretrained(base).state_dict())
     assert on_disk != in_memory  # transformers converts this architecture's checkpoint while loading
 
-    ok(torchrun(train_args({**prep, "moe": base}, tmp_path, "run", "--max-steps", 1, model="moe")))
+    ok(torchrun(train_args({**prep, "moe": base}, tmp_path, "run", "--stop-at-step", 1, model="moe")))
     offline = tmp_path / "offline"
     ckpt = tmp_path / "run" / "checkpoints" / "step-1"  # a run always saves its last step
     ok(run([sys.executable, "fsdp_train.py", "export", "--checkpoint", ckpt, "--out", offline]))
@@ -104,7 +104,7 @@ def test_a_remote_code_export_carries_its_modelling_code(prep, tmp_path):
     (base / "config.json").write_text(json.dumps(config))
 
     args = train_args(
-        {**prep, "foo": base}, tmp_path, "run", "--max-steps", 1, "--trust-remote-code", "on", model="foo"
+        {**prep, "foo": base}, tmp_path, "run", "--stop-at-step", 1, "--trust-remote-code", "on", model="foo"
     )
     ok(torchrun(args))
     moved = shutil.copytree(tmp_path / "run" / "hf", tmp_path / "elsewhere")

@@ -99,13 +99,13 @@ def test_pack_examples_never_splits_an_example_and_masks_padding():
 
 @pytest.mark.slow
 def test_accumulated_micro_batches_give_the_update_of_one_big_batch(prep, big_batch_run, tmp_path):
-    accum = ok(torchrun(train_args(prep, tmp_path, "accum", "-b", 2, "--grad-accum-steps", 2, "--max-steps", 3)))
+    accum = ok(torchrun(train_args(prep, tmp_path, "accum", "-b", 2, "--grad-accum-steps", 2, "--stop-at-step", 3)))
     assert "2 micro-batch(es)/step" in accum.stdout
     assert_runs_close(
         big_batch_run, tmp_path / "accum", step=3, weight_atol=5e-5
     )  # sharded: reduce-scatter per micro-batch
     # The global batch derives the same K; unsharded accumulation (one reduce-scatter per step) is the same maths.
-    unsharded = ["-b", 2, "--global-batch-size", 8, "--accumulate-unsharded", "--max-steps", 3]
+    unsharded = ["-b", 2, "--global-batch-size", 8, "--accumulate-unsharded", "--stop-at-step", 3]
     assert "2 micro-batch(es)/step" in ok(torchrun(train_args(prep, tmp_path, "global", *unsharded))).stdout
     assert_runs_close(big_batch_run, tmp_path / "global", step=3, weight_atol=5e-5)
 
@@ -114,8 +114,8 @@ def test_accumulated_micro_batches_give_the_update_of_one_big_batch(prep, big_ba
 def test_validation_is_token_weighted_over_all_ranks_and_leaves_training_unchanged(prep, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    ok(torchrun(train_args(prep, tmp_path, "val", "--max-steps", 4, "--val-split", "0.1", "--eval-freq", 2)))
-    ok(torchrun(train_args(prep, tmp_path, "end-only", "--max-steps", 4, "--val-split", "0.1")))
+    ok(torchrun(train_args(prep, tmp_path, "val", "--stop-at-step", 4, "--val-split", "0.1", "--eval-freq", 2)))
+    ok(torchrun(train_args(prep, tmp_path, "end-only", "--stop-at-step", 4, "--val-split", "0.1")))
     records = read_metrics(tmp_path / "val")
     # Evaluating at step 2 changes nothing in training: same losses, bit for bit.
     assert [m["loss"] for m in records] == [m["loss"] for m in read_metrics(tmp_path / "end-only")]
@@ -148,7 +148,7 @@ def test_export_loads_in_transformers_with_the_trained_weights(prep, reference_r
     # Written by both ranks from their shards; the tied model exported in bf16, the other (the shared 30-step run)
     # in its own fp32.
     if model == "tied":
-        ok(torchrun(train_args(prep, tmp_path, "exp", "--max-steps", 2, "--export-dtype", "bf16", model=model)))
+        ok(torchrun(train_args(prep, tmp_path, "exp", "--stop-at-step", 2, "--export-dtype", "bf16", model=model)))
         exp, last = tmp_path / "exp", tmp_path / "exp/checkpoints/step-2"
     else:
         exp, last = reference_run["exp"], reference_run["step"](30)
@@ -198,10 +198,10 @@ def test_export_of_a_folder_that_is_no_checkpoint(tmp_path):
 
 @pytest.mark.slow
 def test_bf16_keeps_fp32_master_weights_and_pure_bf16_does_not(prep, tmp_path):
-    mixed = ok(torchrun(train_args(prep, tmp_path, "mixed", "--max-steps", 2, "--dtype", "bf16")))
+    mixed = ok(torchrun(train_args(prep, tmp_path, "mixed", "--stop-at-step", 2, "--dtype", "bf16")))
     assert "compute torch.bfloat16, params torch.float32" in mixed.stdout
     assert {t.dtype for t in checkpoint_weights(tmp_path / "mixed/checkpoints/step-2").values()} == {torch.float32}
-    pure = ok(torchrun(train_args(prep, tmp_path, "pure", "--max-steps", 2, "--pure-bf16", "on")))
+    pure = ok(torchrun(train_args(prep, tmp_path, "pure", "--stop-at-step", 2, "--pure-bf16", "on")))
     assert "compute torch.bfloat16, params torch.bfloat16" in pure.stdout
     assert {t.dtype for t in checkpoint_weights(tmp_path / "pure/checkpoints/step-2").values()} == {torch.bfloat16}
     assert all(math.isfinite(m["loss"]) for m in read_metrics(tmp_path / "pure"))
@@ -225,7 +225,7 @@ def chat_files(tmp_path_factory) -> dict[str, Path]:
 def test_chat_sft_trains_on_assistant_tokens_only(prep, chat_files, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    extra = ["--chat-template", "configs/chatml.jinja", "--max-steps", 2, "-s", 320]  # two conversations a block
+    extra = ["--chat-template", "configs/chatml.jinja", "--stop-at-step", 2, "-s", 320]  # two conversations a block
     ok(torchrun(train_args(prep, tmp_path, "chat", *extra, data=chat_files["chat"])))
     data = packed(tmp_path, "train")
     first = data[0]
@@ -285,7 +285,7 @@ def test_data_files_load_directly(tmp_path, suffix):
 
 
 def test_chat_data_without_a_template_is_refused(prep, chat_files, tmp_path):
-    proc = torchrun(train_args(prep, tmp_path, "chat", "--max-steps", 1, data=chat_files["chat"]))
+    proc = torchrun(train_args(prep, tmp_path, "chat", "--stop-at-step", 1, data=chat_files["chat"]))
     assert_single_error(proc, "pass --chat-template configs/chatml.jinja")
 
 
@@ -297,7 +297,7 @@ def test_chat_data_without_a_template_is_refused(prep, chat_files, tmp_path):
 def test_python_api_in_process_and_through_the_elastic_launcher(prep, reference_run, tmp_path):
     common = f"dataset_name={str(prep['dataset'])!r}, model_name={str(prep['model'])!r}, save_dir={str(tmp_path)!r}, "
     # = TRAIN, but --shard-unit left to auto (one unit on CPU): bitwise the per-block reference all the same
-    common += "seq_length=64, batch_size=2, lr=3e-3, warmup_steps=2, max_steps=2, log_freq=1"
+    common += "seq_length=64, batch_size=2, lr=3e-3, warmup_steps=2, stop_at_step=2, log_freq=1"
     # train() gives the signal handlers back as it found them (whatever the parent process left: pytest's may be
     # inherited as ignored).
     in_process = "import signal; before = signal.getsignal(signal.SIGINT); from fsdp_train import Config, train; "
@@ -318,6 +318,6 @@ def test_python_api_in_process_and_through_the_elastic_launcher(prep, reference_
 
 @pytest.mark.slow
 def test_compiled_blocks_train_like_eager_ones(prep, reference_run, tmp_path):
-    ok(torchrun(train_args(prep, tmp_path, "compiled", "--max-steps", 2, "--compile", "on")))
+    ok(torchrun(train_args(prep, tmp_path, "compiled", "--stop-at-step", 2, "--compile", "on")))
     eager, compiled = reference_run["metrics"][:2], read_metrics(tmp_path / "compiled")
     assert [m["loss"] for m in compiled] == pytest.approx([m["loss"] for m in eager], abs=1e-4)

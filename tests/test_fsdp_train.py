@@ -31,10 +31,10 @@ import fsdp_train as ft
 def test_parse_args_maps_every_flag_and_short_alias():
     cfg = ft.parse_args(
         ["-e", "x", "-d", "ds", "-m", "m", "-b", "3", "-s", "256", "--activation-checkpointing", "off",
-         "--cpu-offload", "on", "--max-steps", "7", "--lr", "2e-5"]
+         "--cpu-offload", "on", "--stop-at-step", "7", "--lr", "2e-5"]
     )  # fmt: skip
     assert (cfg.experiment_name, cfg.dataset_name, cfg.model_name) == ("x", "ds", "m")
-    assert (cfg.batch_size, cfg.seq_length, cfg.max_steps, cfg.lr) == (3, 256, 7, 2e-5)
+    assert (cfg.batch_size, cfg.seq_length, cfg.stop_at_step, cfg.lr) == (3, 256, 7, 2e-5)
     assert cfg.activation_checkpointing is False and cfg.cpu_offload is True
     assert ft.parse_args(["-d", "ds", "-m", "m"]).activation_checkpointing is True  # default on
 
@@ -178,13 +178,51 @@ def test_rank_batches_partition_the_global_batch_and_survive_a_world_size_change
     assert three == perm[14:20].tolist()
 
 
-def test_count_steps_schedule_spans_epochs_unless_max_steps_is_longer():
+def test_count_steps_max_steps_is_the_schedule_and_the_last_partial_batch_is_a_step():
     cfg = ft.Config(dataset_name="d", model_name="m", batch_size=2, num_epochs=3)
-    assert ft.count_steps(cfg, 41, world_size=2) == (10, 30)
-    cfg.max_steps = 50
-    assert ft.count_steps(cfg, 41, world_size=2) == (10, 50)
-    with pytest.raises(ft.InputError, match="fewer than one global batch"):
-        ft.count_steps(cfg, 3, world_size=2)
+    assert ft.count_steps(cfg, 41, world_size=2) == (11, 33)  # 41 = 10 x 4 + 1: the 11th step takes the last one
+    assert ft.count_steps(cfg, 40, world_size=2) == (10, 30)
+    assert ft.count_steps(cfg, 3, world_size=2) == (1, 3)  # less than one global batch still trains
+    # Resumed after 5 steps of global batch 4 (offset 20), now on 1 rank (batch 2): 21 left in this epoch.
+    assert ft.count_steps(cfg, 41, 1, ft.TrainState(step=5, epoch=0, offset=20)) == (21, 5 + 11 + 2 * 21)
+    for max_steps in (50, 7):  # longer or shorter than the epochs: --max-steps is the run and the schedule
+        cfg.max_steps = max_steps
+        assert ft.count_steps(cfg, 41, world_size=2) == (11, max_steps)
+    cfg.stop_at_step = 4
+    assert ft.run_length(cfg, 41, 2, ft.TrainState(), 1) == (11, 7, 4)
+    cfg.stop_at_step = 9  # past the end: the run ends where its schedule does
+    assert ft.run_length(cfg, 41, 2, ft.TrainState(), 1) == (11, 7, 7)
+    with pytest.raises(ft.InputError, match="no sequence"):
+        ft.count_steps(cfg, 0, world_size=2)
+
+
+@pytest.mark.parametrize("n, batch, world, accum", [(41, 2, 2, 1), (15, 4, 1, 1), (7, 2, 2, 2), (3, 4, 2, 1)])
+def test_every_block_is_trained_once_per_epoch_even_across_a_world_size_change(n, batch, world, accum):
+    """The batches next_batches() builds, walked over two epochs: each block exactly once per epoch, the short last
+    step padded with FILLER; and a switch to 3 ranks of batch 1 in mid-epoch changes none of that."""
+
+    def walk(state, epochs, batch, world):
+        seen = {}
+        while True:
+            if state.offset >= n:
+                state.epoch, state.offset = state.epoch + 1, 0
+            if state.epoch >= epochs:
+                return seen
+            perm = ft.epoch_permutation(n, 0, state.epoch)
+            for m in range(accum):
+                for r in range(world):
+                    idx = ft.rank_batch_indices(perm, state.offset + m * batch * world, batch, r, world)
+                    assert len(idx) == batch
+                    seen.setdefault(state.epoch, []).extend(i for i in idx if i != ft.FILLER)
+            state.offset += batch * world * accum
+            state.step += 1
+            if state.step == 2 and world != 3:  # resume with another world size mid-epoch
+                seen2 = walk(state, epochs, 1, 3)
+                return {e: seen.get(e, []) + seen2.get(e, []) for e in range(epochs)}
+
+    seen = walk(ft.TrainState(), 2, batch, world)
+    for epoch in range(2):
+        assert sorted(seen[epoch]) == list(range(n)), epoch
 
 
 def _ckpt(root: Path, step: int, complete: bool = True) -> Path:
@@ -275,8 +313,12 @@ def test_shard_unit_auto_is_per_block_on_gpus_and_one_unit_on_cpu():
 
 def test_config_changes_flags_only_settings_that_change_the_maths():
     cfg = ft.Config(dataset_name="d", model_name="m")
-    saved = {**ft.dataclasses.asdict(cfg), "lr": 1.0, "max_steps": 99}
-    assert ft.config_changes(saved, cfg) == [f"lr: 1.0 -> {cfg.lr!r}"]
+    saved = {**ft.dataclasses.asdict(cfg), "lr": 1.0, "max_steps": 99, "log_freq": 3, "seq_length": 7}
+    assert ft.config_changes(saved, cfg) == [f"--lr 1.0 -> {cfg.lr!r}"]
+    assert ft.identity_changes(saved, cfg) == [f"--seq-length 7 -> {cfg.seq_length}"]
+    # packing auto ran isolated (a fallback to padded is recorded as padded)
+    assert ft.identity_changes({"packing": "auto"}, ft.Config(packing="isolated")) == []
+    assert ft.identity_changes({"packing": "padded"}, ft.Config(packing="isolated")) == ["--packing 'padded' -> 'isolated'"]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -285,8 +327,8 @@ def test_config_changes_flags_only_settings_that_change_the_maths():
 
 @pytest.mark.slow
 def test_train_checkpoint_and_resume_is_bitwise_equal_to_an_uninterrupted_run(prep, reference_run, tmp_path):
-    ok(torchrun(train_args(prep, tmp_path, "resumed", "--max-steps", "8", "--ckpt-freq", "4")))
-    resumed = ok(torchrun(train_args(prep, tmp_path, "resumed", "--max-steps", "12", "--ckpt-freq", "4")))
+    ok(torchrun(train_args(prep, tmp_path, "resumed", "--stop-at-step", "8", "--ckpt-freq", "4")))
+    resumed = ok(torchrun(train_args(prep, tmp_path, "resumed", "--stop-at-step", "12", "--ckpt-freq", "4")))
     assert "Resuming from step 8" in resumed.stdout
     assert "Tokenized" not in resumed.stdout and "Using tokenized train data cache" in resumed.stdout
 
@@ -309,12 +351,12 @@ def test_train_checkpoint_and_resume_is_bitwise_equal_to_an_uninterrupted_run(pr
     assert state == {"global_step": 12, "epoch": 0, "checkpoint": "checkpoints/step-12"}
     starts = [json.loads(line) for line in (tmp_path / "resumed/runs.jsonl").read_text().splitlines()]
     assert [r["start_step"] for r in starts] == [0, 8] and starts[1]["world_size"] == 2
-    assert "--max-steps" in starts[1]["command"] and starts[1]["versions"]["torch"] == torch.__version__
+    assert "--stop-at-step" in starts[1]["command"] and starts[1]["versions"]["torch"] == torch.__version__
     meta = json.loads((tmp_path / "resumed/checkpoints/step-12/meta.json").read_text())
-    assert meta["config"]["max_steps"] == 12 and meta["world_size"] == 2
+    assert meta["config"]["stop_at_step"] == 12 and meta["world_size"] == 2
 
     before = tree_digest(tmp_path / "resumed/checkpoints")
-    done = ok(torchrun(train_args(prep, tmp_path, "resumed", "--max-steps", "12", "--ckpt-freq", "4")))
+    done = ok(torchrun(train_args(prep, tmp_path, "resumed", "--stop-at-step", "12", "--ckpt-freq", "4")))
     assert "Run already complete at step 12" in done.stdout
     assert tree_digest(tmp_path / "resumed/checkpoints") == before
 
@@ -323,7 +365,7 @@ def test_train_checkpoint_and_resume_is_bitwise_equal_to_an_uninterrupted_run(pr
 def test_shard_unit_model_trains_bitwise_like_per_block_units(prep, reference_run, tmp_path):
     # One FSDP unit: one all-gather and one reduce-scatter per step instead of one per block. The shards and the
     # elementwise sums are the same, so every logged number and every weight must be bitwise the reference's.
-    proc = ok(torchrun(train_args(prep, tmp_path, "one", "--max-steps", 3, "--shard-unit", "model")))
+    proc = ok(torchrun(train_args(prep, tmp_path, "one", "--stop-at-step", 3, "--shard-unit", "model")))
     assert "FSDP units: 1 (the whole model)" in proc.stdout
     assert "FSDP units: 3 (2 blocks + the root)" in reference_run["stdout"]
     one, per_block = read_metrics(tmp_path / "one"), reference_run["metrics"][:3]
@@ -333,18 +375,23 @@ def test_shard_unit_model_trains_bitwise_like_per_block_units(prep, reference_ru
 
 
 @pytest.mark.slow
-def test_max_steps_beyond_the_epochs_stretches_the_schedule_with_a_warning(prep, six_of_an_epoch, tmp_path):
-    save_dir = copy_run(six_of_an_epoch, tmp_path / "run")  # 6 of 942 blocks // 16 = 58 steps/epoch
-    proc = ok(torchrun(train_args(prep, save_dir, "exp", "-b", 8, "--max-steps", 60, "--log-freq", 30)))
-    assert "The LR schedule now spans 60 steps instead of 58" in proc.stdout
-    assert [m["epoch"] for m in read_metrics(save_dir / "exp")][-1] == 1  # the data cycled into a second epoch
+def test_max_steps_is_the_schedule_and_the_data_cycles_to_reach_it(prep, six_of_an_epoch, tmp_path):
+    save_dir = copy_run(six_of_an_epoch, tmp_path / "run")  # stopped at 6 of ceil(942 / 16) = 59 steps/epoch
+    proc = ok(torchrun(train_args(prep, save_dir, "exp", "-b", 8, "--max-steps", 62, "--log-freq", 31)))
+    warnings = [line for line in proc.stdout.splitlines() if "LR schedule now spans" in line]
+    assert len(warnings) == 1 and "[rank0]" in warnings[0], proc.stdout  # said once, by rank 0, with its cause
+    assert "spans 62 steps instead of 59, because of --max-steps 0 -> 62:" in warnings[0]
+    assert "Length: 59 steps/epoch of global batch 16 (the last one takes the 14 sequences left; none dropped)" in proc.stdout
+    last = read_metrics(save_dir / "exp")[-1]
+    assert (last["global_step"], last["epoch"]) == (62, 1)  # the data cycled into a second epoch
+    assert last["lr"] == pytest.approx(3e-3 * ft.lr_factor(61, 2, 62, 0.1))  # the schedule ends at --max-steps
 
 
 @pytest.mark.slow
 def test_throughput_window_excludes_checkpoint_time(prep, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    args = train_args(prep, tmp_path, "w", "--max-steps", 8, "--log-freq", 4, "--ckpt-freq", 2, "--peak-tflops", 0.01)
+    args = train_args(prep, tmp_path, "w", "--stop-at-step", 8, "--log-freq", 4, "--ckpt-freq", 2, "--peak-tflops", 0.01)
     proc = ok(torchrun(args))
     # MFU from the outside: 6 x the matmul parameters (all but the untied input embedding) + 12 x layers x width x
     # sequence, per token, times each rank's tokens/s, over the given peak.
@@ -378,12 +425,12 @@ def test_sharded_step0_loss_equals_the_single_process_model(prep, reference_run,
         save_dir, exp = reference_run["save_dir"], reference_run["exp"]
     else:
         save_dir, exp = tmp_path, tmp_path / "a"
-        ok(torchrun(train_args(prep, tmp_path, "a", "--max-steps", "2", model=model)))
+        ok(torchrun(train_args(prep, tmp_path, "a", "--stop-at-step", "2", model=model)))
     first = read_metrics(exp)[0]
     assert "mfu" not in first  # CPU: no known peak, none given
     assert first["loss"] == pytest.approx(reference_loss(prep, save_dir, model), abs=1e-5)
     if model == "model":  # checkpointing changes no bit (once is enough: it does not care about ties)
-        ok(torchrun(train_args(prep, tmp_path, "b", "--max-steps", "2", "--activation-checkpointing", "off")))
+        ok(torchrun(train_args(prep, tmp_path, "b", "--stop-at-step", "2", "--activation-checkpointing", "off")))
         assert [m["loss"] for m in read_metrics(tmp_path / "b")] == [m["loss"] for m in read_metrics(exp)[:2]]
     weights = checkpoint_weights(exp / "checkpoints/step-2")
     if model == "tied":  # one tensor saved under both names, still equal after training
@@ -428,7 +475,7 @@ def test_bad_input_one_line_from_rank0_and_checkpoint_untouched(prep, four_steps
     (tmp_path / "afile").write_text("not a folder")
     before = tree_digest(save_dir / "exp")
     # argparse keeps the last value, so the bad flag overrides the good default; --max-steps 6 would train on.
-    proc = torchrun(train_args(prep, save_dir, "exp", "--max-steps", "6") + make_args(prep, tmp_path))
+    proc = torchrun(train_args(prep, save_dir, "exp", "--stop-at-step", "6") + make_args(prep, tmp_path))
     assert proc.returncode != 0
     errors = [line for line in proc.stdout.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], proc.stdout[-3000:]

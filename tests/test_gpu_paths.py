@@ -146,7 +146,7 @@ def test_a_packed_training_step_with_flash_attention_equals_transformers_on_each
     the step-1 loss, and the validation loss, equal plain transformers on every document alone. (A kernel that mixes
     documents is refused by the start-up check: test_the_start_up_check_runs_at_the_micro_batch_shape_...)"""
     sharp = {"model": context_sensitive_model(prep, tmp_path), "dataset": short_documents(tmp_path)}
-    args = train_args(sharp, tmp_path / "runs", "flash", "-b", 4, "--max-steps", 1, "--attn-implementation",
+    args = train_args(sharp, tmp_path / "runs", "flash", "-b", 4, "--stop-at-step", 1, "--attn-implementation",
                       "flash_attention_2", "--val-split", 0.05, "--lr", 1e-9)  # fmt: skip
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     proc = ok(run([*launcher, ROOT / "tests" / "flash_emulation.py", *args], env={"OMP_NUM_THREADS": "1"}))

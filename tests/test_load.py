@@ -90,7 +90,7 @@ def test_the_log_says_which_path_each_load_took(loads):
 
 
 def test_renamed_keys_train_through_rank0_from_the_right_weights(prep, models, tmp_path):
-    args = train_args({**prep, "renamed": models["renamed"]}, tmp_path, "r", "--max-steps", 1, model="renamed")
+    args = train_args({**prep, "renamed": models["renamed"]}, tmp_path, "r", "--stop-at-step", 1, model="renamed")
     proc = ok(torchrun(args))
     said = [line for line in proc.stdout.splitlines() if "through rank 0" in line]
     assert len(said) == 1 and FALLBACK in said[0] and "[rank0]" in said[0], proc.stdout[-3000:]
@@ -109,7 +109,7 @@ def test_the_rank0_load_refuses_a_checkpoint_that_would_leave_weights_random(pre
         return {**t, "layers.0.mlp.extra.weight": torch.zeros(3)}
 
     broken = rewrite_weights(prep["tied"], tmp_path / "broken", damage)
-    proc = torchrun(train_args({**prep, "broken": broken}, tmp_path / "runs", "b", "--max-steps", 1, model="broken"))
+    proc = torchrun(train_args({**prep, "broken": broken}, tmp_path / "runs", "b", "--stop-at-step", 1, model="broken"))
     line = assert_single_error(proc, "does not hold the model's weights exactly")
     assert "missing model.layers.0.mlp.down_proj.weight (1)" in line and "unexpected layers.0.mlp.extra.weight" in line
     assert "lm_head" not in line  # tied to the embedding, stored once: not missing

@@ -79,7 +79,7 @@ def adafactor_runs(prep, tmp_path_factory) -> dict[str, Path]:
     """6 Adafactor steps with checkpoints at 3 and 6: on 1 process (batch 4), on 2 ranks (batch 2 each), and on 2 ranks
     with the optimizer in backward. The tests resume copies of them."""
     save_dir, runs = tmp_path_factory.mktemp("adafactor"), {}
-    steps = (*ADAFACTOR, "--max-steps", 6, "--ckpt-freq", 3)
+    steps = (*ADAFACTOR, "--stop-at-step", 6, "--ckpt-freq", 3)
     for name, nproc, extra in [("one", 1, ("-b", 4)), ("two", 2, ()), ("hooked", 2, ("--optimizer-in-backward", "on"))]:
         ok(torchrun(train_args(prep, save_dir, name, *steps, *extra), nproc=nproc))
         runs[name] = save_dir / name
@@ -100,7 +100,7 @@ def test_adafactor_on_shards_trains_like_one_process_and_reshards_its_state(prep
     assert losses[-1] < losses[0] - 0.1, losses  # it learns
     # Factored state saved by 2 ranks, resumed by 1: DCP reshards row_var (split like the rows) and col_var.
     moved = resume_copy_from_step_3(adafactor_runs["two"], tmp_path)
-    proc = ok(torchrun(train_args(prep, tmp_path, "two", *ADAFACTOR, "--max-steps", 6, "-b", 4), nproc=1))
+    proc = ok(torchrun(train_args(prep, tmp_path, "two", *ADAFACTOR, "--stop-at-step", 6, "-b", 4), nproc=1))
     assert "Resuming from step 3" in proc.stdout
     assert_runs_close(adafactor_runs["one"], moved, step=6)
 
@@ -108,7 +108,7 @@ def test_adafactor_on_shards_trains_like_one_process_and_reshards_its_state(prep
 @pytest.mark.slow
 def test_optimizer_in_backward_equals_normal_steps_and_resumes_exactly(prep, adafactor_runs, tmp_path):
     # AdamW: the hooks step each parameter as its gradient is ready, the same update as one step at the end.
-    opt = ("--lr", "3e-3", "--max-norm", 0, "--max-steps", 5)
+    opt = ("--lr", "3e-3", "--max-norm", 0, "--stop-at-step", 5)
     ok(torchrun(train_args(prep, tmp_path, "normal", *opt)))
     ok(torchrun(train_args(prep, tmp_path, "hooked", *opt, "--optimizer-in-backward", "on")))
     assert_runs_close(tmp_path / "normal", tmp_path / "hooked", step=5, atol=1e-6)
@@ -120,7 +120,7 @@ def test_optimizer_in_backward_equals_normal_steps_and_resumes_exactly(prep, ada
         assert norms[1] == pytest.approx(norms[0], rel=1e-6)  # the hooks still report the global gradient norm
     # Resumed at step 3: the per-parameter optimizer states come back exactly.
     resumed = resume_copy_from_step_3(hooked, tmp_path / "resumed")
-    args = (*ADAFACTOR, "--optimizer-in-backward", "on", "--max-steps", 6, "--ckpt-freq", 3)
+    args = (*ADAFACTOR, "--optimizer-in-backward", "on", "--stop-at-step", 6, "--ckpt-freq", 3)
     assert "Resuming from step 3" in ok(torchrun(train_args(prep, tmp_path / "resumed", "hooked", *args))).stdout
     a, b = (checkpoint_weights(e / "checkpoints/step-6") for e in (hooked, resumed))
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -128,7 +128,7 @@ def test_optimizer_in_backward_equals_normal_steps_and_resumes_exactly(prep, ada
 
 @pytest.mark.slow
 def test_activation_offload_is_a_noop_with_a_notice_on_cpu(prep, tmp_path):
-    proc = ok(torchrun(train_args(prep, tmp_path, "off", "--max-steps", 2, "--activation-offload", "on")))
+    proc = ok(torchrun(train_args(prep, tmp_path, "off", "--stop-at-step", 2, "--activation-offload", "on")))
     assert proc.stdout.count("--activation-offload does nothing on a CPU host") == 1
 
 
@@ -178,7 +178,7 @@ def test_plan_is_within_25_percent_of_the_measured_peak(prep, tmp_path, model, f
     # returned at free and the peak is then the live memory the plan estimates.
     env = {"MALLOC_MMAP_THRESHOLD_": "65536"}
     # Step 2 is the first with every state present through forward and backward; later steps repeat it.
-    ok(torchrun(train_args(prep, tmp_path, "m", *shape, "--max-steps", 2, *flags, model=model), env=env))
+    ok(torchrun(train_args(prep, tmp_path, "m", *shape, "--stop-at-step", 2, *flags, model=model), env=env))
     measured = max(m["mem/train_peak_gib"] for m in read_metrics(tmp_path / "m")) * 2**30
     estimate = plan(prep, model, 2, *shape, *flags)["peak"]
     assert estimate == pytest.approx(measured, rel=0.25), (estimate / 2**20, measured / 2**20)

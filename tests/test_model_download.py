@@ -92,7 +92,7 @@ def test_fsdp_train_trains_from_a_hub_id_in_the_cache(prep, tmp_path):
         "--save-dir",
         tmp_path,
         *TRAIN,
-        "--max-steps",
+        "--stop-at-step",
         "2",
     ]
     ok(torchrun(args, env=offline_env(tmp_path / "hf")))

@@ -45,7 +45,7 @@ def control_cli(*args) -> subprocess.CompletedProcess:
 
 def test_control_save_status_stop_then_resume(prep, tmp_path):
     exp = tmp_path / "exp"
-    args = train_args(prep, tmp_path, "exp", "--max-steps", 5000, "--ckpt-freq", 0, "--log-freq", 20)
+    args = train_args(prep, tmp_path, "exp", "--stop-at-step", 5000, "--ckpt-freq", 0, "--log-freq", 20)
     job = Job(args)
     try:
         job.wait_for(r"step 40/5000")
@@ -66,14 +66,14 @@ def test_control_save_status_stop_then_resume(prep, tmp_path):
     assert_single_error(control("stop", exp), "is not running (stopped); nothing to stop")
     assert not (exp / "control.json").exists()
 
-    resumed = ok(torchrun([*args[: args.index("--max-steps")], "--max-steps", step + 2, "--ckpt-freq", 0]))
+    resumed = ok(torchrun([*args[: args.index("--stop-at-step")], "--stop-at-step", step + 2, "--ckpt-freq", 0]))
     assert f"Resuming from step {step}" in resumed.stdout
     assert json.loads((exp / "status.json").read_text())["state"] == "finished"
 
 
 def test_control_abort_exits_without_saving(prep, tmp_path):
     exp = tmp_path / "exp"
-    job = Job(train_args(prep, tmp_path, "exp", "--max-steps", 5000, "--ckpt-freq", 0, "--log-freq", 20))
+    job = Job(train_args(prep, tmp_path, "exp", "--stop-at-step", 5000, "--ckpt-freq", 0, "--log-freq", 20))
     try:
         job.wait_for(r"step 20/5000")
         ok(control("abort", exp))
@@ -88,7 +88,7 @@ def test_control_abort_exits_without_saving(prep, tmp_path):
 def test_stale_control_request_of_a_dead_job_is_dropped(prep, four_steps, tmp_path):
     save_dir = copy_run(four_steps, tmp_path / "save")  # a finished 4-step job
     (save_dir / "exp" / "control.json").write_text(json.dumps({"command": "stop"}))
-    proc = ok(torchrun(train_args(prep, save_dir, "exp", "--max-steps", 6)))
+    proc = ok(torchrun(train_args(prep, save_dir, "exp", "--stop-at-step", 6)))
     assert "Ignoring a stale control request 'stop'" in proc.stdout
     assert [m["global_step"] for m in read_metrics(save_dir / "exp")][-1] == 6  # it did not stop at step 5
 
@@ -100,10 +100,10 @@ def test_control_on_a_folder_that_is_no_job(tmp_path):
 
 def test_hsdp_2x2_trains_like_fsdp_over_4_ranks(prep, big_batch_run, tmp_path):
     # The reference: plain FSDP on 2 ranks with twice the per-rank batch, the same global batches (cheaper than 4).
-    hsdp_run = ok(torchrun(train_args(prep, tmp_path, "hsdp", "--max-steps", 3, "--replicate-degree", 2), nproc=4))
+    hsdp_run = ok(torchrun(train_args(prep, tmp_path, "hsdp", "--stop-at-step", 3, "--replicate-degree", 2), nproc=4))
     assert "Device mesh (2, 2) ('replicate', 'shard')" in hsdp_run.stdout  # really hybrid, not plain FSDP
     assert_runs_close(big_batch_run, tmp_path / "hsdp", step=3, weight_atol=5e-5)
-    bad = torchrun(train_args(prep, tmp_path, "odd", "--max-steps", 1, "--replicate-degree", 3), nproc=2)
+    bad = torchrun(train_args(prep, tmp_path, "odd", "--stop-at-step", 1, "--replicate-degree", 3), nproc=2)
     assert_single_error(bad, "--replicate-degree 3 does not divide the world size 2")
 
 
@@ -130,7 +130,7 @@ def two_nodes(args: list, job_id: str) -> list[Job]:
 
 def test_two_nodes_train_checkpoint_and_resume_like_one(prep, reference_run, tmp_path):
     for steps in (4, 6):
-        nodes = two_nodes(train_args(prep, tmp_path, "multi", "--max-steps", steps, "--ckpt-freq", 2), f"job{steps}")
+        nodes = two_nodes(train_args(prep, tmp_path, "multi", "--stop-at-step", steps, "--ckpt-freq", 2), f"job{steps}")
         try:
             assert [node.wait(timeout=180) for node in nodes] == [0, 0], nodes[0].output + nodes[1].output
         finally:
@@ -180,7 +180,7 @@ def test_progress_bar_summary_tensorboard_and_loss_curve(prep, reference_run, tm
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "fsdp_train.py"]
-    args = train_args(prep, tmp_path, "exp", "--max-steps", 6, "--log-freq", 2, "--val-split", "0.1", "--eval-freq", 3)
+    args = train_args(prep, tmp_path, "exp", "--stop-at-step", 6, "--log-freq", 2, "--val-split", "0.1", "--eval-freq", 3)
     rc, out = run_on_a_terminal(launcher + args)
     assert rc == 0, out[-3000:]
     bar = [line for line in out.replace("\r", "\n").splitlines() if "6/6 [" in line]

@@ -158,7 +158,7 @@ def test_padded_blocks_train_like_each_document_alone(prep, tmp_path, arch):
             word_embed_proj_dim=32, max_position_embeddings=128, dropout=0.0,  # the reference runs in eval mode
         )  # fmt: skip
     model = context_sensitive_model(prep, tmp_path, config)
-    extra = ["--max-steps", 1] + (["--packing", "padded"] if arch == "llama" else [])
+    extra = ["--stop-at-step", 1] + (["--packing", "padded"] if arch == "llama" else [])
     proc = ok(torchrun(train_args({"model": model, "dataset": short_documents(tmp_path)}, tmp_path / "r", "p", *extra)))
     warned = [line for line in proc.stdout.splitlines() if "training on padded blocks instead" in line]
     assert len(warned) == (arch == "opt"), proc.stdout[-3000:]
@@ -335,7 +335,7 @@ def test_hsdp_replicas_stay_bitwise_equal_with_stochastic_rounding(prep, tmp_pat
 @pytest.mark.slow
 def test_slow_tokenizing_outlasts_the_collective_timeout_and_prepare_reuses_its_cache(prep, tmp_path):
     # Rank 0 takes 7 s to tokenize while a collective may wait 4.5 s: the other rank must wait on the file system.
-    args = train_args(prep, tmp_path, "slow", "--max-steps", 2, "--dist-timeout", 0.075)
+    args = train_args(prep, tmp_path, "slow", "--stop-at-step", 2, "--dist-timeout", 0.075)
     proc = ok(torchrun(args, env={"FSDP_TRAIN_FAULT": "sleep_in_prepare:0:7"}))
     assert "Packed documents are isolated (sdpa, " in proc.stdout
     assert len(read_metrics(tmp_path / "slow")) == 2

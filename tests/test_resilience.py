@@ -58,7 +58,7 @@ def wait_until_dead(pids: list[int], timeout: float = 20) -> None:
 
 @pytest.mark.parametrize("victim", ["worker", "agent"])
 def test_sigkill_inside_a_checkpoint_save_then_rerun_is_bitwise_equal(prep, reference, tmp_path, victim):
-    args = train_args(prep, tmp_path, "exp", "--max-steps", 12, "--ckpt-freq", 4)
+    args = train_args(prep, tmp_path, "exp", "--stop-at-step", 12, "--ckpt-freq", 4)
     # 4 s: plenty to kill inside it, and what the surviving rank sleeps out before torchrun ends it.
     job = Job(args, env={"FSDP_TRAIN_FAULT": "sleep_in_save:8:4"})
     try:
@@ -87,7 +87,7 @@ def test_sigkill_inside_a_checkpoint_save_then_rerun_is_bitwise_equal(prep, refe
 
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1", "SIGINT"])
 def test_signal_to_torchrun_saves_and_stops_then_rerun_is_bitwise_equal(prep, reference, tmp_path, sig):
-    args = train_args(prep, tmp_path, "exp", "--max-steps", 30, "--ckpt-freq", 100)
+    args = train_args(prep, tmp_path, "exp", "--stop-at-step", 30, "--ckpt-freq", 100)
     # torchrun forwards the signals it handles; Slurm's USR1 must be added to its list (as in the README).
     job = Job(args, launcher_args=("--signals-to-handle", "SIGTERM,SIGINT,SIGUSR1"))
     try:
@@ -112,7 +112,7 @@ def test_signal_to_torchrun_saves_and_stops_then_rerun_is_bitwise_equal(prep, re
 
 def test_second_sigint_aborts_at_once_without_saving(prep, tmp_path):
     job = Job(
-        train_args(prep, tmp_path, "exp", "--max-steps", 8, "--ckpt-freq", 4),
+        train_args(prep, tmp_path, "exp", "--stop-at-step", 8, "--ckpt-freq", 4),
         env={"FSDP_TRAIN_FAULT": "sleep_in_save:4:60"},
     )
     try:
@@ -169,7 +169,7 @@ def test_truncated_checkpoint_falls_back_to_the_previous_one(prep, reference, fo
     save_dir = copy_run(four_steps, tmp_path / "save")
     shard = save_dir / "exp/checkpoints/step-4/__0_0.distcp"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    proc = ok(torchrun(train_args(prep, save_dir, "exp", "--max-steps", 12, "--ckpt-freq", 4)))
+    proc = ok(torchrun(train_args(prep, save_dir, "exp", "--stop-at-step", 12, "--ckpt-freq", 4)))
     assert "step-4 is damaged" in proc.stdout and "Resuming from step 2" in proc.stdout
     assert_same_weights(save_dir / "exp/checkpoints/step-12", reference(12))
 
@@ -177,7 +177,7 @@ def test_truncated_checkpoint_falls_back_to_the_previous_one(prep, reference, fo
 def test_garbage_state_json_does_not_stop_a_resume(prep, four_steps, tmp_path):
     save_dir = copy_run(four_steps, tmp_path / "save")
     (save_dir / "exp/state.json").write_text("{not json")
-    proc = ok(torchrun(train_args(prep, save_dir, "exp", "--max-steps", 6, "--ckpt-freq", 2)))
+    proc = ok(torchrun(train_args(prep, save_dir, "exp", "--stop-at-step", 6, "--ckpt-freq", 2)))
     assert "Resuming from step 4" in proc.stdout
     assert json.loads((save_dir / "exp/state.json").read_text())["global_step"] == 6
 
@@ -188,7 +188,7 @@ def test_checkpoint_of_a_different_model_is_refused_before_loading(prep, four_st
     ok(run([sys.executable, "model_download.py", "--tiny", other, "--vocab-size", "512", "--hidden-size", "32",
             "--num-layers", "2"]))  # fmt: skip
     before = tree_digest(save_dir / "exp")
-    args = train_args(prep, save_dir, "exp", "--max-steps", 6)
+    args = train_args(prep, save_dir, "exp", "--stop-at-step", 6)
     args[args.index(prep["model"])] = other
     line = assert_single_error(torchrun(args), "was saved from a different model")
     assert "lm_head.weight is [512, 64] there but [512, 32] here" in line
@@ -199,7 +199,7 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint(prep, four_steps, t
     save_dir = copy_run(four_steps, tmp_path / "save")
     before = tree_digest(save_dir / "exp/checkpoints")
     proc = torchrun(
-        train_args(prep, save_dir, "exp", "--max-steps", 6, "--ckpt-freq", 2),
+        train_args(prep, save_dir, "exp", "--stop-at-step", 6, "--ckpt-freq", 2),
         env={"FSDP_TRAIN_FAULT": "enospc_in_save:6"},
     )
     assert_single_error(proc, "checkpoint at step 6 could not be saved (No space left on device); step-4 is intact")
@@ -210,14 +210,14 @@ def test_nan_loss_stops_without_saving(prep, four_steps, tmp_path):
     save_dir = copy_run(four_steps, tmp_path / "save")
     before = tree_digest(save_dir / "exp/checkpoints")
     proc = torchrun(
-        train_args(prep, save_dir, "exp", "--max-steps", 8, "--ckpt-freq", 2), env={"FSDP_TRAIN_FAULT": "nan_loss:5"}
+        train_args(prep, save_dir, "exp", "--stop-at-step", 8, "--ckpt-freq", 2), env={"FSDP_TRAIN_FAULT": "nan_loss:5"}
     )
     assert_single_error(proc, "became NaN/inf by step 5; stopped without saving it (the last good checkpoint, step-4")
     assert tree_digest(save_dir / "exp/checkpoints") == before
 
 
 def test_model_not_in_the_offline_cache(prep, tmp_path):
-    args = train_args(prep, tmp_path, "exp", "--max-steps", 2)
+    args = train_args(prep, tmp_path, "exp", "--stop-at-step", 2)
     args[args.index(prep["model"])] = "acme/not-cached"
     proc = torchrun(args, env={"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"})
     assert_single_error(proc, "cannot load model 'acme/not-cached'")
@@ -228,7 +228,7 @@ def test_an_exception_on_one_rank_ends_the_whole_job_promptly(prep, four_steps, 
     save_dir = copy_run(four_steps, tmp_path / "save")
     before = tree_digest(save_dir / "exp/checkpoints")
     t0 = time.monotonic()
-    proc = torchrun(train_args(prep, save_dir, "exp", "--max-steps", 8), env={"FSDP_TRAIN_FAULT": "crash:6"})
+    proc = torchrun(train_args(prep, save_dir, "exp", "--stop-at-step", 8), env={"FSDP_TRAIN_FAULT": "crash:6"})
     assert proc.returncode != 0 and "injected crash at step 6" in proc.stdout
     assert time.monotonic() - t0 < 60  # no rank left waiting in a collective for the timeout
     assert tree_digest(save_dir / "exp/checkpoints") == before
