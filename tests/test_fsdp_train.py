@@ -10,16 +10,19 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import (
+    ROOT,
     assert_same_weights,
     checkpoint_weights,
     copy_run,
     ok,
+    packed_cache,
     read_metrics,
     reference_loss,
     run,
     torchrun,
     train_args,
     tree_digest,
+    unpacked_loss,
 )
 
 import fsdp_train as ft
@@ -530,3 +533,47 @@ def test_chunked_loss_on_bf16_logits_of_large_magnitude_matches_transformers_in_
     # each entry is the fp32 gradient in bf16 (8 significant bits), rounded when stored and again when backward scales
     # it by the bf16-rounded 1/count
     assert ((grad.float() - ref_grad).abs() <= 2**-6 * ref_grad.abs() + 1e-30).all()
+
+
+@pytest.mark.slow
+def test_the_short_last_step_of_each_epoch_trains_the_blocks_left_and_equals_transformers(prep, tmp_path):
+    """7 one-document blocks at a global batch of 4: each epoch is a full step and a step of the 3 blocks left, none
+    dropped. Every step's logged loss is plain transformers' on the blocks that step traced (each alone), from the
+    weights the step started with: the filler row adds neither a target nor a token."""
+    import datasets
+    from transformers import AutoModelForCausalLM
+
+    files = sorted((ROOT / "data").rglob("*.txt"))
+    lines = [line for f in files for line in f.read_text().splitlines() if 20 < len(line) < 100][:7]  # < 64 tokens
+    datasets.Dataset.from_dict({"text": lines}).save_to_disk(tmp_path / "seven")
+    (tmp_path / "trace").mkdir()
+    args = train_args(prep, tmp_path, "short", "--packing", "padded", "--num-epochs", 2, "--ckpt-freq", 1,
+                      "--keep-latest-k", 9, data=tmp_path / "seven")  # fmt: skip
+    proc = ok(torchrun(args, env={"FSDP_TRAIN_TRACE_SAMPLES": str(tmp_path / "trace")}))
+    assert "Length: 2 steps/epoch of global batch 4 (the last one takes the 3 sequences left; none dropped)" in proc.stdout
+
+    data = ft.load_packed(packed_cache(tmp_path))
+    assert len(data) == 7
+    steps = {}
+    for f in sorted((tmp_path / "trace").glob("rank*.jsonl")):
+        for line in f.read_text().splitlines():
+            record = json.loads(line)
+            steps.setdefault(record["step"], (record["epoch"], []))[1].extend(record["indices"])
+    assert sorted(steps) == [1, 2, 3, 4]
+    for epoch in (0, 1):
+        trained = [i for s in steps.values() if s[0] == epoch for i in s[1] if i != ft.FILLER]
+        assert sorted(trained) == list(range(7)), (epoch, steps)
+    assert f"{2 * int(sum(data['num_tokens'])):,} tokens in" in proc.stdout  # every real token, twice, nothing more
+
+    model = AutoModelForCausalLM.from_pretrained(prep["model"], dtype=torch.float32)
+    logged = {m["global_step"]: m["loss"] for m in read_metrics(tmp_path / "short")}
+    for step, (_, indices) in steps.items():
+        if step > 1:
+            model.load_state_dict(checkpoint_weights(tmp_path / f"short/checkpoints/step-{step - 1}"))
+        total, count = 0.0, 0
+        for i in (i for i in indices if i != ft.FILLER):
+            n = int(data[i]["num_tokens"])
+            ids = data[i]["input_ids"][:n]
+            t, c = unpacked_loss(model, ids, ids, [0, n])
+            total, count = total + t, count + c
+        assert logged[step] == pytest.approx(total / count, abs=2e-5), step
