@@ -3006,19 +3006,19 @@ def resume_candidates(cfg: Config, d: Dist) -> tuple[list[Path], CheckpointMeta 
 
 
 def resume_from_path(path: Path, own: list[Path]) -> tuple[list[Path], CheckpointMeta]:
-    """--resume-from PATH: the one checkpoint to resume, refused where this experiment already went past it (its
-    later checkpoints would mix with the new ones)."""
+    """--resume-from PATH: the one checkpoint to resume. Refused where this experiment holds checkpoints of another
+    line of steps (later ones of its own, or any of a run that did not start from PATH): they would mix with the new
+    ones in one folder, one loss curve and one export."""
     meta = read_meta(path) if (path / COMPLETE).is_file() else None
     if meta is None:
         raise InputError(
             f"--resume-from {path}: not a complete checkpoint (a .../checkpoints/step-N folder holding COMPLETE and "
             "a readable meta.json)"
         )
-    later = [p for p in own if read_meta(p).state.step > meta.state.step and p.resolve() != path.resolve()]
-    if later:
+    if own and own[0].resolve() != path.resolve():
         raise InputError(
-            f"--resume-from {path}: this experiment already has a later checkpoint ({later[0]}) that would mix with "
-            "the resumed run: use another -e, or --fresh to move this one aside"
+            f"--resume-from {path}: this experiment already holds checkpoints of another line of steps (the newest "
+            f"{own[0]}) that would mix with the resumed run: use another -e, or --fresh to move this one aside"
         )
     return [path], meta
 

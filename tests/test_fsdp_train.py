@@ -12,6 +12,7 @@ import torch
 from conftest import (
     ROOT,
     assert_same_weights,
+    assert_single_error,
     checkpoint_weights,
     copy_run,
     ok,
@@ -457,7 +458,7 @@ BAD_INPUTS = {
     "no text column": (lambda p, t: ["-d", _make_dataset(t / "ds", {"body": ["a b c"]})], "has no 'text' column"),
     "empty dataset": (lambda p, t: ["-d", _make_dataset(t / "ds", {"text": []})], "is empty"),
     "shorter than one block": (
-        lambda p, t: ["-d", _make_dataset(t / "ds", {"text": ["hi"]})],
+        lambda p, t: ["--fresh", "-d", _make_dataset(t / "ds", {"text": ["hi"]})],  # refused before the move
         "fewer than one block of --seq-length 64",
     ),
     "seq over model max": (lambda p, t: ["-s", "4096"], "exceeds the model's maximum of 1024"),
@@ -477,13 +478,42 @@ def test_bad_input_one_line_from_rank0_and_checkpoint_untouched(prep, four_steps
     save_dir = copy_run(four_steps, tmp_path / "save")
     (tmp_path / "afile").write_text("not a folder")
     before = tree_digest(save_dir / "exp")
-    # argparse keeps the last value, so the bad flag overrides the good default; --max-steps 6 would train on.
+    # argparse keeps the last value, so the bad flag overrides the good default; --stop-at-step 6 would train on.
     proc = torchrun(train_args(prep, save_dir, "exp", "--stop-at-step", "6") + make_args(prep, tmp_path))
     assert proc.returncode != 0
     errors = [line for line in proc.stdout.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], proc.stdout[-3000:]
     assert 'fsdp_train.py", line' not in proc.stdout  # no Python traceback from any rank
     assert tree_digest(save_dir / "exp") == before
+
+
+@pytest.mark.slow
+def test_a_rerun_that_changes_what_is_trained_is_refused_until_fresh_or_resume_from(prep, four_steps, tmp_path):
+    save_dir = copy_run(four_steps, tmp_path / "save")  # a finished 4-step run
+    exp, before = save_dir / "exp", tree_digest(save_dir / "exp")
+    changed = train_args(prep, save_dir, "exp", "--stop-at-step", 5, "--seed", 7, "-s", 32, "--log-freq", 5)
+    line = assert_single_error(torchrun(changed), "holds a run that trained with other settings (step-4)")
+    assert "--seq-length 64 -> 32; --seed 0 -> 7." in line  # the log cadence is no reason
+    assert "another -e" in line and "--fresh" in line and "--resume-from latest" in line
+    assert tree_digest(exp) == before
+
+    accepted = ok(torchrun([*changed, "--resume-from", "latest"]))
+    assert "Resuming from step 4" in accepted.stdout
+    said = [line for line in accepted.stdout.splitlines() if "Resuming (--resume-from) with a changed setting" in line]
+    assert len(said) == 2 and all("[rank0]" in line for line in said), accepted.stdout
+    assert "Run already complete at step 5" in ok(torchrun(changed, nproc=1)).stdout  # the new settings are the run's
+
+    fresh = ok(torchrun([*changed, "--fresh", "--stop-at-step", 1]))
+    (aside,) = save_dir.glob("exp.old-*")
+    assert f"moved the previous run to {aside}" in fresh.stdout and "Resuming" not in fresh.stdout
+    assert [m["global_step"] for m in read_metrics(exp)] == [1]
+    assert sorted(p.name for p in (aside / "checkpoints").iterdir()) == ["step-4", "step-5"]
+
+    step4 = aside / "checkpoints/step-4"
+    assert_single_error(torchrun([*changed, "--resume-from", step4], nproc=1), "holds checkpoints of another line")
+    elsewhere = train_args(prep, tmp_path / "other", "sft", "--stop-at-step", 5, "--resume-from", step4)
+    assert "Resuming from step 4" in ok(torchrun(elsewhere)).stdout  # another experiment's checkpoint, into a new one
+    assert "Run already complete at step 5" in ok(torchrun(elsewhere, nproc=1)).stdout  # the same command: its own
 
 
 def test_help_is_fast_and_lists_every_flag():
