@@ -1236,11 +1236,27 @@ def dataset_kind(ds, name: str) -> str:
     )
 
 
+def text_problem(value) -> str | None:
+    """Why a text field cannot be trained ('null', 'not a string', 'empty'), or None when it can."""
+    if value is None:
+        return "null"
+    if not isinstance(value, str):
+        return "not a string"
+    return None if value.strip() else "empty"
+
+
 def tokenize_documents(batch: dict, tokenizer) -> dict:
-    """Token ids of each document, ending in EOS (what tells a model reading packed text that a document ended)."""
+    """Token ids of each document, ending in EOS (what tells a model reading packed text that a document ended). A
+    row whose text is null, not a string or empty gets no tokens and the reason in `skipped` (counted at packing)."""
     eos = tokenizer.eos_token_id
-    ids = tokenizer(batch["text"])["input_ids"]
-    return {"input_ids": [x if x and x[-1] == eos else x + [eos] for x in ids]}
+    problems = [text_problem(t) for t in batch["text"]]
+    texts = [t for t, p in zip(batch["text"], problems, strict=True) if p is None]
+    good = iter(tokenizer(texts)["input_ids"] if texts else [])
+    ids = [[] if p else next(good) for p in problems]
+    return {
+        "input_ids": [x if not x or x[-1] == eos else x + [eos] for x in ids],
+        "skipped": [f"'text' is {p}" if p else "" for p in problems],
+    }
 
 
 def segment_positions(starts: np.ndarray) -> np.ndarray:
@@ -1397,16 +1413,52 @@ def pack_examples(examples, seq_length: int, pad_id: int, drop_long: bool = Fals
     return {k: [x.tolist() if isinstance(x, np.ndarray) else x for x in a[k] + b[k]] for k in a}
 
 
+def chat_problem(messages) -> str | None:
+    """Why a conversation cannot be rendered for training, or None when it can."""
+    if not isinstance(messages, list) or not messages:
+        return "'messages' is null or empty" if not messages else "'messages' is not a list"
+    for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            return "a message has no 'role'"
+        problem = text_problem(m.get("content"))
+        if problem and not (problem == "empty" and m["role"] != "assistant"):  # an empty system/user turn is fine
+            article = "an" if m["role"][:1] in "aeiou" else "a"
+            return f"{article} {m['role']} message's 'content' is {problem}"
+    return None
+
+
+def alpaca_problem(instruction, output) -> str | None:
+    for name, value in (("instruction", instruction), ("output", output)):
+        problem = text_problem(value)
+        if problem:
+            return f"'{name}' is {problem}"
+    return None
+
+
 def tokenize_chat_batch(batch: dict, tokenizer, template: str | None, kind: str) -> dict:
+    """(ids, labels) of each conversation (chat_example); a row that cannot be one gets none and the reason in
+    `skipped`, like tokenize_documents."""
     if kind == "alpaca":
         inputs = batch.get("input") or [None] * len(batch["instruction"])
-        conversations = [
-            alpaca_to_messages(*row) for row in zip(batch["instruction"], inputs, batch["output"], strict=True)
-        ]
+        rows = zip(batch["instruction"], inputs, batch["output"], strict=True)
+        problems, conversations = [], []
+        for instruction, input_, output in rows:
+            problems.append(alpaca_problem(instruction, output))
+            ok = problems[-1] is None
+            conversations.append(
+                alpaca_to_messages(instruction, input_ if isinstance(input_, str) else None, output) if ok else None
+            )
     else:
         conversations = batch["messages"]
-    ids, labels = zip(*(chat_example(m, tokenizer, template) for m in conversations), strict=True)
-    return {"input_ids": list(ids), "labels": list(labels)}
+        problems = [chat_problem(m) for m in conversations]
+    pairs = [
+        ([], []) if p else chat_example(m, tokenizer, template) for m, p in zip(conversations, problems, strict=True)
+    ]
+    return {
+        "input_ids": [ids for ids, _ in pairs],
+        "labels": [labels for _, labels in pairs],
+        "skipped": [p or "" for p in problems],
+    }
 
 
 def chat_template_for(cfg: Config, tokenizer) -> str | None:
@@ -1435,7 +1487,7 @@ def data_cache_key(dataset, tokenizer, seq_length: int, extra: str = "") -> str:
         hashlib.sha256(tok_id.encode()).hexdigest(),
         str(seq_length),
         extra,
-        "pack-v3",
+        "pack-v4",  # v4: rows with null, non-string or empty text are skipped and counted
     ]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
@@ -1469,7 +1521,7 @@ def list_columns(table, name: str) -> tuple[np.ndarray, np.ndarray]:
     """A list column of an Arrow table as (concatenated values, lengths), without Python objects per row."""
     col = table.column(name).combine_chunks()
     offsets = col.offsets.to_numpy()
-    return col.values.to_numpy()[offsets[0] : offsets[-1]], np.diff(offsets)
+    return col.values.to_numpy(zero_copy_only=False)[offsets[0] : offsets[-1]], np.diff(offsets)
 
 
 def document_pieces(ids: np.ndarray, labels: np.ndarray, lengths: np.ndarray, size: int | None):
@@ -1513,8 +1565,10 @@ def write_packed(tokenized, kind: str, cfg: Config, pad_id: int, path: Path) -> 
         stats["blocks"] += n
         stats["packed_tokens"] += int(np.sum(blocks["num_tokens"])) if labelled else n * s
 
+    skipped, rows_seen = {}, 0
     with pa.OSFile(str(path), "wb") as f, pa.ipc.new_stream(f, schema) as writer:
         for table in tokenized.with_format("arrow").iter(batch_size=10_000):
+            table, rows_seen = drop_skipped(table, rows_seen, skipped), rows_seen + len(table)
             ids, lengths = list_columns(table, "input_ids")
             stats["tokens"] += int(lengths.sum())
             if not labelled:
@@ -1528,12 +1582,42 @@ def write_packed(tokenized, kind: str, cfg: Config, pad_id: int, path: Path) -> 
                 last_report = time.monotonic()
         if labelled:
             write(writer, packer.finish())
+    stats["skipped"] = skipped
     if not labelled:
         stats["dropped_tokens"] = packer.leftover
     else:
         stats.update(long_examples=packer.long_examples, long_tokens_lost=packer.long_tokens_lost)
         stats["dropped_tokens"] = stats["tokens"] - stats["packed_tokens"]
     return stats
+
+
+def drop_skipped(table, first_row: int, skipped: dict):
+    """The rows of a tokenized Arrow batch that have tokens; the others are counted in `skipped` by reason, with the
+    first such row's index (in the dataset) kept under "first"."""
+    import pyarrow.compute as pc
+
+    if "skipped" not in table.column_names:  # a cache written before rows were checked
+        return table
+    reasons = table.column("skipped")
+    bad = pc.not_equal(reasons, "")
+    if not pc.any(bad).as_py():
+        return table.drop_columns(["skipped"])
+    for reason, n in zip(
+        *np.unique(reasons.filter(bad).to_numpy(zero_copy_only=False), return_counts=True), strict=True
+    ):
+        skipped[str(reason)] = skipped.get(str(reason), 0) + int(n)
+    if "first" not in skipped:
+        i = int(pc.index(bad, True).as_py())
+        skipped["first"] = f"row {first_row + i}: {reasons[i].as_py()}"
+    return table.filter(pc.invert(bad)).drop_columns(["skipped"])
+
+
+def describe_skipped(skipped: dict) -> str:
+    counts = {k: v for k, v in skipped.items() if k != "first"}
+    if not counts:
+        return ""
+    reasons = ", ".join(f"{n:,} where {reason}" for reason, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    return f"{sum(counts.values()):,} rows skipped ({reasons}; first: {skipped['first']})"
 
 
 def padding_share(stats: dict, cfg: Config) -> float:
@@ -1546,6 +1630,8 @@ def describe_packing(stats: dict, role: str, cfg: Config) -> str:
         f"{role}: {stats['examples']:,} examples, {stats['tokens']:,} tokens -> {stats['blocks']:,} blocks of "
         f"{cfg.seq_length}; {stats['packed_tokens']:,} tokens packed ({kept:.2f}%), {stats['dropped_tokens']:,} dropped"
     )
+    if stats.get("skipped"):
+        line += f"; {describe_skipped(stats['skipped'])}"
     if stats.get("padded"):
         line += (
             f"; one document per block (--packing padded): {padding_share(stats, cfg):.1%} of the tokens are padding"
@@ -1596,6 +1682,8 @@ def build_packed_cache(cfg: Config, tokenizer, ds, role: str, kind: str, templat
         hook_for_tests("sleep_in_prepare", 0)
         stats = write_packed(tokenized, kind, cfg, pad_id_of(tokenizer), tmp / "blocks.arrow")
         del tokenized
+        if stats.get("skipped") and sum(v for k, v in stats["skipped"].items() if k != "first") == len(ds):
+            raise InputError(f"no {role} row can be trained: {describe_skipped(stats['skipped'])}")
         if stats["blocks"] == 0:
             raise InputError(
                 f"the {role} data has {stats['tokens']:,} tokens, fewer than one block of --seq-length {cfg.seq_length}"
@@ -2265,7 +2353,9 @@ def config_changes(saved: dict, cfg: Config) -> list[str]:
     """The other settings that change the maths of a resumed run (not just when it stops, logs or saves)."""
     now = dataclasses.asdict(cfg)
     skip = set(RUN_IDENTITY) | set(RUN_CADENCE)
-    return [f"{flag_name(k)} {saved[k]!r} -> {now[k]!r}" for k in now if k not in skip and k in saved and saved[k] != now[k]]
+    return [
+        f"{flag_name(k)} {saved[k]!r} -> {now[k]!r}" for k in now if k not in skip and k in saved and saved[k] != now[k]
+    ]
 
 
 def refuse_changed_run(meta: CheckpointMeta, path: Path, cfg: Config) -> None:
@@ -2872,7 +2962,9 @@ def describe_length(cfg: Config, num_samples: int, global_batch: int, state: Tra
     if cfg.max_steps and cfg.max_steps > steps_per_epoch:
         line += f", {cfg.max_steps * global_batch / num_samples:.2f} passes over the data"
     if state.step:
-        line += f"; resuming after step {state.step}, at sequence {min(state.offset, num_samples):,} of epoch {state.epoch}"
+        line += (
+            f"; resuming after step {state.step}, at sequence {min(state.offset, num_samples):,} of epoch {state.epoch}"
+        )
     return line + (f"; stopping at step {stop} (--stop-at-step)" if stop < total else "")
 
 

@@ -237,7 +237,9 @@ def reference_run(prep, tmp_path_factory) -> dict:
     run's: the LR schedule spans the epoch whatever --max-steps says, and saving changes no number.
     {"save_dir", "exp", "stdout", "metrics", "step": k -> checkpoint folder}."""
     save_dir = tmp_path_factory.mktemp("reference")
-    proc = ok(torchrun(train_args(prep, save_dir, "ref", "--stop-at-step", 30, "--ckpt-freq", 1, "--keep-latest-k", 99)))
+    proc = ok(
+        torchrun(train_args(prep, save_dir, "ref", "--stop-at-step", 30, "--ckpt-freq", 1, "--keep-latest-k", 99))
+    )
     exp = save_dir / "ref"
     return {
         "save_dir": save_dir,

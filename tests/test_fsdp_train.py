@@ -322,7 +322,9 @@ def test_config_changes_flags_only_settings_that_change_the_maths():
     assert ft.identity_changes(saved, cfg) == [f"--seq-length 7 -> {cfg.seq_length}"]
     # packing auto ran isolated (a fallback to padded is recorded as padded)
     assert ft.identity_changes({"packing": "auto"}, ft.Config(packing="isolated")) == []
-    assert ft.identity_changes({"packing": "padded"}, ft.Config(packing="isolated")) == ["--packing 'padded' -> 'isolated'"]
+    assert ft.identity_changes({"packing": "padded"}, ft.Config(packing="isolated")) == [
+        "--packing 'padded' -> 'isolated'"
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -385,7 +387,10 @@ def test_max_steps_is_the_schedule_and_the_data_cycles_to_reach_it(prep, six_of_
     warnings = [line for line in proc.stdout.splitlines() if "LR schedule now spans" in line]
     assert len(warnings) == 1 and "[rank0]" in warnings[0], proc.stdout  # said once, by rank 0, with its cause
     assert "spans 62 steps instead of 59, because of --max-steps 0 -> 62:" in warnings[0]
-    assert "Length: 59 steps/epoch of global batch 16 (the last one takes the 14 sequences left; none dropped)" in proc.stdout
+    assert (
+        "Length: 59 steps/epoch of global batch 16 (the last one takes the 14 sequences left; none dropped)"
+        in proc.stdout
+    )
     last = read_metrics(save_dir / "exp")[-1]
     assert (last["global_step"], last["epoch"]) == (62, 1)  # the data cycled into a second epoch
     assert last["lr"] == pytest.approx(3e-3 * ft.lr_factor(61, 2, 62, 0.1))  # the schedule ends at --max-steps
@@ -395,7 +400,9 @@ def test_max_steps_is_the_schedule_and_the_data_cycles_to_reach_it(prep, six_of_
 def test_throughput_window_excludes_checkpoint_time(prep, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    args = train_args(prep, tmp_path, "w", "--stop-at-step", 8, "--log-freq", 4, "--ckpt-freq", 2, "--peak-tflops", 0.01)
+    args = train_args(
+        prep, tmp_path, "w", "--stop-at-step", 8, "--log-freq", 4, "--ckpt-freq", 2, "--peak-tflops", 0.01
+    )
     proc = ok(torchrun(args))
     # MFU from the outside: 6 x the matmul parameters (all but the untied input embedding) + 12 x layers x width x
     # sequence, per token, times each rank's tokens/s, over the given peak.
@@ -580,7 +587,9 @@ def test_the_short_last_step_of_each_epoch_trains_the_blocks_left_and_equals_tra
     args = train_args(prep, tmp_path, "short", "--packing", "padded", "--num-epochs", 2, "--ckpt-freq", 1,
                       "--keep-latest-k", 9, data=tmp_path / "seven")  # fmt: skip
     proc = ok(torchrun(args, env={"FSDP_TRAIN_TRACE_SAMPLES": str(tmp_path / "trace")}))
-    assert "Length: 2 steps/epoch of global batch 4 (the last one takes the 3 sequences left; none dropped)" in proc.stdout
+    assert (
+        "Length: 2 steps/epoch of global batch 4 (the last one takes the 3 sequences left; none dropped)" in proc.stdout
+    )
 
     data = ft.load_packed(packed_cache(tmp_path))
     assert len(data) == 7

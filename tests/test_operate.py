@@ -180,7 +180,9 @@ def test_progress_bar_summary_tensorboard_and_loss_curve(prep, reference_run, tm
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "fsdp_train.py"]
-    args = train_args(prep, tmp_path, "exp", "--stop-at-step", 6, "--log-freq", 2, "--val-split", "0.1", "--eval-freq", 3)
+    args = train_args(
+        prep, tmp_path, "exp", "--stop-at-step", 6, "--log-freq", 2, "--val-split", "0.1", "--eval-freq", 3
+    )
     rc, out = run_on_a_terminal(launcher + args)
     assert rc == 0, out[-3000:]
     bar = [line for line in out.replace("\r", "\n").splitlines() if "6/6 [" in line]
