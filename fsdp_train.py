@@ -1658,7 +1658,7 @@ def load_packed(cache: Path):
 def build_packed_cache(cfg: Config, tokenizer, ds, role: str, kind: str, template: str | None, cache: Path) -> None:
     """Tokenize (datasets.map over worker processes) then pack in one ordered pass into `cache`, atomically."""
     t0 = time.perf_counter()
-    tmp = cache.with_name(f"{cache.name}.tmp-{os.getpid()}")
+    tmp = cache.with_name(f"{cache.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")  # unique across hosts too
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -1691,7 +1691,15 @@ def build_packed_cache(cfg: Config, tokenizer, ds, role: str, kind: str, templat
         info = {"role": role, "kind": kind, "dataset": cfg.dataset_name, "seq_length": cfg.seq_length}
         write_json_atomic(tmp / "info.json", {**info, "tokenizer": cfg.model_name, **stats})
         shutil.rmtree(tmp / "map")
-        tmp.rename(cache)
+        try:
+            tmp.rename(cache)  # atomic: a reader sees no cache or a complete one
+        except OSError:
+            if not (cache / "info.json").is_file():
+                raise
+            # Another job on the same --save-dir (a sweep) built the same blocks and renamed first: use its cache.
+            shutil.rmtree(tmp, ignore_errors=True)
+            log.info(f"Another job finished the same {role} data cache first; using {cache}")
+            return
         log.info(f"Packed in {time.perf_counter() - t0:.1f}s: {describe_packing(stats, role, cfg)}")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -54,3 +54,26 @@ def test_rows_with_null_non_string_or_empty_fields_are_skipped_and_counted(prep,
     bad = _jsonl(tmp_path / "bad.jsonl", [{"text": None}, {"text": ""}])
     line = assert_single_error(_prepare(prep, tmp_path, bad), "no train row can be trained: 2 rows skipped")
     assert "first: row 0: 'text' is null" in line
+
+
+@pytest.mark.slow
+def test_two_jobs_building_the_same_cache_at_once_both_train(prep, tmp_path):
+    """A sweep: two experiments on one --save-dir and the same data start together. Both tokenize (each sleeps 3 s
+    before its rename, so they overlap for sure); the second rename finds the first's cache and uses it."""
+    import subprocess
+
+    from conftest import ROOT
+
+    env = {**ft.os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "FSDP_TRAIN_FAULT": "sleep_in_prepare:0:3"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "fsdp_train.py"]
+    jobs = [
+        subprocess.Popen([*launcher, *map(str, train_args(prep, tmp_path, exp, "--stop-at-step", 1, "-s", 48))],
+                         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for exp in ("a", "b")
+    ]  # fmt: skip
+    outputs = [job.communicate(timeout=300)[0] for job in jobs]
+    assert [job.returncode for job in jobs] == [0, 0], outputs
+    assert sum("FAULT sleep_in_prepare" in out for out in outputs) == 2  # both built it
+    assert sum("Another job finished the same train data cache first" in out for out in outputs) == 1
+    caches = list((tmp_path / ".cache" / "tokenized").iterdir())
+    assert len(caches) == 1 and (caches[0] / "info.json").is_file()  # no temp folder left behind
