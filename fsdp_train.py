@@ -20,6 +20,12 @@ Per-GPU memory of a configuration from the model config alone, and which memory 
 
 Export a checkpoint to a Hugging Face folder (one process, no GPU; a finished run writes SAVE_DIR/EXP/hf itself):
     python fsdp_train.py export --checkpoint outputs/demo/checkpoints/step-99 --out outputs/demo-hf
+
+Subcommands (each has its own --help); without one, the flags below train:
+    prepare   tokenize and pack the data into SAVE_DIR/.cache as a CPU job, before the GPU job (same flags)
+    plan      per-GPU (and host) memory and checkpoint size of a configuration, from the model config alone
+    control   list, status, stop, save or abort running jobs through files in their folders
+    export    write a Hugging Face model folder from a checkpoint
 """
 
 from __future__ import annotations
@@ -358,8 +364,23 @@ class Config:
 
 
 class _Parser(argparse.ArgumentParser):
-    # argparse prints and exits on every rank; raising lets main() report it once, from rank 0.
+    """argparse without its prefix matching (`--max-step 3` must not quietly mean --max-steps, nor `--warmup` a
+    flag that a later version makes ambiguous), whose errors are an InputError with a "did you mean" for a mistyped
+    flag: argparse prints and exits on every rank; raising lets main() report it once, from rank 0."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
     def error(self, message):
+        import difflib
+
+        if message.startswith("unrecognized arguments:"):
+            hints = []
+            for word in message.split(":", 1)[1].split():
+                if word.startswith("-"):
+                    close = difflib.get_close_matches(word.split("=")[0], list(self._option_string_actions), n=1)
+                    hints += [f"{word}: did you mean {close[0]}?"] if close else []
+            message += f" ({'; '.join(hints)})" if hints else f" (see {self.prog} --help)"
         raise InputError(message)
 
 
@@ -405,9 +426,9 @@ def load_config_file(path: str) -> dict:
     return values
 
 
-def parse_args(argv: list[str] | None = None) -> Config:
+def parse_args(argv: list[str] | None = None, prog: str | None = None, description: str | None = None) -> Config:
     """Build the Config from command-line flags (over --config YAML); every flag comes from a Config field."""
-    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog=prog, description=description or __doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(Config):
         flags = [f"--{f.name.replace('_', '-')}"] + ([f.metadata["short"]] if f.metadata["short"] else [])
         shown = ("on" if f.default else "off") if isinstance(f.default, bool) else f.default
@@ -619,9 +640,41 @@ def first_line(e: BaseException) -> str:
     return text.splitlines()[0]
 
 
+def model_problem(name: str, cache_dir: str | None = None) -> str | None:
+    """Why --model-name names no model on this host, found without touching the network (an offline node would spend
+    ~30 s in retries before saying so), or None. A name that reads as a path must be a folder; a hub id (ORG/NAME)
+    must be in the Hugging Face cache, which model_download.py fills."""
+    import difflib
+
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return None if (path / "config.json").is_file() else f"model folder {name} has no config.json"
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or (name.count("/") == 1 and path.parent.is_dir()):
+        siblings = [p.name for p in path.parent.iterdir() if p.is_dir()] if path.parent.is_dir() else []
+        close = difflib.get_close_matches(path.name, siblings, n=1)
+        hint = f"; did you mean {path.parent / close[0]}?" if close else ""
+        return f"model folder {name} does not exist{hint}"
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    cache_dir = cache_dir or HF_HUB_CACHE
+    if isinstance(try_to_load_from_cache(name, "config.json", cache_dir=cache_dir), str):
+        return None
+    cached = [p.name.removeprefix("models--").replace("--", "/") for p in Path(cache_dir).glob("models--*")]
+    close = [c for c in cached if c.lower() == name.lower()] or difflib.get_close_matches(name, cached, n=1)
+    hint = f"; did you mean '{close[0]}', which is cached?" if close else ""
+    return (
+        f"model '{name}' is neither a local folder nor in the Hugging Face cache {cache_dir}{hint} (download it first "
+        f"where there is network, with the same HF_HOME: python model_download.py --model-name {name})"
+    )
+
+
 def load_model_config(name: str, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
+    problem = model_problem(name)
+    if problem:
+        raise InputError(problem)
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
@@ -3793,11 +3846,14 @@ def memory_plan(shape: ModelShape, cfg: Config, shard_ranks: int, device: str) -
     one_unit = cfg.shard_unit_on(torch.device(device)) == "model"
     pb = param_dtype(cfg).itemsize
     host = cfg.cpu_offload  # sharded params, grads and optimizer state live in host memory
-    params = 0 if host else shape.params * pb / n
     if cfg.optimizer == "adamw":
         optimizer = 2 * shape.params * pb / n
+        state_on_disk = 2 * shape.params * pb
     else:
         optimizer = (sum(r / n + c for r, c in shape.matrices) + shape.vectors / n) * pb
+        state_on_disk = (sum(r + c for r, c in shape.matrices) + shape.vectors) * pb
+    on_host = (shape.params * pb / n) * 2 + optimizer if host else 0.0  # fp32 shards, their gradients, the state
+    params = 0 if host else shape.params * pb / n
     optimizer = 0 if host else optimizer
     grads = shape.block_params * pb / n if cfg.optimizer_in_backward else shape.params * pb / n
     grads = 0 if host else grads
@@ -3840,7 +3896,41 @@ def memory_plan(shape: ModelShape, cfg: Config, shard_ranks: int, device: str) -
         "loss": float(loss),
         "peak": params + optimizer + moments[worst],
         "peak at": worst,
+        "host (--cpu-offload)": float(on_host),
+        "checkpoint on disk": float(shape.params * pb + state_on_disk),
     }
+
+
+def scaled_shape(shape: ModelShape, batch: int, from_batch: int) -> ModelShape:
+    """The shape at another micro-batch: what autograd keeps, the logits and the loss chunk grow with the batch
+    (the weights do not)."""
+
+    def grow(x: int) -> int:
+        return x * batch // from_batch
+
+    chunk = min(grow(shape.logits), max(shape.loss_chunk, 1))
+    return dataclasses.replace(shape, block_saved=grow(shape.block_saved), block_input=grow(shape.block_input),
+                               head_saved=grow(shape.head_saved), logits=grow(shape.logits), loss_chunk=chunk)  # fmt: skip
+
+
+def largest_batch(shape: ModelShape, cfg: Config, shard_ranks: int, device: str, limit: float) -> int:
+    """The largest --batch-size whose planned peak stays within `limit` bytes (0: not even 1)."""
+    fits = 0
+    for batch in range(1, 4097):
+        if memory_plan(scaled_shape(shape, batch, cfg.batch_size), cfg, shard_ranks, device)["peak"] > limit:
+            break
+        fits = batch
+    return fits
+
+
+def shipped_shape(name: str) -> Path | None:
+    """configs/models/<name>: the config.json of a model the presets use, for `plan` without its download (a named
+    shape such as llama-2-7b, or a hub id whose last part, lower-cased, names one)."""
+    root = Path(__file__).resolve().parent / "configs" / "models"
+    for key in (name, name.split("/")[-1].lower(), name.split("/")[-1].lower().removesuffix("-hf")):
+        if key and (root / key / "config.json").is_file():
+            return root / key
+    return None
 
 
 # Options the planner tries for --gpu-mem, cheapest first: each saver costs speed (or precision, for bf16 weights).
@@ -3871,14 +3961,24 @@ def option_flags(options: dict) -> str:
 
 def plan_main(argv: list[str]) -> int:
     """`fsdp_train.py plan -m MODEL --nproc N -b B -s S [training flags] [--gpu-mem GiB]`: per-GPU memory estimate."""
-    p = _Parser(prog="fsdp_train.py plan", description=plan_main.__doc__, add_help=True)
+    p = _Parser(
+        prog="fsdp_train.py plan",
+        description=plan_main.__doc__,
+        epilog="Every training flag is read as for a run, the ones that matter most: -m/--model-name (a model folder, "
+        "a cached hub id, or a shape shipped in configs/models/ such as llama-2-7b, meta-llama-3-8b), "
+        "-b/--batch-size, -s/--seq-length, --config PRESET.yaml, --grad-accum-steps, --dtype, --optimizer, "
+        "--activation-checkpointing, --cpu-offload, --pure-bf16 (see fsdp_train.py --help).",
+    )
     p.add_argument("--nproc", type=int, default=1, help="ranks that shard the model (GPUs in all)")
     p.add_argument("--gpu-mem", type=float, default=0.0, help="GiB per GPU: also list the option sets that fit")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="what the ranks run on (default cuda)")
     p.add_argument("--json", action="store_true", help="print the estimate as JSON")
     try:
         args, rest = p.parse_known_args(argv)
-        cfg = parse_args(["-d", "-", *rest])  # training flags, parsed and validated as for a run
+        cfg = parse_args(["-d", "-", *rest], prog="fsdp_train.py plan")  # training flags, validated as for a run
+        shipped = shipped_shape(cfg.model_name) if model_problem(cfg.model_name) else None
+        if shipped:
+            named, cfg.model_name = cfg.model_name, str(shipped)
         if args.nproc < 1 or args.nproc % cfg.replicate_degree:
             raise InputError(f"--nproc {args.nproc} must be a positive multiple of --replicate-degree")
         shard_ranks = args.nproc // cfg.replicate_degree
@@ -3907,6 +4007,8 @@ def plan_main(argv: list[str]) -> int:
         print(json.dumps({"shape": dataclasses.asdict(shape) | {"matrices": len(shape.matrices)}, "plans": plans}))
         return 0
     mine = plans["as given"]
+    if shipped:
+        print(f"{named}: not on this host; its shape from {shipped}/config.json (no weights needed)")
     print(
         f"{cfg.model_name}: {shape.params / 1e6:,.1f}M params, {shape.blocks} blocks; {args.nproc} rank(s) on "
         f"{args.device}, {cfg.batch_size} x {cfg.seq_length} tokens per rank, compute "
@@ -3916,8 +4018,21 @@ def plan_main(argv: list[str]) -> int:
     for key in ("params", "optimizer", "gradients", "gathered params", "activations", "loss"):
         print(f"  {key:<16} {size(mine[key])}")
     print(f"  {'peak':<16} {size(mine['peak'])} per rank (at {mine['peak at']})")
+    if cfg.cpu_offload:  # then the binding limit is often the host's
+        host = mine["host (--cpu-offload)"]
+        print(f"  {'host memory':<16} {size(host)} per rank, {size(host * args.nproc).strip()} for all {args.nproc} "
+              "(the offloaded shards, their gradients and the optimizer state)")  # fmt: skip
+    if args.device == "cpu":
+        print("  (CPU: tensors only; a process's RSS adds the Python/torch runtime and what the allocator keeps cached "
+              "after freeing: compare with a run's peak_rss_gib)")  # fmt: skip
+    disk = mine["checkpoint on disk"]
+    print(f"Checkpoint on disk: {size(disk).strip()} each (weights and optimizer state; --keep-latest-k "
+          f"{cfg.keep_latest_k} kept: {size(disk * cfg.keep_latest_k).strip()}), plus the export")  # fmt: skip
     if args.gpu_mem:
         usable = 0.85 * args.gpu_mem  # CUDA context, NCCL buffers and allocator fragmentation take the rest
+        fits = largest_batch(shape, cfg, shard_ranks, args.device, usable * gib)
+        print(f"Largest --batch-size within 85% of --gpu-mem at --seq-length {cfg.seq_length}, as given: "
+              f"{fits or 'none (not even 1)'}")  # fmt: skip
         print(f"Option sets within 85% of --gpu-mem {args.gpu_mem:g} GiB ({usable:.1f} GiB), cheapest first:")
         fits = [(k, v) for k, v in plans.items() if k != "as given" and v["peak"] / gib <= usable]
         for flags, plan in fits:
@@ -4074,7 +4189,7 @@ def prepare_main(argv: list[str]) -> int:
     tokenizer, --seq-length, --val-split/--val-dataset, --seed, --chat-template and --drop-long-examples."""
     setup_logging(0)
     try:
-        cfg = parse_args(argv)
+        cfg = parse_args(argv, prog="fsdp_train.py prepare", description=prepare_main.__doc__)
         quiet_library_progress_bars()
         tokenizer = load_tokenizer(cfg.model_name, cfg.trust_remote_code)
         train_raw, val_raw = load_datasets(cfg)

@@ -77,3 +77,69 @@ def test_two_jobs_building_the_same_cache_at_once_both_train(prep, tmp_path):
     assert sum("Another job finished the same train data cache first" in out for out in outputs) == 1
     caches = list((tmp_path / ".cache" / "tokenized").iterdir())
     assert len(caches) == 1 and (caches[0] / "info.json").is_file()  # no temp folder left behind
+
+
+def test_flags_are_never_abbreviated_and_a_typo_gets_a_did_you_mean():
+    for typo, meant in (("--max-step", "--max-steps"), ("--warmup", "--warmup-steps"), ("--seq-len", "--seq-length")):
+        with pytest.raises(
+            ft.InputError, match=f"unrecognized arguments: {typo} 3 \\({typo}: did you mean {meant}\\?\\)"
+        ):
+            ft.parse_args(["-d", "x", "-m", "y", typo, "3"])
+
+
+def test_help_of_each_subcommand_says_what_it_takes():
+    top = ok(run([sys.executable, "fsdp_train.py", "--help"])).stdout
+    for sub in ("prepare", "plan", "control", "export"):
+        assert f"\n    {sub} " in top, sub
+    assert ok(run([sys.executable, "fsdp_train.py", "prepare", "--help"])).stdout.startswith(
+        "usage: fsdp_train.py prepare"
+    )
+    plan_help = ok(run([sys.executable, "fsdp_train.py", "plan", "--help"])).stdout
+    assert all(flag in plan_help for flag in ("-m/--model-name", "-b/--batch-size", "-s/--seq-length", "--config"))
+
+
+def test_model_problem_names_missing_folders_and_close_cached_ids(tmp_path):
+    from conftest import make_hf_cache
+
+    (tmp_path / "models" / "tiny-llama").mkdir(parents=True)
+    (tmp_path / "models" / "tiny-llama" / "config.json").write_text("{}")
+    assert ft.model_problem(str(tmp_path / "models" / "tiny-llama")) is None
+    assert ft.model_problem(str(tmp_path / "models" / "tiny-lama")) == (
+        f"model folder {tmp_path}/models/tiny-lama does not exist; did you mean {tmp_path}/models/tiny-llama?"
+    )
+    make_hf_cache(tmp_path / "hf", "HuggingFaceTB/SmolLM2-135M", tmp_path / "models" / "tiny-llama")
+    hub = str(tmp_path / "hf" / "hub")
+    assert ft.model_problem("HuggingFaceTB/SmolLM2-135M", hub) is None
+    assert "did you mean 'HuggingFaceTB/SmolLM2-135M', which is cached?" in ft.model_problem(
+        "huggingfacetb/smollm2-135m", hub
+    )
+
+
+def _plan(capsys, *argv) -> str:
+    assert ft.plan_main([str(a) for a in argv]) == 0
+    return capsys.readouterr().out
+
+
+def test_plan_works_offline_for_the_presets_and_gives_host_disk_and_batch_figures(capsys, prep):
+    argv = ["--config", "configs/llama3-8b-8gpu.yaml", "--nproc", 8, "--gpu-mem", 80]
+    out = _plan(capsys, *argv, "--cpu-offload", "on")
+    assert "meta-llama/Meta-Llama-3-8B: not on this host; its shape from" in out and "8,030.3M params" in out
+    host = float(out.split("host memory")[1].split("GiB")[0])
+    assert host == pytest.approx(8030.3e6 * 16 / 8 / 2**30, abs=0.01)  # fp32 shard + gradient + 2 AdamW moments
+    assert "Checkpoint on disk: 89.75 GiB each" in out  # 12 bytes a parameter: fp32 weights and two AdamW moments
+
+    out = _plan(capsys, *argv)
+    fits = int(out.split("as given: ")[1].split()[0])
+    cfg = ft.parse_args(["-d", "-", "--config", "configs/llama3-8b-8gpu.yaml"])
+    cfg.model_name = str(ft.shipped_shape(cfg.model_name))
+    shape = ft.model_shape(cfg, cfg.batch_size, cfg.seq_length, ft.torch.bfloat16)
+    peak = [ft.memory_plan(ft.scaled_shape(shape, b, cfg.batch_size), cfg, 8, "cuda")["peak"] for b in (fits, fits + 1)]
+    assert peak[0] <= 0.85 * 80 * 2**30 < peak[1]
+
+    # The scaled shape is the one the model's own forward gives at that batch.
+    small = ft.parse_args(["-d", "-", "-m", str(prep["small"]), "-b", "1", "-s", "64"])
+    one = ft.model_shape(small, 1, 64, ft.torch.float32)
+    for batch in (2, 5):
+        scaled = ft.memory_plan(ft.scaled_shape(one, batch, 1), small, 2, "cpu")["peak"]
+        measured = ft.memory_plan(ft.model_shape(small, batch, 64, ft.torch.float32), small, 2, "cpu")["peak"]
+        assert scaled == pytest.approx(measured, rel=0.01), batch

@@ -461,7 +461,7 @@ def _make_dataset(path: Path, rows: dict) -> Path:
 
 BAD_INPUTS = {
     "missing dataset": (lambda p, t: ["-d", t / "nope"], "cannot load dataset"),
-    "missing model": (lambda p, t: ["-m", t / "no-model"], "cannot load model"),
+    "missing model": (lambda p, t: ["-m", t / "no-model"], "does not exist"),
     "no text column": (lambda p, t: ["-d", _make_dataset(t / "ds", {"body": ["a b c"]})], "has no 'text' column"),
     "empty dataset": (lambda p, t: ["-d", _make_dataset(t / "ds", {"text": []})], "is empty"),
     "shorter than one block": (

@@ -18,6 +18,7 @@ from conftest import (
     assert_same_weights,
     assert_single_error,
     copy_run,
+    make_hf_cache,
     ok,
     read_metrics,
     run,
@@ -216,11 +217,14 @@ def test_nan_loss_stops_without_saving(prep, four_steps, tmp_path):
     assert tree_digest(save_dir / "exp/checkpoints") == before
 
 
-def test_model_not_in_the_offline_cache(prep, tmp_path):
+def test_model_not_in_the_cache_is_refused_without_the_network_and_names_the_cached_one(prep, tmp_path):
+    make_hf_cache(tmp_path / "hf", "Acme/Tiny-Llama", prep["model"])
     args = train_args(prep, tmp_path, "exp", "--stop-at-step", 2)
-    args[args.index(prep["model"])] = "acme/not-cached"
-    proc = torchrun(args, env={"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"})
-    assert_single_error(proc, "cannot load model 'acme/not-cached'")
+    args[args.index(prep["model"])] = "acme/tiny-llama"  # a case typo of the cached id
+    # No HF_HUB_OFFLINE: the cache is looked at first, so no request is tried (an offline node spent ~27 s in them).
+    proc = torchrun(args, env={"HF_HOME": str(tmp_path / "hf")}, nproc=1)
+    line = assert_single_error(proc, "model 'acme/tiny-llama' is neither a local folder nor in the Hugging Face cache")
+    assert "did you mean 'Acme/Tiny-Llama', which is cached?" in line and "model_download.py --model-name" in line
     assert not (tmp_path / "exp").exists()  # a refused run leaves no folder behind
 
 
