@@ -171,19 +171,8 @@ def test_export_loads_in_transformers_with_the_trained_weights(prep, reference_r
 
     # Offline re-export of the same checkpoint: one process, no torchrun, same tensors and logits.
     out = tmp_path / "re-export"
-    ok(
-        run(
-            [
-                sys.executable,
-                "fsdp_train.py",
-                "export",
-                "--checkpoint",
-                last,
-                "--out",
-                out,
-            ]
-        )
-    )
+    exported = ok(run([sys.executable, "fsdp_train.py", "export", "--checkpoint", last, "--out", out]))
+    assert exported.stdout == f"Exported {last} to {out}\n"  # and nothing else: no library warning
     again = AutoModelForCausalLM.from_pretrained(out)  # the dtype the run asked for, from the checkpoint's config
     assert again.dtype == cast and all(torch.equal(v, state[k]) for k, v in again.state_dict().items())
     if cast == torch.float32:
