@@ -573,15 +573,15 @@ def take_control_request(path: Path) -> str | None:
 
 
 class StopRequest:
-    """SIGTERM, SIGUSR1 (Slurm's --signal) and a first SIGINT ask for a checkpoint and a clean exit at the next
-    step boundary; a second SIGINT aborts at once without saving. `fsdp_train.py control` requests arrive through
+    """SIGTERM, SIGUSR1 (Slurm's --signal), SIGHUP and a first SIGINT ask for a checkpoint and a clean exit at the
+    next step boundary; a second SIGINT aborts at once without saving. `fsdp_train.py control` requests arrive through
     a file that rank 0 polls at step boundaries.
 
     torchrun forwards the signals it handles to every worker; after a Ctrl+C in a terminal a worker gets SIGINT
     twice within milliseconds (from the terminal and from torchrun), so a second SIGINT counts only after 1 s.
     """
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)  # SIGHUP: the terminal or ssh closed
 
     def __init__(self, rank: int):
         self.rank, self.signum = rank, 0
@@ -3443,7 +3443,7 @@ def train_loop(run: Run) -> None:
                     ckpt.save(state)
             if events.stopped_by:
                 ckpt.wait()
-                heartbeat.beat(force=True, state="stopped")
+                heartbeat.beat(force=True, state="stopped", stopped_by=events.stopped_by)
                 log.info(f"Stopped by {events.stopped_by} at step {state.step}; checkpoint saved")
                 return
         ckpt.wait()  # the final save is sealed before the export reads the model and before anyone exits

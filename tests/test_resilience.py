@@ -86,17 +86,23 @@ def test_sigkill_inside_a_checkpoint_save_then_rerun_is_bitwise_equal(prep, refe
 # Pre-emption and Ctrl+C, through torchrun
 
 
-@pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1", "SIGINT"])
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1", "SIGINT", "SIGHUP"])
 def test_signal_to_torchrun_saves_and_stops_then_rerun_is_bitwise_equal(prep, reference, tmp_path, sig):
     args = train_args(prep, tmp_path, "exp", "--stop-at-step", 30, "--ckpt-freq", 100)
     # torchrun forwards the signals it handles; Slurm's USR1 must be added to its list (as in the README).
-    job = Job(args, launcher_args=("--signals-to-handle", "SIGTERM,SIGINT,SIGUSR1"))
+    job = Job(args, launcher_args=("--signals-to-handle", "SIGTERM,SIGINT,SIGUSR1,SIGHUP"))
     try:
         job.wait_for(r"step 2/30")
         os.kill(job.proc.pid, getattr(signal, sig))
-        job.wait(timeout=60)
+        rc = job.wait(timeout=60)
     finally:
         job.kill_all()
+    # What a requeue script sees (README "Pre-emption"): the workers saved and exited 0, but torchrun's agent re-raises
+    # the signal it handled as SignalException (torch/distributed/elastic/agent/server/api.py), so torchrun exits 1.
+    # status.json says the stop was clean.
+    assert rc == 1 and "SignalException" in job.output
+    status = json.loads((tmp_path / "exp" / "status.json").read_text())
+    assert (status["state"], status["stopped_by"]) == ("stopped", sig)
     (stopped,) = job.wait_for(rf"Stopped by {sig} at step (\d+); checkpoint saved")
     step = int(stopped[1])
     assert 2 <= step < 30
