@@ -9,7 +9,7 @@ One GPU node (NCCL, bf16 compute with fp32 master weights):
 
 Multi-node (run on every node; HF_HOME and --save-dir on shared storage; USR1 for Slurm pre-emption):
     torchrun --nnodes 4 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint $HEAD:29500 --rdzv-id $JOB \
-        --signals-to-handle SIGTERM,SIGINT,SIGUSR1 --shutdown-timeout 120 \
+        --signals-to-handle SIGTERM,SIGINT,SIGUSR1,SIGHUP --shutdown-timeout 120 \
         fsdp_train.py -e llama-ft -d /shared/data -m meta-llama/Llama-3.1-8B --save-dir /shared/outputs
 
 Resume: run the very same command again. It continues from the newest complete checkpoint in

@@ -6,7 +6,7 @@ only imports torch + transformers and joins a gloo process group.
 
 For each shape (small: hidden 256, 4 layers; medium: hidden 768, 6 layers; random-init Llamas with the tokenizer
 `model_download.py --tiny` trains) one fresh run trains --steps steps on the bundled data and checkpoints; then each
-repeat runs, alternately, the bare job and the same command with --max-steps one higher, which resumes from the
+repeat runs, alternately, the bare job and the same command with --stop-at-step one higher, which resumes from the
 newest checkpoint (the tokenized data cache in SAVE_DIR/.cache is reused). Every output line is stamped with its
 arrival time after launch (the log's own timestamps have 1 s resolution), which gives the breakdown:
 launch -> "Config" (torchrun, imports, process group, model config, tokenizer) -> "Using tokenized ... cache" ->
@@ -103,7 +103,7 @@ def milestones(run: Timed) -> dict[str, float | None]:
 
 def train_cmd(dataset: Path, model_dir: Path, save_dir: Path, exp: str, steps: int) -> list[str]:
     args = ["-e", exp, "-d", dataset, "-m", model_dir, "--save-dir", save_dir, "-s", "128", "-b", "2"]
-    args += ["--log-freq", "1", "--warmup-steps", "1", "--max-steps", steps]
+    args += ["--log-freq", "1", "--warmup-steps", "1", "--stop-at-step", steps]
     return [*TORCHRUN, str(ROOT / "fsdp_train.py"), *map(str, args)]
 
 
@@ -112,7 +112,7 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3, help="resumed runs per shape, each after a bare job (3)")
     p.add_argument("--shapes", default="small,medium", help=f"comma-separated, of {sorted(SHAPES)} (small,medium)")
     p.add_argument("--vocab", type=int, default=32000, help="vocabulary rows; 0: the tiny tokenizer's (32000)")
-    p.add_argument("--steps", type=int, default=2, help="--max-steps of the first run (default 2)")
+    p.add_argument("--steps", type=int, default=2, help="--stop-at-step of the first run (default 2)")
     p.add_argument("--workdir", type=Path, help="keep models, data and runs here (default: a temp dir)")
     p.add_argument("--keep", action="store_true", help="do not delete the temp dir")
     p.add_argument("--bare-worker", action="store_true", help=argparse.SUPPRESS)

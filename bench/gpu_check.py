@@ -233,7 +233,7 @@ def max_gap(a: dict[int, float], b: dict[int, float], steps) -> float:
 
 
 def resume(resumed: Path, straight: Path, at: int) -> None:
-    """Row 3: a run stopped at step `at` and continued by the same command with a larger --max-steps, vs an
+    """Row 3: a run stopped at step `at` and continued by the same command with a larger --stop-at-step, vs an
     uninterrupted run: its metrics must hold every step once (a fresh start would log step 1 again), every step's loss
     must match, before and after `at` (steps before it show the kernels' own run-to-run noise), and so must the final
     checkpoint's weights."""

@@ -70,9 +70,9 @@ for attn in "${ATTNS[@]}"; do
 done
 # 3. The demo path (auto: bf16 and flash-attention where installed on CUDA, fp32 and sdpa on CPU): 20 steps with a
 # checkpoint at 10, then the same command to 30 resumes from 20; against an uninterrupted 30-step run.
-check demo train demo --max-steps 20 --ckpt-freq 10
-check demo-resume-to-30 train demo --max-steps 30 --ckpt-freq 10
-check straight-30 train straight --max-steps 30
+check demo train demo --stop-at-step 20 --ckpt-freq 10
+check demo-resume-to-30 train demo --stop-at-step 30 --ckpt-freq 10
+check straight-30 train straight --stop-at-step 30
 check resume "${CHECK[@]}" resume "$OUT/demo.exp" "$OUT/straight.exp"
 # 4. The export the finished run wrote, and generation from it.
 check export "${CHECK[@]}" export "$OUT/demo.exp"

@@ -149,6 +149,35 @@ def test_slurm_example_launches_this_script():
     assert "srun" in text and "torchrun" in text and "--signal=USR1@120" in text and "fsdp_train.py" in text
 
 
+@pytest.mark.parametrize(
+    "state, torchrun_rc, requeued, script_rc",
+    [("stopped", 1, True, 0), ("finished", 0, False, 0), ("running", 1, False, 1)],  # running: it crashed
+)
+def test_slurm_example_requeues_a_stopped_run_whatever_torchrun_exits_with(
+    tmp_path, state, torchrun_rc, requeued, script_rc
+):
+    """The sbatch script's decision, with stand-ins for srun (which writes status.json as the job would and exits as
+    torchrun does: 1 after a signal stop) and scontrol."""
+    import subprocess
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(
+        '#!/bin/bash\nwhile [ $# -gt 0 ]; do case "$1" in --save-dir) d=$2;; -e) e=$2;; esac; shift; done\n'
+        f'mkdir -p "$d/$e" && echo \'{{"state": "{state}"}}\' > "$d/$e/status.json"; exit {torchrun_rc}\n'
+    )
+    (bin_dir / "scontrol").write_text(
+        f'#!/bin/bash\n[ "$1" = requeue ] && echo "$@" >> {tmp_path}/requeued\necho node0\n'
+    )
+    for tool in ("srun", "scontrol"):
+        (bin_dir / tool).chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "SAVE_DIR": str(tmp_path / "out"), "SLURM_JOB_ID": "42",
+           "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "node0"}  # fmt: skip
+    proc = subprocess.run(["bash", ROOT / "examples" / "slurm.sbatch"], env=env, capture_output=True, text=True)
+    assert proc.returncode == script_rc, proc.stderr
+    assert (tmp_path / "requeued").exists() == requeued
+
+
 def run_on_a_terminal(cmd: list) -> tuple[int, str]:
     """Run with stdout and stderr on a pseudo-terminal of 150 columns, as a person at a shell would."""
     import fcntl
