@@ -3984,14 +3984,16 @@ def plan_main(argv: list[str]) -> int:
         plans = {}
         candidates = [{}] + (PLAN_OPTIONS if args.gpu_mem else [])
         shapes: dict[torch.dtype, ModelShape] = {}
+        limit = 0.85 * args.gpu_mem * 2**30  # CUDA context, NCCL buffers and allocator fragmentation take the rest
         for options in candidates:
             trial = dataclasses.replace(cfg, **options) if options else cfg
             dtype = trial.compute_dtype(torch.device(args.device))
             if dtype not in shapes:
                 shapes[dtype] = model_shape(trial, trial.batch_size, trial.seq_length, dtype)
-            plans[option_flags(options) if options else "as given"] = memory_plan(
-                shapes[dtype], trial, shard_ranks, args.device
-            )
+            plan = memory_plan(shapes[dtype], trial, shard_ranks, args.device)
+            if args.gpu_mem:
+                plan["largest batch"] = largest_batch(shapes[dtype], trial, shard_ranks, args.device, limit)
+            plans[option_flags(options) if options else "as given"] = plan
     except JobError as e:
         return report_job_error(e, 0)
     except (OSError, ValueError) as e:
@@ -4028,14 +4030,14 @@ def plan_main(argv: list[str]) -> int:
     print(f"Checkpoint on disk: {size(disk).strip()} each (weights and optimizer state; --keep-latest-k "
           f"{cfg.keep_latest_k} kept: {size(disk * cfg.keep_latest_k).strip()}), plus the export")  # fmt: skip
     if args.gpu_mem:
-        usable = 0.85 * args.gpu_mem  # CUDA context, NCCL buffers and allocator fragmentation take the rest
-        fits = largest_batch(shape, cfg, shard_ranks, args.device, usable * gib)
+        usable = limit / gib
         print(f"Largest --batch-size within 85% of --gpu-mem at --seq-length {cfg.seq_length}, as given: "
-              f"{fits or 'none (not even 1)'}")  # fmt: skip
-        print(f"Option sets within 85% of --gpu-mem {args.gpu_mem:g} GiB ({usable:.1f} GiB), cheapest first:")
+              f"{mine['largest batch'] or 'none (not even 1)'}")  # fmt: skip
+        print(f"Option sets within 85% of --gpu-mem {args.gpu_mem:g} GiB ({usable:.1f} GiB), cheapest first "
+              "(and the largest --batch-size each fits):")  # fmt: skip
         fits = [(k, v) for k, v in plans.items() if k != "as given" and v["peak"] / gib <= usable]
         for flags, plan in fits:
-            print(f"  {size(plan['peak'])}  {flags}")
+            print(f"  {size(plan['peak'])}  (-b {plan['largest batch']:>3})  {flags}")
         if not fits:
             print("  none: use more GPUs (--nproc), a shorter --seq-length or a smaller --batch-size")
     return 0
