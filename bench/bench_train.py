@@ -259,17 +259,17 @@ def fsdp_train_blocks(save_root: Path, dataset: Path, seq: int) -> tuple[np.ndar
 
 
 def sample_order(num_samples: int, steps: int, global_batch: int, seed: int) -> list[int]:
-    """Sample indices fsdp_train.py trains on, step after step (a new epoch when a global batch no longer fits)."""
+    """Sample indices fsdp_train.py trains on, step after step, within the first epoch: there an epoch's last step
+    may be short (fsdp_train.py trains the blocks left, with masked filler rows), which the Trainer's fixed batches
+    cannot copy, so a longer benchmark is refused."""
     from fsdp_train import epoch_permutation
 
-    order, epoch, offset, perm = [], 0, 0, epoch_permutation(num_samples, seed, 0)
-    for _ in range(steps):
-        if offset + global_batch > num_samples:
-            epoch, offset = epoch + 1, 0
-            perm = epoch_permutation(num_samples, seed, epoch)
-        order += perm[offset : offset + global_batch].tolist()
-        offset += global_batch
-    return order
+    if steps * global_batch > num_samples:
+        raise SystemExit(
+            f"error: {steps} steps of {global_batch} sequences exceed the {num_samples} packed sequences of one epoch; "
+            "use fewer --steps"
+        )
+    return epoch_permutation(num_samples, seed, 0)[: steps * global_batch].tolist()
 
 
 def write_trainer_data(blocks: tuple[np.ndarray, np.ndarray], order: list[int], out: Path) -> Path:
