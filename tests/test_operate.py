@@ -45,7 +45,7 @@ def control_cli(*args) -> subprocess.CompletedProcess:
 
 def test_control_save_status_stop_then_resume(prep, tmp_path):
     exp = tmp_path / "exp"
-    args = train_args(prep, tmp_path, "exp", "--stop-at-step", 5000, "--ckpt-freq", 0, "--log-freq", 20)
+    args = train_args(prep, tmp_path, "exp", "--max-steps", 5000, "--ckpt-freq", 0, "--log-freq", 20)
     job = Job(args)
     try:
         job.wait_for(r"step 40/5000")
@@ -66,14 +66,14 @@ def test_control_save_status_stop_then_resume(prep, tmp_path):
     assert_single_error(control("stop", exp), "is not running (stopped); nothing to stop")
     assert not (exp / "control.json").exists()
 
-    resumed = ok(torchrun([*args[: args.index("--stop-at-step")], "--stop-at-step", step + 2, "--ckpt-freq", 0]))
+    resumed = ok(torchrun([*args, "--stop-at-step", step + 2]))
     assert f"Resuming from step {step}" in resumed.stdout
     assert json.loads((exp / "status.json").read_text())["state"] == "finished"
 
 
 def test_control_abort_exits_without_saving(prep, tmp_path):
     exp = tmp_path / "exp"
-    job = Job(train_args(prep, tmp_path, "exp", "--stop-at-step", 5000, "--ckpt-freq", 0, "--log-freq", 20))
+    job = Job(train_args(prep, tmp_path, "exp", "--max-steps", 5000, "--ckpt-freq", 0, "--log-freq", 20))
     try:
         job.wait_for(r"step 20/5000")
         ok(control("abort", exp))
