@@ -4,10 +4,11 @@ the fix, and the planner offline."""
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 
 import pytest
-from conftest import assert_single_error, ok, run, train_args
+from conftest import assert_single_error, ok, train_args
 
 import fsdp_train as ft
 
@@ -17,18 +18,27 @@ def _jsonl(path, rows):
     return path
 
 
-def _prepare(prep, tmp_path, data, *extra):
-    args = train_args(prep, tmp_path / "runs", "p", "-s", 32, *extra, data=data)
-    return run([sys.executable, "fsdp_train.py", "prepare", *args])
+def _in_process(capfd, argv) -> subprocess.CompletedProcess:
+    """fsdp_train.main(argv) in this process (no interpreter start-up), its output as a finished command's."""
+    try:
+        code = ft.main([str(a) for a in argv])
+    except SystemExit as e:  # --help
+        code = e.code
+    out, err = capfd.readouterr()
+    return subprocess.CompletedProcess(argv, code, stdout=out + err)
 
 
-def test_rows_with_null_non_string_or_empty_fields_are_skipped_and_counted(prep, tmp_path):
+def _prepare(prep, tmp_path, capfd, data, *extra):
+    return _in_process(capfd, ["prepare", *train_args(prep, tmp_path / "runs", "p", "-s", 32, *extra, data=data)])
+
+
+def test_rows_with_null_non_string_or_empty_fields_are_skipped_and_counted(prep, tmp_path, capfd):
     lines = [line for f in sorted((ft.Path("data")).rglob("*.txt")) for line in f.read_text().splitlines() if line]
     rows = [{"text": line} for line in lines[:200]]
     for i in (3, 50, 51, 120):
         rows[i] = {"text": None}
     rows[7], rows[8] = {"text": ""}, {"text": "   "}
-    proc = ok(_prepare(prep, tmp_path, _jsonl(tmp_path / "mine.jsonl", rows)))
+    proc = ok(_prepare(prep, tmp_path, capfd, _jsonl(tmp_path / "mine.jsonl", rows)))
     assert "194 examples" not in proc.stdout  # the examples are the rows read; the skipped ones are said apart
     assert (
         "6 rows skipped (4 where 'text' is null, 2 where 'text' is empty; first: row 3: 'text' is null)" in proc.stdout
@@ -38,7 +48,9 @@ def test_rows_with_null_non_string_or_empty_fields_are_skipped_and_counted(prep,
             for c in ["The keeper.", None, "", "At dusk."]]  # fmt: skip
     chat.append({"messages": None})
     proc = ok(
-        _prepare(prep, tmp_path, _jsonl(tmp_path / "chat.jsonl", chat), "--chat-template", "configs/chatml.jinja")
+        _prepare(
+            prep, tmp_path, capfd, _jsonl(tmp_path / "chat.jsonl", chat), "--chat-template", "configs/chatml.jinja"
+        )
     )
     assert (
         "3 rows skipped (1 where 'messages' is null or empty, 1 where an assistant message's 'content' is empty, "
@@ -47,12 +59,14 @@ def test_rows_with_null_non_string_or_empty_fields_are_skipped_and_counted(prep,
 
     alpaca = [{"instruction": "Say hi", "output": "hi"}, {"instruction": None, "output": "x"}]
     proc = ok(
-        _prepare(prep, tmp_path, _jsonl(tmp_path / "alpaca.jsonl", alpaca), "--chat-template", "configs/chatml.jinja")
+        _prepare(
+            prep, tmp_path, capfd, _jsonl(tmp_path / "alpaca.jsonl", alpaca), "--chat-template", "configs/chatml.jinja"
+        )
     )
     assert "1 rows skipped (1 where 'instruction' is null; first: row 1" in proc.stdout
 
     bad = _jsonl(tmp_path / "bad.jsonl", [{"text": None}, {"text": ""}])
-    line = assert_single_error(_prepare(prep, tmp_path, bad), "no train row can be trained: 2 rows skipped")
+    line = assert_single_error(_prepare(prep, tmp_path, capfd, bad), "no train row can be trained: 2 rows skipped")
     assert "first: row 0: 'text' is null" in line
 
 
@@ -87,14 +101,12 @@ def test_flags_are_never_abbreviated_and_a_typo_gets_a_did_you_mean():
             ft.parse_args(["-d", "x", "-m", "y", typo, "3"])
 
 
-def test_help_of_each_subcommand_says_what_it_takes():
-    top = ok(run([sys.executable, "fsdp_train.py", "--help"])).stdout
+def test_help_of_each_subcommand_says_what_it_takes(capfd):
+    top = ok(_in_process(capfd, ["--help"])).stdout
     for sub in ("prepare", "plan", "control", "export"):
         assert f"\n    {sub} " in top, sub
-    assert ok(run([sys.executable, "fsdp_train.py", "prepare", "--help"])).stdout.startswith(
-        "usage: fsdp_train.py prepare"
-    )
-    plan_help = ok(run([sys.executable, "fsdp_train.py", "plan", "--help"])).stdout
+    assert ok(_in_process(capfd, ["prepare", "--help"])).stdout.startswith("usage: fsdp_train.py prepare")
+    plan_help = ok(_in_process(capfd, ["plan", "--help"])).stdout
     assert all(flag in plan_help for flag in ("-m/--model-name", "-b/--batch-size", "-s/--seq-length", "--config"))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -472,7 +473,7 @@ BAD_INPUTS = {
     "batch size 0": (lambda p, t: ["-b", "0"], "--batch-size must be >= 1"),
     "accumulate in backward": (
         lambda p, t: ["--optimizer-in-backward", "on", "--max-norm", "0", "--global-batch-size", "8"],
-        "nothing to accumulate 2 micro-batches into",
+        "nothing to accumulate",  # 2 (4 in one process) micro-batches
     ),
     "unwritable save dir": (lambda p, t: ["--save-dir", t / "afile" / "sub"], "cannot write to --save-dir"),
 }
@@ -480,13 +481,19 @@ BAD_INPUTS = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", BAD_INPUTS)
-def test_bad_input_one_line_from_rank0_and_checkpoint_untouched(prep, four_steps, tmp_path, case):
+def test_bad_input_one_line_from_rank0_and_checkpoint_untouched(prep, four_steps, tmp_path, case, capfd):
     make_args, message = BAD_INPUTS[case]
     save_dir = copy_run(four_steps, tmp_path / "save")
     (tmp_path / "afile").write_text("not a folder")
     before = tree_digest(save_dir / "exp")
     # argparse keeps the last value, so the bad flag overrides the good default; --stop-at-step 6 would train on.
-    proc = torchrun(train_args(prep, save_dir, "exp", "--stop-at-step", "6") + make_args(prep, tmp_path))
+    args = train_args(prep, save_dir, "exp", "--stop-at-step", "6") + make_args(prep, tmp_path)
+    if case == "missing dataset":  # 2 ranks under torchrun: one line, from rank 0 only
+        proc = torchrun(args)
+    else:  # the same check in one process, through fsdp_train.main (no interpreter start-ups)
+        code = ft.main([str(a) for a in args])
+        out, err = capfd.readouterr()
+        proc = subprocess.CompletedProcess(args, code, stdout=out + err)
     assert proc.returncode != 0
     errors = [line for line in proc.stdout.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], proc.stdout[-3000:]
@@ -495,9 +502,13 @@ def test_bad_input_one_line_from_rank0_and_checkpoint_untouched(prep, four_steps
 
 
 @pytest.mark.slow
-def test_a_rerun_that_changes_what_is_trained_is_refused_until_fresh_or_resume_from(prep, four_steps, tmp_path):
-    def job(*args):  # one process, no torchrun: what is checked here is the same on every rank
-        return run([sys.executable, "fsdp_train.py", *args])
+def test_a_rerun_that_changes_what_is_trained_is_refused_until_fresh_or_resume_from(prep, four_steps, tmp_path, capfd):
+    import subprocess
+
+    def job(*args):  # fsdp_train.main in this process (a 1-rank group): what is checked is the same on every rank
+        code = ft.main([str(a) for a in args])
+        out, err = capfd.readouterr()
+        return subprocess.CompletedProcess(args, code, stdout=out + err)
 
     save_dir = copy_run(four_steps, tmp_path / "save")  # a finished 4-step run
     exp, before = save_dir / "exp", tree_digest(save_dir / "exp")
