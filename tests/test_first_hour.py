@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import assert_single_error, ok, train_args
+from conftest import assert_single_error, in_process, ok, train_args
 
 import fsdp_train as ft
 
@@ -18,18 +18,8 @@ def _jsonl(path, rows):
     return path
 
 
-def _in_process(capfd, argv) -> subprocess.CompletedProcess:
-    """fsdp_train.main(argv) in this process (no interpreter start-up), its output as a finished command's."""
-    try:
-        code = ft.main([str(a) for a in argv])
-    except SystemExit as e:  # --help
-        code = e.code
-    out, err = capfd.readouterr()
-    return subprocess.CompletedProcess(argv, code, stdout=out + err)
-
-
 def _prepare(prep, tmp_path, capfd, data, *extra):
-    return _in_process(capfd, ["prepare", *train_args(prep, tmp_path / "runs", "p", "-s", 32, *extra, data=data)])
+    return in_process(capfd, ["prepare", *train_args(prep, tmp_path / "runs", "p", "-s", 32, *extra, data=data)])
 
 
 def test_rows_with_null_non_string_or_empty_fields_are_skipped_and_counted(prep, tmp_path, capfd):
@@ -74,7 +64,6 @@ def test_rows_with_null_non_string_or_empty_fields_are_skipped_and_counted(prep,
 def test_two_jobs_building_the_same_cache_at_once_both_train(prep, tmp_path):
     """A sweep: two experiments on one --save-dir and the same data start together. Both tokenize (each sleeps 3 s
     before its rename, so they overlap for sure); the second rename finds the first's cache and uses it."""
-    import subprocess
 
     from conftest import ROOT
 
@@ -102,11 +91,11 @@ def test_flags_are_never_abbreviated_and_a_typo_gets_a_did_you_mean():
 
 
 def test_help_of_each_subcommand_says_what_it_takes(capfd):
-    top = ok(_in_process(capfd, ["--help"])).stdout
+    top = ok(in_process(capfd, ["--help"])).stdout
     for sub in ("prepare", "plan", "control", "export"):
         assert f"\n    {sub} " in top, sub
-    assert ok(_in_process(capfd, ["prepare", "--help"])).stdout.startswith("usage: fsdp_train.py prepare")
-    plan_help = ok(_in_process(capfd, ["plan", "--help"])).stdout
+    assert ok(in_process(capfd, ["prepare", "--help"])).stdout.startswith("usage: fsdp_train.py prepare")
+    plan_help = ok(in_process(capfd, ["plan", "--help"])).stdout
     assert all(flag in plan_help for flag in ("-m/--model-name", "-b/--batch-size", "-s/--seq-length", "--config"))
 
 

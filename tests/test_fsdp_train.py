@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from conftest import (
     assert_single_error,
     checkpoint_weights,
     copy_run,
+    in_process,
     ok,
     packed_cache,
     read_metrics,
@@ -333,7 +333,7 @@ def test_config_changes_flags_only_settings_that_change_the_maths():
 
 
 @pytest.mark.slow
-def test_train_checkpoint_and_resume_is_bitwise_equal_to_an_uninterrupted_run(prep, reference_run, tmp_path):
+def test_train_checkpoint_and_resume_is_bitwise_equal_to_an_uninterrupted_run(prep, reference_run, tmp_path, capfd):
     ok(torchrun(train_args(prep, tmp_path, "resumed", "--stop-at-step", "8", "--ckpt-freq", "4")))
     resumed = ok(torchrun(train_args(prep, tmp_path, "resumed", "--stop-at-step", "12", "--ckpt-freq", "4")))
     assert "Resuming from step 8" in resumed.stdout
@@ -363,7 +363,7 @@ def test_train_checkpoint_and_resume_is_bitwise_equal_to_an_uninterrupted_run(pr
     assert meta["config"]["stop_at_step"] == 12 and meta["world_size"] == 2
 
     before = tree_digest(tmp_path / "resumed/checkpoints")
-    done = ok(torchrun(train_args(prep, tmp_path, "resumed", "--stop-at-step", "12", "--ckpt-freq", "4")))
+    done = ok(in_process(capfd, train_args(prep, tmp_path, "resumed", "--stop-at-step", "12", "--ckpt-freq", "4")))
     assert "Run already complete at step 12" in done.stdout
     assert tree_digest(tmp_path / "resumed/checkpoints") == before
 
@@ -488,12 +488,8 @@ def test_bad_input_one_line_from_rank0_and_checkpoint_untouched(prep, four_steps
     before = tree_digest(save_dir / "exp")
     # argparse keeps the last value, so the bad flag overrides the good default; --stop-at-step 6 would train on.
     args = train_args(prep, save_dir, "exp", "--stop-at-step", "6") + make_args(prep, tmp_path)
-    if case == "missing dataset":  # 2 ranks under torchrun: one line, from rank 0 only
-        proc = torchrun(args)
-    else:  # the same check in one process, through fsdp_train.main (no interpreter start-ups)
-        code = ft.main([str(a) for a in args])
-        out, err = capfd.readouterr()
-        proc = subprocess.CompletedProcess(args, code, stdout=out + err)
+    # 2 ranks under torchrun once (one line, from rank 0 only); the same checks of the other inputs in one process
+    proc = torchrun(args) if case == "missing dataset" else in_process(capfd, args)
     assert proc.returncode != 0
     errors = [line for line in proc.stdout.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], proc.stdout[-3000:]
@@ -503,12 +499,8 @@ def test_bad_input_one_line_from_rank0_and_checkpoint_untouched(prep, four_steps
 
 @pytest.mark.slow
 def test_a_rerun_that_changes_what_is_trained_is_refused_until_fresh_or_resume_from(prep, four_steps, tmp_path, capfd):
-    import subprocess
-
-    def job(*args):  # fsdp_train.main in this process (a 1-rank group): what is checked is the same on every rank
-        code = ft.main([str(a) for a in args])
-        out, err = capfd.readouterr()
-        return subprocess.CompletedProcess(args, code, stdout=out + err)
+    def job(*args):  # in this process (a 1-rank group): what is checked is the same on every rank
+        return in_process(capfd, args)
 
     save_dir = copy_run(four_steps, tmp_path / "save")  # a finished 4-step run
     exp, before = save_dir / "exp", tree_digest(save_dir / "exp")

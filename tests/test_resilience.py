@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -18,10 +17,10 @@ from conftest import (
     assert_same_weights,
     assert_single_error,
     copy_run,
+    in_process,
     make_hf_cache,
     ok,
     read_metrics,
-    run,
     torchrun,
     train_args,
     tree_digest,
@@ -188,23 +187,27 @@ def test_truncated_checkpoint_falls_back_to_the_previous_one(prep, reference, fo
     assert_same_weights(save_dir / "exp/checkpoints/step-12", reference(12))
 
 
-def test_garbage_state_json_does_not_stop_a_resume(prep, four_steps, tmp_path):
+def test_garbage_state_json_does_not_stop_a_resume(prep, four_steps, tmp_path, capfd):
     save_dir = copy_run(four_steps, tmp_path / "save")
     (save_dir / "exp/state.json").write_text("{not json")
-    proc = ok(torchrun(train_args(prep, save_dir, "exp", "--stop-at-step", 6, "--ckpt-freq", 2)))
+    proc = ok(in_process(capfd, train_args(prep, save_dir, "exp", "--stop-at-step", 6, "--ckpt-freq", 2)))
     assert "Resuming from step 4" in proc.stdout
     assert json.loads((save_dir / "exp/state.json").read_text())["global_step"] == 6
 
 
-def test_checkpoint_of_a_different_model_is_refused_before_loading(prep, four_steps, tmp_path):
+def test_checkpoint_of_a_different_model_is_refused_before_loading(prep, four_steps, tmp_path, capfd):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
     save_dir = copy_run(four_steps, tmp_path / "save")
-    other = tmp_path / "other"
-    ok(run([sys.executable, "model_download.py", "--tiny", other, "--vocab-size", "512", "--hidden-size", "32",
-            "--num-layers", "2"]))  # fmt: skip
+    other = tmp_path / "other"  # the tiny model's shape, half as wide
+    config = AutoConfig.from_pretrained(prep["model"])
+    config.hidden_size, config.intermediate_size = 32, config.intermediate_size // 2
+    AutoModelForCausalLM.from_config(config).save_pretrained(other)
+    AutoTokenizer.from_pretrained(prep["model"]).save_pretrained(other)
     before = tree_digest(save_dir / "exp")
     args = train_args(prep, save_dir, "exp", "--stop-at-step", 6, "--resume-from", "latest")  # past the name check
     args[args.index(prep["model"])] = other
-    line = assert_single_error(torchrun(args), "was saved from a different model")
+    line = assert_single_error(in_process(capfd, args), "was saved from a different model")
     assert "lm_head.weight is [512, 64] there but [512, 32] here" in line
     assert tree_digest(save_dir / "exp") == before
 
