@@ -86,6 +86,11 @@ def _opt(default, help: str, short: str | None = None, choices: tuple | None = N
     return field(default=default, metadata={"help": help, "short": short, "choices": choices})
 
 
+def flag_name(field: str) -> str:
+    """The command-line flag of a Config field (what errors and messages name)."""
+    return f"--{field.replace('_', '-')}"
+
+
 LR_SCHEDULERS = ("cosine", "linear", "constant", "wsd")
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flex_attention", "flash_attention_2")
 CUDA_ONLY_ATTENTION = frozenset({"flex_attention", "flash_attention_2"})  # tests/flash_emulation.py empties it
@@ -262,7 +267,7 @@ class Config:
     def validate(self) -> None:
         for name in ("dataset_name", "model_name"):
             if not getattr(self, name):
-                raise InputError(f"--{name.replace('_', '-')} is required")
+                raise InputError(f"{flag_name(name)} is required")
         if not re.fullmatch(r"[\w.\-]+", self.experiment_name):
             raise InputError(f"--experiment-name {self.experiment_name!r}: use letters, digits, '.', '_', '-' only")
         positive = (
@@ -288,10 +293,10 @@ class Config:
         )
         for name in positive:
             if getattr(self, name) < 1:
-                raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+                raise InputError(f"{flag_name(name)} must be >= 1, got {getattr(self, name)}")
         for name in non_negative:
             if getattr(self, name) < 0:
-                raise InputError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+                raise InputError(f"{flag_name(name)} must be >= 0, got {getattr(self, name)}")
         if not self.dist_timeout > 0:
             raise InputError(f"--dist-timeout must be > 0 minutes, got {self.dist_timeout}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -299,9 +304,7 @@ class Config:
         for f in dataclasses.fields(self):
             if f.metadata["choices"] and getattr(self, f.name) not in f.metadata["choices"]:
                 choices = ", ".join(f.metadata["choices"])
-                raise InputError(
-                    f"--{f.name.replace('_', '-')} must be one of {choices}, got {getattr(self, f.name)!r}"
-                )
+                raise InputError(f"{flag_name(f.name)} must be one of {choices}, got {getattr(self, f.name)!r}")
         if self.fresh and self.resume_from:
             raise InputError("--fresh starts over and --resume-from continues: use one of them")
         if not 0 <= self.val_split < 1:
@@ -322,7 +325,7 @@ class Config:
             raise InputError("--pure-bf16 on needs --dtype bf16 or auto")
         for name in ("min_lr_ratio", "decay_fraction"):
             if not 0 <= getattr(self, name) <= 1:
-                raise InputError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
+                raise InputError(f"{flag_name(name)} must be in [0, 1], got {getattr(self, name)}")
 
     def resolve_grad_accum(self, world_size: int) -> int:
         """Micro-batches per step: --grad-accum-steps, or derived from --global-batch-size for this world size."""
@@ -431,7 +434,7 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None, descripti
     """Build the Config from command-line flags (over --config YAML); every flag comes from a Config field."""
     p = _Parser(prog=prog, description=description or __doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(Config):
-        flags = [f"--{f.name.replace('_', '-')}"] + ([f.metadata["short"]] if f.metadata["short"] else [])
+        flags = [flag_name(f.name)] + ([f.metadata["short"]] if f.metadata["short"] else [])
         shown = ("on" if f.default else "off") if isinstance(f.default, bool) else f.default
         bare = dict(nargs="?", const=True) if isinstance(f.default, bool) else {}  # `--compile` alone means on
         p.add_argument(
@@ -2376,10 +2379,6 @@ def clean_stale_temp(cfg: Config) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def flag_name(field: str) -> str:
-    return f"--{field.replace('_', '-')}"
-
-
 # What a run trains on and with: a rerun that changes any of these is another job. Resuming the old one's checkpoint
 # would mix two runs in one loss curve and one export, so it is refused unless --resume-from asks for it.
 RUN_IDENTITY = (
@@ -3501,7 +3500,7 @@ def config_to_argv(cfg: Config) -> list[str]:
         value = getattr(cfg, f.name)
         if value != f.default:
             shown = ("on" if value else "off") if isinstance(value, bool) else str(value)
-            argv += [f"--{f.name.replace('_', '-')}", shown]
+            argv += [flag_name(f.name), shown]
     return argv
 
 
@@ -3952,7 +3951,7 @@ PLAN_OPTIONS = [
 
 
 def option_flags(options: dict) -> str:
-    flags = [f"--{k.replace('_', '-')} {v if isinstance(v, str) else 'on' if v else 'off'}" for k, v in options.items()]
+    flags = [f"{flag_name(k)} {v if isinstance(v, str) else 'on' if v else 'off'}" for k, v in options.items()]
     if options.get("optimizer_in_backward"):
         flags.append("--max-norm 0")
     return " ".join(flags)
