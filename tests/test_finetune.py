@@ -14,6 +14,7 @@ from conftest import (
     assert_runs_close,
     assert_single_error,
     checkpoint_weights,
+    in_process,
     ok,
     read_metrics,
     run,
@@ -273,8 +274,8 @@ def test_data_files_load_directly(tmp_path, suffix):
     assert ds["output"] == ["x", "y"] and ft.dataset_kind(ds, "t") == "alpaca"
 
 
-def test_chat_data_without_a_template_is_refused(prep, chat_files, tmp_path):
-    proc = torchrun(train_args(prep, tmp_path, "chat", "--stop-at-step", 1, data=chat_files["chat"]))
+def test_chat_data_without_a_template_is_refused(prep, chat_files, tmp_path, capfd):
+    proc = in_process(capfd, train_args(prep, tmp_path, "chat", "--stop-at-step", 1, data=chat_files["chat"]))
     assert_single_error(proc, "pass --chat-template configs/chatml.jinja")
 
 

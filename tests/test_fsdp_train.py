@@ -382,22 +382,6 @@ def test_shard_unit_model_trains_bitwise_like_per_block_units(prep, reference_ru
 
 
 @pytest.mark.slow
-def test_max_steps_is_the_schedule_and_the_data_cycles_to_reach_it(prep, six_of_an_epoch, tmp_path):
-    save_dir = copy_run(six_of_an_epoch, tmp_path / "run")  # stopped at 6 of ceil(942 / 16) = 59 steps/epoch
-    proc = ok(torchrun(train_args(prep, save_dir, "exp", "-b", 8, "--max-steps", 62, "--log-freq", 31)))
-    warnings = [line for line in proc.stdout.splitlines() if "LR schedule now spans" in line]
-    assert len(warnings) == 1 and "[rank0]" in warnings[0], proc.stdout  # said once, by rank 0, with its cause
-    assert "spans 62 steps instead of 59, because of --max-steps 0 -> 62:" in warnings[0]
-    assert (
-        "Length: 59 steps/epoch of global batch 16 (the last one takes the 14 sequences left; none dropped)"
-        in proc.stdout
-    )
-    last = read_metrics(save_dir / "exp")[-1]
-    assert (last["global_step"], last["epoch"]) == (62, 1)  # the data cycled into a second epoch
-    assert last["lr"] == pytest.approx(3e-3 * ft.lr_factor(61, 2, 62, 0.1))  # the schedule ends at --max-steps
-
-
-@pytest.mark.slow
 def test_throughput_window_excludes_checkpoint_time(prep, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -579,10 +563,11 @@ def test_chunked_loss_on_bf16_logits_of_large_magnitude_matches_transformers_in_
 
 
 @pytest.mark.slow
-def test_the_short_last_step_of_each_epoch_trains_the_blocks_left_and_equals_transformers(prep, tmp_path):
+def test_the_short_last_step_of_each_epoch_trains_the_blocks_left_and_max_steps_is_the_schedule(prep, tmp_path):
     """7 one-document blocks at a global batch of 4: each epoch is a full step and a step of the 3 blocks left, none
-    dropped. Every step's logged loss is plain transformers' on the blocks that step traced (each alone), from the
-    weights the step started with: the filler row adds neither a target nor a token."""
+    dropped. --max-steps 5 is the run and its LR schedule, the data cycling into a third epoch. Every step's logged
+    loss is plain transformers' on the blocks that step traced (each alone), from the weights the step started with:
+    the filler rows add neither a target nor a token. Then --max-steps 6 on resume: one warning, with its cause."""
     import datasets
     from transformers import AutoModelForCausalLM
 
@@ -590,12 +575,14 @@ def test_the_short_last_step_of_each_epoch_trains_the_blocks_left_and_equals_tra
     lines = [line for f in files for line in f.read_text().splitlines() if 20 < len(line) < 100][:7]  # < 64 tokens
     datasets.Dataset.from_dict({"text": lines}).save_to_disk(tmp_path / "seven")
     (tmp_path / "trace").mkdir()
-    args = train_args(prep, tmp_path, "short", "--packing", "padded", "--num-epochs", 2, "--ckpt-freq", 1,
-                      "--keep-latest-k", 9, data=tmp_path / "seven")  # fmt: skip
-    proc = ok(torchrun(args, env={"FSDP_TRAIN_TRACE_SAMPLES": str(tmp_path / "trace")}))
+    env = {"FSDP_TRAIN_TRACE_SAMPLES": str(tmp_path / "trace")}
+    args = train_args(prep, tmp_path, "short", "--packing", "padded", "--ckpt-freq", 1, "--keep-latest-k", 9,
+                      data=tmp_path / "seven")  # fmt: skip
+    proc = ok(torchrun([*args, "--max-steps", 5], env=env))
     assert (
-        "Length: 2 steps/epoch of global batch 4 (the last one takes the 3 sequences left; none dropped)" in proc.stdout
-    )
+        "Length: 2 steps/epoch of global batch 4 (the last one takes the 3 sequences left; none dropped); "
+        "LR schedule 5 steps (--max-steps 5), 2.86 passes over the data"
+    ) in proc.stdout
 
     data = ft.load_packed(packed_cache(tmp_path))
     assert len(data) == 7
@@ -604,14 +591,16 @@ def test_the_short_last_step_of_each_epoch_trains_the_blocks_left_and_equals_tra
         for line in f.read_text().splitlines():
             record = json.loads(line)
             steps.setdefault(record["step"], (record["epoch"], []))[1].extend(record["indices"])
-    assert sorted(steps) == [1, 2, 3, 4]
+    assert {step: epoch for step, (epoch, _) in steps.items()} == {1: 0, 2: 0, 3: 1, 4: 1, 5: 2}
     for epoch in (0, 1):
         trained = [i for s in steps.values() if s[0] == epoch for i in s[1] if i != ft.FILLER]
         assert sorted(trained) == list(range(7)), (epoch, steps)
-    assert f"{2 * int(sum(data['num_tokens'])):,} tokens in" in proc.stdout  # every real token, twice, nothing more
+    real = sum(int(data[i]["num_tokens"]) for _, indices in steps.values() for i in indices if i != ft.FILLER)
+    assert f"{real:,} tokens in" in proc.stdout  # every real token trained, nothing more
+    metrics = {m["global_step"]: m for m in read_metrics(tmp_path / "short")}
+    assert metrics[5]["lr"] == pytest.approx(3e-3 * ft.lr_factor(4, 2, 5, 0.1))  # the schedule ends at --max-steps
 
     model = AutoModelForCausalLM.from_pretrained(prep["model"], dtype=torch.float32)
-    logged = {m["global_step"]: m["loss"] for m in read_metrics(tmp_path / "short")}
     for step, (_, indices) in steps.items():
         if step > 1:
             model.load_state_dict(checkpoint_weights(tmp_path / f"short/checkpoints/step-{step - 1}"))
@@ -621,4 +610,9 @@ def test_the_short_last_step_of_each_epoch_trains_the_blocks_left_and_equals_tra
             ids = data[i]["input_ids"][:n]
             t, c = unpacked_loss(model, ids, ids, [0, n])
             total, count = total + t, count + c
-        assert logged[step] == pytest.approx(total / count, abs=2e-5), step
+        assert metrics[step]["loss"] == pytest.approx(total / count, abs=2e-5), step
+
+    longer = ok(torchrun([*args, "--max-steps", 6]))
+    warnings = [line for line in longer.stdout.splitlines() if "LR schedule now spans" in line]
+    assert len(warnings) == 1 and "[rank0]" in warnings[0], longer.stdout  # said once, by rank 0, with its cause
+    assert "spans 6 steps instead of 5, because of --max-steps 5 -> 6: from step 5 on" in warnings[0]

@@ -11,7 +11,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_runs_close, checkpoint_weights, copy_run, ok, read_metrics, run, torchrun, train_args
+from conftest import (
+    assert_runs_close,
+    checkpoint_weights,
+    copy_run,
+    in_process,
+    ok,
+    read_metrics,
+    torchrun,
+    train_args,
+)
 
 import fsdp_train as ft
 
@@ -127,8 +136,8 @@ def test_optimizer_in_backward_equals_normal_steps_and_resumes_exactly(prep, ada
 
 
 @pytest.mark.slow
-def test_activation_offload_is_a_noop_with_a_notice_on_cpu(prep, tmp_path):
-    proc = ok(torchrun(train_args(prep, tmp_path, "off", "--stop-at-step", 2, "--activation-offload", "on")))
+def test_activation_offload_is_a_noop_with_a_notice_on_cpu(prep, tmp_path, capfd):
+    proc = ok(in_process(capfd, train_args(prep, tmp_path, "off", "--stop-at-step", 2, "--activation-offload", "on")))
     assert proc.stdout.count("--activation-offload does nothing on a CPU host") == 1
 
 
@@ -136,17 +145,16 @@ def test_activation_offload_is_a_noop_with_a_notice_on_cpu(prep, tmp_path):
 # The memory planner
 
 
-def test_plan_lists_components_and_the_options_that_fit(prep):
-    proc = ok(run([sys.executable, "fsdp_train.py", "plan", "-m", prep["small"], "--nproc", 2, "-b", 1, "-s", 64,
-                   "--gpu-mem", 0.05]))  # fmt: skip
+def test_plan_lists_components_and_the_options_that_fit(prep, capfd):
+    proc = ok(in_process(capfd, ["plan", "-m", prep["small"], "--nproc", 2, "-b", 1, "-s", 64, "--gpu-mem", 0.05]))
     for line in ("params", "optimizer", "gradients", "activations", "peak", "Option sets within 85%"):
         assert line in proc.stdout
     fits = proc.stdout.split("cheapest first")[1]
     assert "--optimizer adafactor" in fits and "--activation-checkpointing off" not in fits
 
 
-def test_plan_refuses_bad_input_in_one_line(prep, tmp_path):
-    proc = run([sys.executable, "fsdp_train.py", "plan", "-m", tmp_path / "nothing", "--nproc", 1])
+def test_plan_refuses_bad_input_in_one_line(prep, tmp_path, capfd):
+    proc = in_process(capfd, ["plan", "-m", tmp_path / "nothing", "--nproc", 1])
     assert proc.returncode == 2 and proc.stdout.startswith("error:") and len(proc.stdout.splitlines()) == 1
 
 

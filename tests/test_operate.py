@@ -18,6 +18,7 @@ from conftest import (
     assert_single_error,
     checkpoint_weights,
     copy_run,
+    in_process,
     ok,
     read_metrics,
     run,
@@ -85,10 +86,10 @@ def test_control_abort_exits_without_saving(prep, tmp_path):
     assert "exp: aborted" in ok(control("status", exp)).stdout
 
 
-def test_stale_control_request_of_a_dead_job_is_dropped(prep, four_steps, tmp_path):
+def test_stale_control_request_of_a_dead_job_is_dropped(prep, four_steps, tmp_path, capfd):
     save_dir = copy_run(four_steps, tmp_path / "save")  # a finished 4-step job
     (save_dir / "exp" / "control.json").write_text(json.dumps({"command": "stop"}))
-    proc = ok(torchrun(train_args(prep, save_dir, "exp", "--stop-at-step", 6)))
+    proc = ok(in_process(capfd, train_args(prep, save_dir, "exp", "--stop-at-step", 6)))
     assert "Ignoring a stale control request 'stop'" in proc.stdout
     assert [m["global_step"] for m in read_metrics(save_dir / "exp")][-1] == 6  # it did not stop at step 5
 
