@@ -203,7 +203,12 @@ def step1_loss(exp: Path) -> None:
     model = load_model(cfg["model_name"])
     eos = AutoTokenizer.from_pretrained(cfg["model_name"]).eos_token_id
     perm = fsdp_train.epoch_permutation(len(data), cfg["seed"], 0)
-    rows = [i for rank in range(world) for i in fsdp_train.rank_batch_indices(perm, 0, cfg["batch_size"], rank, world)]
+    rows = [
+        i
+        for rank in range(world)
+        for i in fsdp_train.rank_batch_indices(perm, 0, cfg["batch_size"], rank, world)
+        if i != fsdp_train.FILLER  # a step's free places (fewer blocks than a global batch) train nothing
+    ]
     total, count = 0.0, 0
     for row in data[rows]["input_ids"].long():
         for a, b in eos_cuts(row, eos):

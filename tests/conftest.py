@@ -159,7 +159,9 @@ def reference_loss(prep, save_dir: Path, model: str, world_size: int = 2, batch_
     rows = [
         row
         for rank in range(world_size)
-        for row in data[fsdp_train.rank_batch_indices(perm, 0, batch_size, rank, world_size)]["input_ids"]
+        for row in data[
+            [i for i in fsdp_train.rank_batch_indices(perm, 0, batch_size, rank, world_size) if i != fsdp_train.FILLER]
+        ]["input_ids"]
     ]
     total, count = unpacked_sums(prep[model], rows)
     return total / count
