@@ -1867,6 +1867,12 @@ def rank_batch_indices(perm: torch.Tensor, offset: int, batch_size: int, rank: i
     return mine + [FILLER] * (batch_size - len(mine))
 
 
+def roll_epoch(state, num_samples: int) -> None:
+    """Start the next epoch once this one's blocks are all taken (its last step took what was left of them)."""
+    if state.offset >= num_samples:
+        state.epoch, state.offset = state.epoch + 1, 0
+
+
 @dataclass
 class TrainState:
     step: int = 0  # optimizer steps done
@@ -3010,10 +3016,12 @@ def run_length(cfg: Config, num_samples: int, world_size: int, state: TrainState
     return steps_per_epoch, total_steps, min(cfg.stop_at_step, total_steps) if cfg.stop_at_step else total_steps
 
 
-def describe_length(cfg: Config, num_samples: int, global_batch: int, state: TrainState, total: int, stop: int) -> str:
-    """The start-up line on the run's length: steps per epoch (and the short last one), what sets the schedule,
-    where a resumed run stands, and where this job stops."""
-    steps_per_epoch, last = math.ceil(num_samples / global_batch), num_samples % global_batch
+def describe_length(
+    cfg: Config, num_samples: int, global_batch: int, state: TrainState, lengths: tuple[int, int, int]
+) -> str:
+    """The start-up line on the run's length (run_length's steps per epoch, schedule, stop): the short last step of
+    an epoch, what sets the schedule, where a resumed run stands, and where this job stops."""
+    (steps_per_epoch, total, stop), last = lengths, num_samples % global_batch
     epoch = f"{steps_per_epoch} steps/epoch of global batch {global_batch}"
     epoch += f" (the last one takes the {last} sequences left; none dropped)" if last else " (none dropped)"
     spans = f"--max-steps {cfg.max_steps}" if cfg.max_steps else f"{cfg.num_epochs} epoch(s)"
@@ -3301,7 +3309,8 @@ def prepare_run(cfg: Config, d: Dist) -> Run | None:
         f"{accum} micro-batch(es)/step, device {d.device}, compute {cfg.compute_dtype(d.device)}, "
         f"params {param_dtype(cfg)}"
     )
-    log.info(describe_length(cfg, len(data), d.world_size * cfg.batch_size * accum, state, total_steps, stop_step))
+    lengths = (steps_per_epoch, total_steps, stop_step)
+    log.info(describe_length(cfg, len(data), d.world_size * cfg.batch_size * accum, state, lengths))
     if cfg.fresh:
         move_aside(cfg, d)
     record_start(cfg, d, state)
@@ -3315,8 +3324,7 @@ def next_batches(run: Run) -> tuple[list[dict], float, int]:
     """Collective: this rank's micro-batches of the next step, in the epoch's seeded order from the global sample
     offset (so any world size continues where another stopped), the loss divisor, and the step's real tokens."""
     cfg, d, state = run.cfg, run.d, run.state
-    if state.offset >= len(run.data):  # the last step of an epoch took what was left of it
-        state.epoch, state.offset = state.epoch + 1, 0
+    roll_epoch(state, len(run.data))
     order = epoch_permutation(len(run.data), cfg.seed, state.epoch)
     batches, tally = [], torch.zeros(2, dtype=torch.int64)  # trained targets, real (non-pad) tokens
     for m in range(run.accum):

@@ -209,8 +209,7 @@ def test_every_block_is_trained_once_per_epoch_even_across_a_world_size_change(n
     def walk(state, epochs, batch, world):
         seen = {}
         while True:
-            if state.offset >= n:
-                state.epoch, state.offset = state.epoch + 1, 0
+            ft.roll_epoch(state, n)  # next_batches' own rule
             if state.epoch >= epochs:
                 return seen
             perm = ft.epoch_permutation(n, 0, state.epoch)

@@ -20,6 +20,7 @@ from conftest import (
     run,
     short_documents,
     train_args,
+    unpacked_loss,
     unpacked_sums,
 )
 
@@ -107,6 +108,32 @@ def test_flash_attention_in_bf16_keeps_packed_documents_apart(emulated_flash, ro
     old_gap = max_gap_to_documents_alone(model, ref, ids, pos, {"input_ids": ids, "position_ids": pos})
     # bf16 rounding of log-probs of magnitude ~20 (this init's logits are large) vs documents mixing
     assert gap < 0.3 < 3 < old_gap, (gap, old_gap)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_an_epochs_short_last_step_with_flash_attention_trains_only_its_real_rows(emulated_flash, arch):
+    """The last step of an epoch, as next_batches feeds it: 3 real blocks and a FILLER row in a batch of 4, through
+    transformers' flash dispatch (varlen kernel over the 4 rows' segments). Its summed loss is plain sdpa's on every
+    document of the 3 real rows, each alone: the filler row adds no target."""
+    import datasets
+
+    model, ref = model_pair(arch, "flash_attention_2")
+    ids, positions = packed_rows(3)
+    data = datasets.Dataset.from_dict({"input_ids": ids.tolist(), "position_ids": positions.tolist()})
+    batch_ids, labels, batch_pos, real = ft.fetch_batch(data.with_format("torch"), [2, 0, ft.FILLER, 1])
+    assert real == 3 * ids.shape[1] and (labels[2] == -100).all()
+    fe.KERNEL_CALLS.clear()
+    with torch.no_grad():
+        inputs = ft.model_inputs(batch_ids, batch_pos, "flash_attention_2", labels)
+        loss_sum = model(**inputs, num_items_in_batch=1).loss.item()
+    assert fe.KERNEL_CALLS and set(fe.KERNEL_CALLS) == {"varlen"}, fe.KERNEL_CALLS
+    total, count = 0.0, 0
+    for r in range(3):
+        cuts = [a for a, _ in segments(positions[r])] + [ids.shape[1]]
+        t, n = unpacked_loss(ref, ids[r], ids[r], cuts)
+        total, count = total + t, count + n
+    assert int(ft.trained_targets(labels)) == count
+    assert loss_sum == pytest.approx(total, rel=1e-5)
 
 
 def test_flex_attention_keeps_packed_documents_apart_at_every_batch_size():
