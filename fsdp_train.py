@@ -37,6 +37,7 @@ import dataclasses
 import errno
 import functools
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -107,8 +108,9 @@ class Config:
     experiment_name: str = _opt("default", "run name; outputs go to SAVE_DIR/EXP", "-e")
     dataset_name: str = _opt(
         "",
-        "training data: a save_to_disk folder, a .jsonl/.json/.parquet file, or a hub dataset id (cache); "
-        "a 'text' column, or 'messages' / 'instruction'+'output' for chat SFT (loss on assistant tokens only)",
+        "training data: a save_to_disk folder, a .jsonl/.json/.parquet file, or a hub dataset id (cache). Columns: "
+        "'text' (documents), or for SFT 'messages' (OpenAI style, tool calls too), 'conversations' (ShareGPT), "
+        "'prompt'+'completion' (TRL, plain or conversational), 'instruction'+'output' (Alpaca); see --chat-columns",
         "-d",
     )
     val_dataset: str = _opt("", "validation data, in any form --dataset-name accepts")
@@ -126,6 +128,18 @@ class Config:
     )
     chat_template: str = _opt(
         "", "Jinja chat template file for chat data (e.g. configs/chatml.jinja); default: the tokenizer's own"
+    )
+    chat_columns: str = _opt(
+        "",
+        "where your SFT data keeps what the formats above name, as NAME=YOURS pairs: columns (messages, prompt, "
+        "completion, instruction, input, output, text), message keys (role, content) and role names (system, user, "
+        "assistant, tool), e.g. 'messages=dialog,role=speaker,content=text,assistant=agent'",
+    )
+    train_on: str = _opt(
+        "assistant",
+        "SFT data: which tokens carry loss. assistant: the assistant turns (or the completion) with their end of turn; "
+        "all: every token of the rendered example",
+        choices=("assistant", "all"),
     )
     model_name: str = _opt("", "local HF model folder, or a hub id resolved through HF_HOME", "-m")
     save_dir: str = _opt("outputs", "root folder for runs")
@@ -307,6 +321,7 @@ class Config:
                 raise InputError(f"{flag_name(f.name)} must be one of {choices}, got {getattr(self, f.name)!r}")
         if self.fresh and self.resume_from:
             raise InputError("--fresh starts over and --resume-from continues: use one of them")
+        parse_chat_columns(self.chat_columns)  # a typo is an error before anything starts
         if not 0 <= self.val_split < 1:
             raise InputError(f"--val-split must be in [0, 1), got {self.val_split}")
         if self.val_split and self.val_dataset:
@@ -1245,8 +1260,9 @@ def causal_lm_loss(logits, labels, vocab_size=None, num_items_in_batch=None, ign
 # Data
 
 
-def load_dataset_any(name: str):
-    """A `save_to_disk` folder, a local .jsonl/.json/.parquet file, or a hub dataset id from the cache."""
+def load_dataset_any(name: str, columns: dict | None = None):
+    """A `save_to_disk` folder, a local .jsonl/.json/.parquet file, or a hub dataset id from the cache; its columns
+    renamed to the names we train on (--chat-columns's map, ShareGPT's 'conversations')."""
     import datasets
 
     path = Path(name)
@@ -1270,24 +1286,48 @@ def load_dataset_any(name: str):
         if "train" not in ds:
             raise InputError(f"dataset '{name}' has splits {sorted(ds)} but no 'train' split")
         ds = ds["train"]
+    ds = rename_columns(ds, name, columns or {})
     dataset_kind(ds, name)
     if len(ds) == 0:
         raise InputError(f"dataset '{name}' is empty")
     return ds
 
 
+def rename_columns(ds, name: str, columns: dict):
+    """`ds` with its columns renamed as --chat-columns maps them ({theirs: ours}); ShareGPT's 'conversations' holds
+    what we call 'messages'."""
+    have = set(ds.column_names)
+    renames = dict(columns)
+    if "conversations" in have and "messages" not in have and "messages" not in renames.values():
+        renames.setdefault("conversations", "messages")
+    missing = sorted(c for c in renames if c not in have)
+    if missing:
+        raise InputError(
+            f"--chat-columns names column(s) {', '.join(missing)} that dataset '{name}' does not have; "
+            f"columns: {', '.join(sorted(have))}"
+        )
+    clash = sorted(ours for theirs, ours in renames.items() if ours in have and ours not in renames)
+    if clash:
+        raise InputError(f"dataset '{name}' already has column(s) {', '.join(clash)} that --chat-columns maps onto")
+    return ds.rename_columns(renames) if renames else ds
+
+
 def dataset_kind(ds, name: str) -> str:
-    """'messages' (chat), 'alpaca' (instruction/input/output) or 'text' (plain documents)."""
+    """'messages' (a conversation a row), 'prompt' (TRL's prompt+completion, plain or conversational), 'alpaca'
+    (instruction/input/output) or 'text' (plain documents)."""
     columns = set(ds.column_names)
     if "messages" in columns:
         return "messages"
+    if {"prompt", "completion"} <= columns:
+        return "prompt"
     if {"instruction", "output"} <= columns:
         return "alpaca"
     if "text" in columns:
         return "text"
     raise InputError(
-        f"dataset '{name}' has no 'text' column (nor 'messages', nor 'instruction'/'output'); "
-        f"columns: {', '.join(sorted(columns))}"
+        f"dataset '{name}' has none of the columns we train on: 'text' (documents), 'messages' or 'conversations' "
+        f"(chat), 'prompt'+'completion', 'instruction'+'output'; it has {', '.join(sorted(columns))} "
+        "(name yours with --chat-columns, e.g. messages=dialog)"
     )
 
 
@@ -1374,30 +1414,97 @@ def pack_sequences(token_lists: list[list[int]], seq_length: int) -> tuple[list[
     return blocks["input_ids"].tolist(), blocks["position_ids"].tolist(), packer.leftover
 
 
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+# What ShareGPT and function-calling sets call the roles that chat templates know.
+ROLE_ALIASES = {
+    "human": "user",
+    "gpt": "assistant",
+    "function_call": "assistant",
+    "observation": "tool",
+    "function": "tool",
+}
+CHAT_COLUMNS = ("messages", "prompt", "completion", "instruction", "input", "output", "text")
+
+
+def parse_chat_columns(spec: str) -> dict:
+    """--chat-columns 'messages=dialog,role=speaker,assistant=agent' -> {"columns": {theirs: ours}, "role": key,
+    "content": key, "roles": {theirs: ours}}."""
+    out = {"columns": {}, "role": None, "content": None, "roles": {}}
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        ours, sep, theirs = (x.strip() for x in item.partition("="))
+        if not sep or not ours or not theirs:
+            raise InputError(f"--chat-columns: '{item}' is not NAME=YOURS (e.g. messages=dialog)")
+        if ours in CHAT_COLUMNS:
+            out["columns"][theirs] = ours
+        elif ours in ("role", "content"):
+            out[ours] = theirs
+        elif ours in CHAT_ROLES:
+            out["roles"][theirs] = ours
+        else:
+            names = ", ".join((*CHAT_COLUMNS, "role", "content", *CHAT_ROLES))
+            raise InputError(f"--chat-columns: unknown name '{ours}' (one of {names})")
+    return out
+
+
+class ExampleProblem(Exception):
+    """Why one row cannot be trained: it is skipped and counted under this reason."""
+
+
+def an(word: str) -> str:
+    return f"{'an' if word[:1] in 'aeiou' else 'a'} {word}"
+
+
+def normalize_messages(raw, keys: dict) -> list[dict]:
+    """A row's messages as chat templates take them: role and content under those names, ShareGPT's from/value and
+    role names mapped, keys that Arrow filled with null for this row dropped. ExampleProblem when the row is not a
+    conversation we can train: a bad role or content, or no assistant reply at the end."""
+    if not isinstance(raw, list) or not raw:
+        raise ExampleProblem("'messages' is null or empty" if not raw else "'messages' is not a list")
+    out = []
+    for m in raw:
+        if not isinstance(m, dict):
+            raise ExampleProblem("a message is not an object")
+        m = {k: v for k, v in m.items() if v is not None}
+        sharegpt = "role" not in m and "from" in m
+        role = m.pop(keys["role"] or ("from" if sharegpt else "role"), None)
+        content = m.pop(keys["content"] or ("value" if sharegpt else "content"), None)
+        if not isinstance(role, str):
+            raise ExampleProblem("a message has no role")
+        role = keys["roles"].get(role, ROLE_ALIASES.get(role, role))
+        if role not in CHAT_ROLES:
+            raise ExampleProblem(
+                f"a message's role '{role}' is unknown (name it with --chat-columns, e.g. user={role})"
+            )
+        calls = m.get("tool_calls")
+        if role == "assistant" and calls and content is None:
+            content = ""  # a reply that only calls tools (OpenAI gives it null content); templates expect a string
+        problem = text_problem(content)
+        # An empty system prompt or tool result is data; an empty question or reply would train an empty answer.
+        if problem and not (problem == "empty" and (role in ("system", "tool") or (role == "assistant" and calls))):
+            raise ExampleProblem(f"{an(role)} message's 'content' is {problem}")
+        out.append({"role": role, "content": content, **m})
+    if out[-1]["role"] != "assistant":
+        raise ExampleProblem("the conversation does not end with an assistant reply")
+    return out
+
+
 def alpaca_to_messages(instruction: str, input: str | None, output: str) -> list[dict]:
     prompt = f"{instruction}\n\n{input}" if input else instruction
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
 
 
-def chat_example(messages: list[dict], tokenizer, template: str | None) -> tuple[list[int], list[int]]:
-    """Token ids of a rendered conversation and labels that keep only the assistant turns (others -100).
+def render_chat(tokenizer, template: str | None, messages: list[dict], prompt: bool = False) -> str:
+    try:
+        return tokenizer.apply_chat_template(
+            messages, chat_template=template, tokenize=False, add_generation_prompt=prompt
+        )
+    except Exception as e:  # noqa: BLE001 - a template's raise_exception, or its maths on this row's values
+        raise ExampleProblem(f"the chat template cannot render it ({type(e).__name__}: {first_line(e)[:80]})") from e
 
-    Each assistant turn spans from the end of the conversation rendered up to it with the generation prompt, to the
-    end of the conversation rendered through it: its content and end-of-turn tokens, learned so the model stops.
-    Characters are mapped to tokens through offsets, so BPE merges across a boundary cannot shift the mask.
-    """
 
-    def render(msgs, prompt):
-        return tokenizer.apply_chat_template(msgs, chat_template=template, tokenize=False, add_generation_prompt=prompt)
-
-    text = render(messages, False)
-    spans = []
-    for i, message in enumerate(messages):
-        if message["role"] == "assistant":
-            start, end = len(render(messages[:i], True)), len(render(messages[: i + 1], False))
-            if not text.startswith(render(messages[: i + 1], False)) or start > end:
-                raise InputError("the chat template renders a conversation's turns inconsistently (prefixes differ)")
-            spans.append((start, end))
+def labelled_tokens(tokenizer, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
+    """Token ids of `text` and labels that keep the tokens starting inside `spans` (character ranges), -100 elsewhere.
+    Characters are mapped to tokens through offsets, so BPE merges across a boundary cannot shift the mask."""
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     labels = [
         tok if any(s <= a < e for s, e in spans) else -100
@@ -1406,12 +1513,156 @@ def chat_example(messages: list[dict], tokenizer, template: str | None) -> tuple
     return enc["input_ids"], labels
 
 
+def chat_example(
+    messages: list[dict], tokenizer, template: str | None, train_from: int = 0, train_all: bool = False
+) -> dict:
+    """A conversation as training examples: {"ids", "labels", "parts" (each example's length), "hidden_reasoning"}.
+
+    Each assistant reply (from message `train_from` on) is trained from the end of the conversation rendered up to
+    it with the generation prompt to the end of the conversation rendered through it: its reasoning and content as
+    the template shows them, and its end-of-turn tokens, learned so the model stops. When the template renders every
+    such prefix as a prefix of the whole conversation (ChatML), that is one example with all replies labelled.
+    Templates that rewrite earlier turns once a later user turn follows (Qwen3, DeepSeek-R1: reasoning kept only
+    after the last user query) give one example per reply instead: the conversation rendered through it, as the model
+    saw it when writing that reply; the repeated context is the cost, reported at packing. --train-on all labels
+    every token of the whole render.
+    """
+    text = render_chat(tokenizer, template, messages)
+    if train_all:
+        ids, labels = labelled_tokens(tokenizer, text, [(0, len(text))])
+        return {"ids": ids, "labels": labels, "parts": [len(ids)], "hidden_reasoning": 0}
+    turns, hidden = [], 0  # (the conversation rendered through a reply, where the reply starts in it)
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant" or i < train_from:
+            continue
+        prompt, turn = (
+            render_chat(tokenizer, template, messages[:i], True),
+            render_chat(tokenizer, template, messages[: i + 1]),
+        )
+        if not turn.startswith(prompt):
+            raise ExampleProblem("the chat template's generation prompt is not the start of its assistant turn")
+        reply = turn[len(prompt) :]
+        for call in message.get("tool_calls") or []:
+            name = (call.get("function") or {}).get("name") if isinstance(call, dict) else None
+            if name and name not in reply:
+                raise ExampleProblem("the chat template does not show an assistant's tool_calls")
+        reasoning = message.get("reasoning_content")
+        hidden += isinstance(reasoning, str) and bool(reasoning.strip()) and reasoning.strip() not in reply
+        turns.append((turn, len(prompt)))
+    if all(text.startswith(turn) for turn, _ in turns):
+        examples = [(text, [(start, len(turn)) for turn, start in turns])]
+    else:
+        examples = [(turn, [(start, len(turn))]) for turn, start in turns]
+    out = {"ids": [], "labels": [], "parts": [], "hidden_reasoning": int(hidden)}
+    for example_text, spans in examples:
+        ids, labels = labelled_tokens(tokenizer, example_text, spans)
+        out["ids"] += ids
+        out["labels"] += labels
+        out["parts"].append(len(ids))
+    return out
+
+
+def completion_example(prompt: str, completion: str, tokenizer, train_all: bool = False) -> dict:
+    """TRL's plain prompt/completion: the prompt's tokens (with the tokenizer's BOS), the completion's and EOS; the
+    completion and EOS are trained (all with --train-on all). No chat template: the text is what the model sees."""
+    p = tokenizer(prompt)["input_ids"]
+    c = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return {"ids": p + c, "labels": (p if train_all else [-100] * len(p)) + c, "parts": [len(p) + len(c)],
+            "hidden_reasoning": 0}  # fmt: skip
+
+
+def row_messages(row: dict, kind: str, keys: dict) -> tuple[list[dict] | None, int]:
+    """(the row's conversation, the index of its first message trained), or (None, 0) for a plain prompt/completion
+    row. ExampleProblem when the row cannot be trained."""
+    if kind == "prompt" and (isinstance(row["prompt"], str) or isinstance(row["completion"], str)):
+        for name, value in (("prompt", row["prompt"]), ("completion", row["completion"])):
+            problem = text_problem(value)
+            if problem and not (name == "prompt" and problem == "empty"):  # no prompt: the completion is a document
+                raise ExampleProblem(f"'{name}' is {problem}")
+        return None, 0
+    if kind == "alpaca":
+        for name in ("instruction", "output"):
+            if text_problem(row[name]):
+                raise ExampleProblem(f"'{name}' is {text_problem(row[name])}")
+        input_ = row.get("input")
+        return alpaca_to_messages(row["instruction"], input_ if isinstance(input_, str) else None, row["output"]), 0
+    if kind == "prompt":  # TRL's conversational form: the completion's replies are trained, not the prompt's
+        if not isinstance(row["prompt"], list) or not isinstance(row["completion"], list):
+            raise ExampleProblem("'prompt' and 'completion' are neither both text nor both lists of messages")
+        return normalize_messages(row["prompt"] + row["completion"], keys), len(row["prompt"])
+    return normalize_messages(row["messages"], keys), 0
+
+
+def example_of_row(row: dict, kind: str, tokenizer, template: str | None, keys: dict, train_all: bool) -> dict:
+    """One dataset row as its training example(s) (chat_example, completion_example) and its messages per role
+    (CHAT_ROLES order). ExampleProblem when the row cannot be trained."""
+    messages, train_from = row_messages(row, kind, keys)
+    if messages is None:
+        example = completion_example(row["prompt"], row["completion"], tokenizer, train_all)
+        roles = {"user": 1, "assistant": 1}
+    else:
+        example = chat_example(messages, tokenizer, template, train_from, train_all)
+        roles = {r: sum(m["role"] == r for m in messages) for r in CHAT_ROLES}
+    if all(label == -100 for label in example["labels"]):
+        raise ExampleProblem("it has no assistant reply to train")
+    example["roles"] = [roles.get(r, 0) for r in CHAT_ROLES]
+    return example
+
+
+def tokenize_chat_batch(batch: dict, tokenizer, template: str | None, kind: str, keys: dict, train_all: bool) -> dict:
+    """The rows' examples (example_of_row), one output row per input row: a conversation trained one reply at a time
+    keeps its examples concatenated, their lengths in `parts`. A row that cannot be trained gets no tokens and the
+    reason in `skipped`, like tokenize_documents."""
+    out = {"input_ids": [], "labels": [], "parts": [], "roles": [], "hidden_reasoning": [], "skipped": []}
+    for j in range(len(next(iter(batch.values())))):
+        row = {k: v[j] for k, v in batch.items()}
+        try:
+            example, reason = example_of_row(row, kind, tokenizer, template, keys, train_all), ""
+        except ExampleProblem as e:
+            example = {"ids": [], "labels": [], "parts": [], "hidden_reasoning": 0, "roles": [0] * len(CHAT_ROLES)}
+            reason = str(e)
+        out["input_ids"].append(example["ids"])
+        out["skipped"].append(reason)
+        for k in ("labels", "parts", "roles", "hidden_reasoning"):
+            out[k].append(example[k])
+    return out
+
+
+def end_of_turn(row: dict, kind: str, tokenizer, template: str | None, keys: dict) -> str | None:
+    """What follows an assistant's reply inside its trained span (ChatML: <|im_end|> and a newline; a plain
+    completion: EOS): the tokens that teach the model to stop. None when the reply's text is not in its turn (a tool
+    call). InputError when the template writes nothing there: the model would never learn to end an answer."""
+    messages, _ = row_messages(row, kind, keys)
+    if messages is None:
+        return tokenizer.eos_token
+    prompt = render_chat(tokenizer, template, messages[:-1], True)
+    span = render_chat(tokenizer, template, messages)[len(prompt) :]
+    reply = messages[-1]["content"].split("</think>")[-1].strip()  # what follows reasoning, however it is shown
+    at = span.rfind(reply) if reply else -1
+    if at < 0:
+        return None
+    tail = span[at + len(reply) :]
+    if not tail:
+        raise InputError(
+            "the chat template writes nothing after an assistant's reply inside its turn, so a model trained on it "
+            "never learns to stop: end the assistant turn in the template (e.g. with {{ eos_token }})"
+        )
+    special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
+    if not special & set(tokenizer(tail, add_special_tokens=False)["input_ids"]):
+        log.warning(
+            f"An assistant turn ends with {tail!r}, which holds no special token of the tokenizer (its EOS is "
+            f"{tokenizer.eos_token!r}): generation stops there only if your inference stops on that text"
+        )
+    return tail
+
+
 class ChatPacker:
     """Greedy packing of (ids, labels) examples that never splits one across blocks; the rest of a block is padding
     (label -100) with positions of its own, so it is a segment like any example and no example attends to it.
     With `one_per_block`, every example gets a block of its own (--packing padded).
 
-    An example longer than a block is truncated to the block, or dropped with `drop_long`; both are counted.
+    An example longer than a block is truncated to the block, or dropped with `drop_long`; both are counted. One
+    whose trained tokens all lie past the cut is dropped too (it would only cost compute) and counted apart.
     The open block carries over between batches, so the blocks do not depend on batching or worker count.
     """
 
@@ -1420,7 +1671,7 @@ class ChatPacker:
         self.one_per_block = one_per_block
         self.parts: list[tuple[np.ndarray, np.ndarray]] = []
         self.used = 0
-        self.long_examples = self.long_tokens_lost = 0
+        self.long_examples = self.long_tokens_lost = self.cut_untrained = 0
 
     def _close(self, out: dict) -> None:
         if not self.parts:
@@ -1445,8 +1696,10 @@ class ChatPacker:
         for ids, labels in examples:
             if len(ids) > self.seq_length:
                 self.long_examples += 1
-                self.long_tokens_lost += len(ids) if self.drop_long else len(ids) - self.seq_length
-                if self.drop_long:
+                drop = self.drop_long or not np.any(np.asarray(labels[1 : self.seq_length]) != -100)
+                self.long_tokens_lost += len(ids) if drop else len(ids) - self.seq_length
+                if drop:
+                    self.cut_untrained += not self.drop_long
                     continue
                 ids, labels = ids[: self.seq_length], labels[: self.seq_length]
             if self.used + len(ids) > self.seq_length or self.one_per_block:
@@ -1466,54 +1719,6 @@ def pack_examples(examples, seq_length: int, pad_id: int, drop_long: bool = Fals
     packer = ChatPacker(seq_length, pad_id, drop_long, one_per_block)
     a, b = packer.add(examples), packer.finish()
     return {k: [x.tolist() if isinstance(x, np.ndarray) else x for x in a[k] + b[k]] for k in a}
-
-
-def chat_problem(messages) -> str | None:
-    """Why a conversation cannot be rendered for training, or None when it can."""
-    if not isinstance(messages, list) or not messages:
-        return "'messages' is null or empty" if not messages else "'messages' is not a list"
-    for m in messages:
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            return "a message has no 'role'"
-        problem = text_problem(m.get("content"))
-        if problem and not (problem == "empty" and m["role"] != "assistant"):  # an empty system/user turn is fine
-            article = "an" if m["role"][:1] in "aeiou" else "a"
-            return f"{article} {m['role']} message's 'content' is {problem}"
-    return None
-
-
-def alpaca_problem(instruction, output) -> str | None:
-    for name, value in (("instruction", instruction), ("output", output)):
-        problem = text_problem(value)
-        if problem:
-            return f"'{name}' is {problem}"
-    return None
-
-
-def tokenize_chat_batch(batch: dict, tokenizer, template: str | None, kind: str) -> dict:
-    """(ids, labels) of each conversation (chat_example); a row that cannot be one gets none and the reason in
-    `skipped`, like tokenize_documents."""
-    if kind == "alpaca":
-        inputs = batch.get("input") or [None] * len(batch["instruction"])
-        rows = zip(batch["instruction"], inputs, batch["output"], strict=True)
-        problems, conversations = [], []
-        for instruction, input_, output in rows:
-            problems.append(alpaca_problem(instruction, output))
-            ok = problems[-1] is None
-            conversations.append(
-                alpaca_to_messages(instruction, input_ if isinstance(input_, str) else None, output) if ok else None
-            )
-    else:
-        conversations = batch["messages"]
-        problems = [chat_problem(m) for m in conversations]
-    pairs = [
-        ([], []) if p else chat_example(m, tokenizer, template) for m, p in zip(conversations, problems, strict=True)
-    ]
-    return {
-        "input_ids": [ids for ids, _ in pairs],
-        "labels": [labels for _, labels in pairs],
-        "skipped": [p or "" for p in problems],
-    }
 
 
 def chat_template_for(cfg: Config, tokenizer) -> str | None:
@@ -1542,16 +1747,17 @@ def data_cache_key(dataset, tokenizer, seq_length: int, extra: str = "") -> str:
         hashlib.sha256(tok_id.encode()).hexdigest(),
         str(seq_length),
         extra,
-        "pack-v4",  # v4: rows with null, non-string or empty text are skipped and counted
+        "pack-v5",  # v5: chat formats, per-reply examples, trained-token counts
     ]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
 def load_datasets(cfg: Config):
     """(train, validation or None) raw datasets: --val-dataset, or a seeded --val-split of the documents."""
-    train = load_dataset_any(cfg.dataset_name)
+    columns = parse_chat_columns(cfg.chat_columns)["columns"]
+    train = load_dataset_any(cfg.dataset_name, columns)
     if cfg.val_dataset:
-        return train, load_dataset_any(cfg.val_dataset)
+        return train, load_dataset_any(cfg.val_dataset, columns)
     if cfg.val_split > 0:
         if len(train) < 2:
             raise InputError(f"--val-split needs at least 2 documents, dataset '{cfg.dataset_name}' has {len(train)}")
@@ -1595,6 +1801,7 @@ def write_packed(tokenized, kind: str, cfg: Config, pad_id: int, path: Path) -> 
     ChatPacker, one per block, a document longer than a block cut into consecutive block-sized pieces (as packing cuts
     it at a block boundary), with labels and a real-token count so that padding is neither trained nor counted."""
     import pyarrow as pa
+    import pyarrow.compute as pc
 
     s, padded = cfg.seq_length, cfg.packing == "padded"
     labelled = kind != "text" or padded
@@ -1603,6 +1810,9 @@ def write_packed(tokenized, kind: str, cfg: Config, pad_id: int, path: Path) -> 
     schema = pa.schema([(c, types.get(c, pa.list_(pa.int32(), s))) for c in columns])
     packer = ChatPacker(s, pad_id, cfg.drop_long_examples, one_per_block=padded) if labelled else TextPacker(s)
     stats = {"examples": len(tokenized), "tokens": 0, "blocks": 0, "packed_tokens": 0, "padded": padded}
+    stats["trained_tokens"] = 0  # tokens that carry loss: labelled, and not a segment's first (block_labels)
+    if kind != "text":
+        stats.update(roles=dict.fromkeys(CHAT_ROLES, 0), per_reply=0, repeated_tokens=0, hidden_reasoning=0)
     last_report = time.monotonic()
 
     def write(writer, blocks: dict) -> None:
@@ -1619,10 +1829,18 @@ def write_packed(tokenized, kind: str, cfg: Config, pad_id: int, path: Path) -> 
         writer.write_batch(pa.record_batch(arrays, schema=schema))
         stats["blocks"] += n
         stats["packed_tokens"] += int(np.sum(blocks["num_tokens"])) if labelled else n * s
+        trained = np.asarray(blocks["position_ids"]) != 0
+        if labelled:
+            trained &= np.asarray(blocks["labels"]) != -100
+        stats["trained_tokens"] += int(trained.sum())
 
     skipped, rows_seen = {}, 0
     with pa.OSFile(str(path), "wb") as f, pa.ipc.new_stream(f, schema) as writer:
         for table in tokenized.with_format("arrow").iter(batch_size=10_000):
+            if "first_kept_row" not in stats and "skipped" in table.column_names:
+                kept = pc.equal(table.column("skipped"), "")
+                if pc.any(kept).as_py():
+                    stats["first_kept_row"] = rows_seen + int(pc.index(kept, True).as_py())
             table, rows_seen = drop_skipped(table, rows_seen, skipped), rows_seen + len(table)
             ids, lengths = list_columns(table, "input_ids")
             stats["tokens"] += int(lengths.sum())
@@ -1631,7 +1849,9 @@ def write_packed(tokenized, kind: str, cfg: Config, pad_id: int, path: Path) -> 
             elif kind == "text":
                 write(writer, packer.add(document_pieces(ids, ids, lengths, s)))
             else:
-                write(writer, packer.add(document_pieces(ids, list_columns(table, "labels")[0], lengths, None)))
+                parts, per_row = list_columns(table, "parts")
+                count_conversations(table, parts, per_row, stats)
+                write(writer, packer.add(document_pieces(ids, list_columns(table, "labels")[0], parts, None)))
             if time.monotonic() - last_report > 30:
                 log.info(f"Packed {stats['blocks']:,} blocks so far")
                 last_report = time.monotonic()
@@ -1642,8 +1862,24 @@ def write_packed(tokenized, kind: str, cfg: Config, pad_id: int, path: Path) -> 
         stats["dropped_tokens"] = packer.leftover
     else:
         stats.update(long_examples=packer.long_examples, long_tokens_lost=packer.long_tokens_lost)
+        stats["cut_untrained"] = packer.cut_untrained
         stats["dropped_tokens"] = stats["tokens"] - stats["packed_tokens"]
     return stats
+
+
+def count_conversations(table, parts: np.ndarray, per_row: np.ndarray, stats: dict) -> None:
+    """Add a tokenized chat batch's messages per role, the conversations trained one reply at a time and the context
+    tokens that repeats (every example of such a conversation but its last, which is the whole conversation)."""
+    import pyarrow.compute as pc
+
+    roles = list_columns(table, "roles")[0].reshape(-1, len(CHAT_ROLES)).sum(axis=0)
+    for role, n in zip(CHAT_ROLES, roles, strict=True):
+        stats["roles"][role] += int(n)
+    last = np.zeros(len(parts), dtype=bool)
+    last[np.cumsum(per_row)[per_row > 0] - 1] = True
+    stats["per_reply"] += int(np.sum(per_row > 1))
+    stats["repeated_tokens"] += int(parts[~last].sum())
+    stats["hidden_reasoning"] += int(pc.sum(table.column("hidden_reasoning")).as_py() or 0)
 
 
 def drop_skipped(table, first_row: int, skipped: dict):
@@ -1701,6 +1937,27 @@ def describe_packing(stats: dict, role: str, cfg: Config) -> str:
             f"; {stats['long_examples']:,} examples longer than --seq-length {cfg.seq_length} {how}, "
             f"{stats['long_tokens_lost']:,} tokens lost"
         )
+        if stats.get("cut_untrained"):
+            line += f" ({stats['cut_untrained']:,} dropped: no trained token before the cut)"
+    if "trained_tokens" in stats:
+        share = stats["trained_tokens"] / max(stats["packed_tokens"], 1)
+        line += f"\n  trained: {stats['trained_tokens']:,} tokens carry loss ({share:.1%} of those packed)"
+    roles = {role: n for role, n in stats.get("roles", {}).items() if n}
+    if roles:
+        line += "; messages: " + ", ".join(f"{n:,} {role}" for role, n in roles.items())
+    if stats.get("end_of_turn") is not None:
+        line += f"; a reply's trained span ends with {stats['end_of_turn']!r}"
+    if stats.get("per_reply"):
+        line += (
+            f"; the chat template rewrites earlier turns, so {stats['per_reply']:,} conversations were trained one "
+            f"reply at a time, each in the context the model had when writing it: {stats['repeated_tokens']:,} "
+            f"context tokens repeated ({stats['repeated_tokens'] / max(stats['tokens'], 1):.1%} of the tokens)"
+        )
+    if stats.get("hidden_reasoning"):
+        line += (
+            f"; {stats['hidden_reasoning']:,} replies' reasoning_content is not shown by the chat template, so not "
+            "trained"
+        )
     return line
 
 
@@ -1718,10 +1975,13 @@ def build_packed_cache(cfg: Config, tokenizer, ds, role: str, kind: str, templat
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we parallelise with processes instead
+        keys = parse_chat_columns(cfg.chat_columns)
         if kind == "text":
             fn = partial(tokenize_documents, tokenizer=tokenizer)
         else:
-            fn = partial(tokenize_chat_batch, tokenizer=tokenizer, template=template, kind=kind)
+            train_all = cfg.train_on == "all"
+            fn = partial(tokenize_chat_batch, tokenizer=tokenizer, template=template, kind=kind, keys=keys,
+                         train_all=train_all)  # fmt: skip
         num_proc = worker_count(len(ds))
         log.info(f"Tokenizing {len(ds):,} {role} {kind} examples with {num_proc or 1} process(es) into {cache}")
         tokenized = ds.map(
@@ -1739,10 +1999,18 @@ def build_packed_cache(cfg: Config, tokenizer, ds, role: str, kind: str, templat
         del tokenized
         if stats.get("skipped") and sum(v for k, v in stats["skipped"].items() if k != "first") == len(ds):
             raise InputError(f"no {role} row can be trained: {describe_skipped(stats['skipped'])}")
+        if stats["blocks"] == 0 and stats.get("long_examples"):
+            raise InputError(
+                f"no {role} example fits in --seq-length {cfg.seq_length}: {describe_packing(stats, role, cfg)}"
+            )
         if stats["blocks"] == 0:
             raise InputError(
                 f"the {role} data has {stats['tokens']:,} tokens, fewer than one block of --seq-length {cfg.seq_length}"
             )
+        if stats["trained_tokens"] == 0:
+            raise InputError(f"no token of the {role} data carries loss: {describe_packing(stats, role, cfg)}")
+        if kind != "text":
+            stats["end_of_turn"] = end_of_turn(ds[stats["first_kept_row"]], kind, tokenizer, template, keys)
         info = {"role": role, "kind": kind, "dataset": cfg.dataset_name, "seq_length": cfg.seq_length}
         write_json_atomic(tmp / "info.json", {**info, "tokenizer": cfg.model_name, **stats})
         shutil.rmtree(tmp / "map")
@@ -1783,14 +2051,18 @@ def prepare_data(cfg: Config, d: Dist | None, tokenizer, ds, role: str):
     big corpus is not bounded by --dist-timeout (SAVE_DIR must be shared by all nodes, as for checkpoints).
     """
     kind = dataset_kind(ds, role)
-    template = chat_template_for(cfg, tokenizer) if kind != "text" else None
-    if kind != "text" and not template:
+    # Plain prompt/completion text is trained as written; conversations are rendered by a chat template.
+    chat = kind in ("messages", "alpaca") or (kind == "prompt" and not isinstance(ds[0]["prompt"], str))
+    template = chat_template_for(cfg, tokenizer) if chat else None
+    if chat and not template:
         raise InputError(
             f"the {role} data is chat/instruction data but the tokenizer has no chat template; "
             "pass --chat-template configs/chatml.jinja (or another Jinja template)"
         )
     extra = f"{role}|{kind}|{template or ''}|drop_long={cfg.drop_long_examples and kind != 'text'}"
     extra += "|padded" if cfg.packing == "padded" else ""
+    if kind != "text":
+        extra += f"|columns={cfg.chat_columns}|train_on={cfg.train_on}"
     cache = Path(cfg.save_dir) / ".cache" / "tokenized" / data_cache_key(ds, tokenizer, cfg.seq_length, extra)
     # Rank 0's view decides for all (a rank on another node may see a new folder later): one quick collective that
     # also names this job's failure marker, so a stale one is never read.
@@ -2388,8 +2660,8 @@ def clean_stale_temp(cfg: Config) -> None:
 # What a run trains on and with: a rerun that changes any of these is another job. Resuming the old one's checkpoint
 # would mix two runs in one loss curve and one export, so it is refused unless --resume-from asks for it.
 RUN_IDENTITY = (
-    "dataset_name", "val_dataset", "val_split", "model_name", "seq_length", "chat_template", "drop_long_examples",
-    "packing", "seed", "optimizer",
+    "dataset_name", "val_dataset", "val_split", "model_name", "seq_length", "chat_template", "chat_columns",
+    "train_on", "drop_long_examples", "packing", "seed", "optimizer",
 )  # fmt: skip
 # Settings that change when a run stops, logs or saves, or how fast it runs, but no number it trains.
 RUN_CADENCE = (
@@ -4192,18 +4464,56 @@ def export_main(argv: list[str]) -> int:
     return 0
 
 
+def show_examples(data, tokenizer, n: int) -> str:
+    """The first `n` packed examples (segments) of the blocks as text, the tokens that carry loss between [[ and ]]:
+    the mask exactly as training applies it (block_labels), truncation and all."""
+    out = [f"The first {n} examples as packed; [[ ]] marks the tokens that carry loss:"]
+    shown = 0
+    for b in range(len(data)):
+        row = data[b]
+        ids, positions = row["input_ids"], row["position_ids"]
+        trained = block_labels(row.get("labels", ids), positions) != -100
+        real = int(row["num_tokens"]) if "num_tokens" in row else len(ids)
+        starts = [*(positions[:real] == 0).nonzero().flatten().tolist(), real]
+        for a, z in itertools.pairwise(starts):
+            if shown == n:
+                return "\n".join(out)
+            shown += 1
+            out.append(f"--- example {shown} (block {b}, {z - a} tokens, {int(trained[a:z].sum())} trained) ---")
+            text, cut = "", a
+            for t in range(a + 1, z + 1):  # runs of tokens with the same mark, each decoded whole
+                if t == z or trained[t] != trained[cut]:
+                    piece = tokenizer.decode(ids[cut:t].tolist())
+                    text += f"[[{piece}]]" if trained[cut] else piece
+                    cut = t
+            out.append(text)
+    return "\n".join(out)
+
+
 def prepare_main(argv: list[str]) -> int:
     """`fsdp_train.py prepare [training flags]`: tokenize and pack the training (and validation) data into
     SAVE_DIR/.cache, then exit. No process group and no GPU: a cluster runs it as a CPU job before the GPU job, which
     then finds the cache and starts in seconds. Takes the same flags as training; the cache key uses only the data,
-    tokenizer, --seq-length, --val-split/--val-dataset, --seed, --chat-template and --drop-long-examples."""
+    tokenizer, --seq-length, --val-split/--val-dataset, --seed, the chat flags and --drop-long-examples.
+
+    --show N prints the first N training examples as packed, with the tokens that carry loss marked, to check the
+    chat template and the mask before paying for GPUs."""
     setup_logging(0)
     try:
+        show = 0
+        if "--show" in argv:
+            at = argv.index("--show")
+            value = argv[at + 1] if at + 1 < len(argv) else ""
+            if not value.isdigit():
+                raise InputError(f"--show takes a number of examples, got {value!r}")
+            show, argv = int(value), argv[:at] + argv[at + 2 :]
         cfg = parse_args(argv, prog="fsdp_train.py prepare", description=prepare_main.__doc__)
         quiet_library_progress_bars()
         tokenizer = load_tokenizer(cfg.model_name, cfg.trust_remote_code)
         train_raw, val_raw = load_datasets(cfg)
-        prepare_data(cfg, None, tokenizer, train_raw, "train")
+        train_data = prepare_data(cfg, None, tokenizer, train_raw, "train")
+        if show:
+            print(show_examples(train_data, tokenizer, show))
         if val_raw is not None:
             prepare_data(cfg, None, tokenizer, val_raw, "validation")
     except JobError as e:

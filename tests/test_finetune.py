@@ -61,7 +61,9 @@ def test_chat_labels_keep_assistant_content_and_end_of_turn(prep):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(prep["model"])
-    ids, labels = ft.chat_example(CONVERSATION, tok, CHATML)
+    example = ft.chat_example(CONVERSATION, tok, CHATML)
+    ids, labels = example["ids"], example["labels"]
+    assert example["parts"] == [len(ids)]  # ChatML renders history as it was: one example, both replies trained
     assert len(ids) == len(labels)
     assert tok.decode(ids) == tok.apply_chat_template(CONVERSATION, chat_template=CHATML, tokenize=False)
     trained = tok.decode([i for i, lab in zip(ids, labels, strict=True) if lab != -100])

@@ -39,7 +39,7 @@ def test_rows_with_null_non_string_or_empty_fields_are_skipped_and_counted(prep,
     chat.append({"messages": None})
     proc = ok(
         _prepare(
-            prep, tmp_path, capfd, _jsonl(tmp_path / "chat.jsonl", chat), "--chat-template", "configs/chatml.jinja"
+            prep, tmp_path, capfd, _jsonl(tmp_path / "chat.jsonl", chat), "--chat-template", "configs/chatml.jinja", "-s", 64
         )
     )
     assert (
@@ -50,7 +50,7 @@ def test_rows_with_null_non_string_or_empty_fields_are_skipped_and_counted(prep,
     alpaca = [{"instruction": "Say hi", "output": "hi"}, {"instruction": None, "output": "x"}]
     proc = ok(
         _prepare(
-            prep, tmp_path, capfd, _jsonl(tmp_path / "alpaca.jsonl", alpaca), "--chat-template", "configs/chatml.jinja"
+            prep, tmp_path, capfd, _jsonl(tmp_path / "alpaca.jsonl", alpaca), "--chat-template", "configs/chatml.jinja", "-s", 64
         )
     )
     assert "1 rows skipped (1 where 'instruction' is null; first: row 1" in proc.stdout

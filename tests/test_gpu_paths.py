@@ -199,7 +199,8 @@ def test_position_zero_is_never_a_target_in_chat_blocks(prep):
         "{% for m in messages %}{% if m.role == 'assistant' %}{{ m.content }}{{ eos_token }}{% endif %}{% endfor %}"
     )
     conv = [{"role": "user", "content": "why"}, {"role": "assistant", "content": "because the sea"}]
-    ids, labels = ft.chat_example(conv, tok, template)
+    example = ft.chat_example(conv, tok, template)
+    ids, labels = example["ids"], example["labels"]
     assert labels[0] != -100  # the template leaks: the first token is an assistant token
     block = ft.pack_examples([(ids, labels), (ids, labels)], seq_length=2 * len(ids) + 3, pad_id=0)
     data = datasets.Dataset.from_dict(block).with_format("torch")
