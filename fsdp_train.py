@@ -1451,7 +1451,7 @@ class ExampleProblem(Exception):
 
 
 def an(word: str) -> str:
-    return f"{'an' if word[:1] in 'aeiou' else 'a'} {word}"
+    return f"{'an' if word[:1] in 'aeio' else 'a'} {word}"  # a user, an assistant
 
 
 def normalize_messages(raw, keys: dict) -> list[dict]:
