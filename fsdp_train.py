@@ -4467,7 +4467,7 @@ def export_main(argv: list[str]) -> int:
 def show_examples(data, tokenizer, n: int) -> str:
     """The first `n` packed examples (segments) of the blocks as text, the tokens that carry loss between [[ and ]]:
     the mask exactly as training applies it (block_labels), truncation and all."""
-    out = [f"The first {n} examples as packed; [[ ]] marks the tokens that carry loss:"]
+    out = [f"The first {n} training example(s) as packed; [[ ]] marks the tokens that carry loss:"]
     shown = 0
     for b in range(len(data)):
         row = data[b]

@@ -53,14 +53,25 @@ CONVERSATIONS = [
         _reply("<think>Wild yeast is slower still.</think>Often overnight."),
     ],
     [_user("Who lit the lamp?"), _reply("The keeper, at dusk.", "The story says so.")],
-    [_user("Name a root."), _reply("A carrot."), _user("Another?"), _reply("A beet."), _user("One more?"),
-     _reply("A parsnip.", "Keep it short.")],  # fmt: skip
+    [
+        _user("Name a root."),
+        _reply("A carrot."),
+        _user("Another?"),
+        _reply("A beet."),
+        _user("One more?"),
+        _reply("A parsnip.", "Keep it short."),
+    ],  # fmt: skip
 ]
 
 
 def _jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def _prepare(prep, capfd, save_dir, data, *extra):
+    """`fsdp_train.py prepare` in this process."""
+    return in_process(capfd, ["prepare", *train_args(prep, save_dir, "p", *extra, data=data)])
 
 
 def _render(tok, template, messages, prompt=False):
@@ -128,8 +139,7 @@ def test_the_formats_users_hold_train_their_replies_only(prep, tmp_path, capfd):
 
     def show(name, rows, *extra):
         data = _jsonl(tmp_path / f"{name}.jsonl", rows)
-        argv = ["prepare", "--show", 1, *train_args(prep, tmp_path / name, "p", "-s", 256, *extra, data=data)]
-        return ok(in_process(capfd, argv))
+        return ok(_prepare(prep, capfd, tmp_path / name, data, "-s", 256, "--show", 1, *extra))
 
     plain = [{"prompt": "Q: Who baked the bread?\nA:", "completion": " The miller's wife."}] * 2
     assert _shown(show("plain", plain)) == [" The miller's wife.<|endoftext|>"]  # no chat template needed
@@ -170,8 +180,7 @@ def test_the_formats_users_hold_train_their_replies_only(prep, tmp_path, capfd):
     no_tools.write_text("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
                         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")  # fmt: skip
     line = assert_single_error(
-        in_process(capfd, ["prepare", *train_args(prep, tmp_path / "nt", "p", "--chat-template", no_tools,
-                                                  data=tmp_path / "tools.jsonl")]),  # fmt: skip
+        _prepare(prep, capfd, tmp_path / "nt", tmp_path / "tools.jsonl", "--chat-template", no_tools),
         "no train row can be trained",
     )
     assert "2 where the chat template does not show an assistant's tool_calls" in line
@@ -181,14 +190,12 @@ def test_the_formats_users_hold_train_their_replies_only(prep, tmp_path, capfd):
     assert _shown(show("own", own * 2, "--chat-template", CHATML, "--chat-columns", mapping)) == [
         "Until six.<|im_end|>\n"
     ]
-    unmapped = in_process(capfd, ["prepare", *train_args(prep, tmp_path / "u", "p", data=tmp_path / "own.jsonl")])
+    unmapped = _prepare(prep, capfd, tmp_path / "u", tmp_path / "own.jsonl")
     assert_single_error(unmapped, "has none of the columns we train on")
     assert "--chat-columns, e.g. messages=dialog" in unmapped.stdout
 
 
-def test_rows_that_train_nothing_are_skipped_by_reason_and_a_set_that_trains_nothing_is_an_error(
-    prep, tmp_path, capfd
-):
+def test_rows_that_train_nothing_are_skipped_by_reason_and_an_untrainable_set_is_an_error(prep, tmp_path, capfd):
     good = [_user("Who lit the lamp?"), _reply("The keeper.")]
     rows = [
         {"messages": good},
@@ -200,8 +207,7 @@ def test_rows_that_train_nothing_are_skipped_by_reason_and_a_set_that_trains_not
         {"messages": good},
     ]
     data = _jsonl(tmp_path / "mixed.jsonl", rows)
-    argv = ["prepare", *train_args(prep, tmp_path / "m", "p", "--chat-template", CHATML, "-s", 64, data=data)]
-    proc = ok(in_process(capfd, argv))
+    proc = ok(_prepare(prep, capfd, tmp_path / "m", data, "--chat-template", CHATML, "-s", 64))
     for reason in (
         "1 where an assistant message's 'content' is null",
         "1 where a user message's 'content' is empty",
@@ -231,7 +237,6 @@ def test_rows_that_train_nothing_are_skipped_by_reason_and_a_set_that_trains_not
     endless.write_text("{% for m in messages %}{{ m.role }}: {{ m.content }}{% endfor %}"
                        "{% if add_generation_prompt %}assistant: {% endif %}")  # fmt: skip
     assert_single_error(
-        in_process(capfd, ["prepare", *train_args(prep, tmp_path / "e", "p", "--chat-template", endless,
-                                                  data=tmp_path / "mixed.jsonl")]),  # fmt: skip
+        _prepare(prep, capfd, tmp_path / "e", tmp_path / "mixed.jsonl", "--chat-template", endless),
         "the chat template writes nothing after an assistant's reply inside its turn",
     )

@@ -37,22 +37,15 @@ def test_rows_with_null_non_string_or_empty_fields_are_skipped_and_counted(prep,
     chat = [{"messages": [{"role": "user", "content": "Who lit the lamp?"}, {"role": "assistant", "content": c}]}
             for c in ["The keeper.", None, "", "At dusk."]]  # fmt: skip
     chat.append({"messages": None})
-    proc = ok(
-        _prepare(
-            prep, tmp_path, capfd, _jsonl(tmp_path / "chat.jsonl", chat), "--chat-template", "configs/chatml.jinja", "-s", 64
-        )
-    )
+    chatml = ["--chat-template", "configs/chatml.jinja", "-s", 64]  # -s 64: each conversation fits a block
+    proc = ok(_prepare(prep, tmp_path, capfd, _jsonl(tmp_path / "chat.jsonl", chat), *chatml))
     assert (
         "3 rows skipped (1 where 'messages' is null or empty, 1 where an assistant message's 'content' is empty, "
         "1 where an assistant message's 'content' is null; first: row 1: an assistant message's 'content' is null)"
     ) in proc.stdout
 
     alpaca = [{"instruction": "Say hi", "output": "hi"}, {"instruction": None, "output": "x"}]
-    proc = ok(
-        _prepare(
-            prep, tmp_path, capfd, _jsonl(tmp_path / "alpaca.jsonl", alpaca), "--chat-template", "configs/chatml.jinja", "-s", 64
-        )
-    )
+    proc = ok(_prepare(prep, tmp_path, capfd, _jsonl(tmp_path / "alpaca.jsonl", alpaca), *chatml))
     assert "1 rows skipped (1 where 'instruction' is null; first: row 1" in proc.stdout
 
     bad = _jsonl(tmp_path / "bad.jsonl", [{"text": None}, {"text": ""}])
