@@ -438,6 +438,8 @@ def load_config_file(path: str) -> dict:
             close = difflib.get_close_matches(name, list(fields), n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise InputError(f"unknown key '{key}' in --config {path}{hint}")
+        if name == "chat_columns" and isinstance(value, dict):  # its NAME=YOURS pairs as a YAML mapping
+            value = ",".join(f"{ours}={theirs}" for ours, theirs in value.items())
         try:  # through the flag's own parser, so `on`, `true` and 1e-4 mean what they mean on the command line
             values[name] = _kind(fields[name])(str(value).lower() if isinstance(value, bool) else str(value))
         except (ValueError, argparse.ArgumentTypeError) as e:
@@ -1327,7 +1329,7 @@ def dataset_kind(ds, name: str) -> str:
     raise InputError(
         f"dataset '{name}' has none of the columns we train on: 'text' (documents), 'messages' or 'conversations' "
         f"(chat), 'prompt'+'completion', 'instruction'+'output'; it has {', '.join(sorted(columns))} "
-        "(name yours with --chat-columns, e.g. messages=dialog)"
+        f"(name yours with --chat-columns, e.g. text={min(columns)} or messages={min(columns)})"
     )
 
 
@@ -1450,7 +1452,7 @@ class ExampleProblem(Exception):
     """Why one row cannot be trained: it is skipped and counted under this reason."""
 
 
-def an(word: str) -> str:
+def with_article(word: str) -> str:
     return f"{'an' if word[:1] in 'aeio' else 'a'} {word}"  # a user, an assistant
 
 
@@ -1481,7 +1483,7 @@ def normalize_messages(raw, keys: dict) -> list[dict]:
         problem = text_problem(content)
         # An empty system prompt or tool result is data; an empty question or reply would train an empty answer.
         if problem and not (problem == "empty" and (role in ("system", "tool") or (role == "assistant" and calls))):
-            raise ExampleProblem(f"{an(role)} message's 'content' is {problem}")
+            raise ExampleProblem(f"{with_article(role)} message's 'content' is {problem}")
         out.append({"role": role, "content": content, **m})
     if out[-1]["role"] != "assistant":
         raise ExampleProblem("the conversation does not end with an assistant reply")
@@ -1543,10 +1545,12 @@ def chat_example(
             raise ExampleProblem("the chat template's generation prompt is not the start of its assistant turn")
         reply = turn[len(prompt) :]
         for call in message.get("tool_calls") or []:
-            name = (call.get("function") or {}).get("name") if isinstance(call, dict) else None
+            name = (call.get("function") or call).get("name") if isinstance(call, dict) else None  # OpenAI's or flat
             if name and name not in reply:
                 raise ExampleProblem("the chat template does not show an assistant's tool_calls")
         reasoning = message.get("reasoning_content")
+        if not reasoning and "</think>" in message["content"]:  # reasoning written into the content
+            reasoning = message["content"].split("</think>")[0].split("<think>")[-1]
         hidden += isinstance(reasoning, str) and bool(reasoning.strip()) and reasoning.strip() not in reply
         turns.append((turn, len(prompt)))
     if all(text.startswith(turn) for turn, _ in turns):
@@ -1954,10 +1958,7 @@ def describe_packing(stats: dict, role: str, cfg: Config) -> str:
             f"context tokens repeated ({stats['repeated_tokens'] / max(stats['tokens'], 1):.1%} of the tokens)"
         )
     if stats.get("hidden_reasoning"):
-        line += (
-            f"; {stats['hidden_reasoning']:,} replies' reasoning_content is not shown by the chat template, so not "
-            "trained"
-        )
+        line += f"; {stats['hidden_reasoning']:,} replies' reasoning is not shown by the chat template, so not trained"
     return line
 
 

@@ -125,7 +125,7 @@ def test_each_reply_trains_as_the_template_shows_it_at_inference(prep, tmp_path,
     blocks = ft.load_packed(next((tmp_path / ".cache" / "tokenized").iterdir()))
     trained = tok.decode(torch.cat([b["input_ids"][b["labels"] != -100] for b in blocks]))
     assert ("Yeast is slow in a cool kitchen." in trained) == (template == "think")
-    assert ("9 replies' reasoning_content is not shown by the chat template" in proc.stdout) == (template == "chatml")
+    assert ("9 replies' reasoning is not shown by the chat template" in proc.stdout) == (template == "chatml")
 
 
 def _shown(proc) -> list[str]:
@@ -190,9 +190,27 @@ def test_the_formats_users_hold_train_their_replies_only(prep, tmp_path, capfd):
     assert _shown(show("own", own * 2, "--chat-template", CHATML, "--chat-columns", mapping)) == [
         "Until six.<|im_end|>\n"
     ]
+    yaml_form = tmp_path / "own.yaml"  # the same map as a --config file's mapping
+    yaml_form.write_text("chat_columns:\n  messages: dialog\n  role: speaker\n  content: text\n  user: customer\n"
+                         "  assistant: agent\n")  # fmt: skip
+    proc = ok(
+        _prepare(
+            prep,
+            capfd,
+            tmp_path / "y",
+            tmp_path / "own.jsonl",
+            "--config",
+            yaml_form,
+            "--show",
+            1,
+            "--chat-template",
+            CHATML,
+        )
+    )
+    assert _shown(proc) == ["Until six.<|im_end|>\n"]
     unmapped = _prepare(prep, capfd, tmp_path / "u", tmp_path / "own.jsonl")
     assert_single_error(unmapped, "has none of the columns we train on")
-    assert "--chat-columns, e.g. messages=dialog" in unmapped.stdout
+    assert "--chat-columns, e.g. text=dialog or messages=dialog" in unmapped.stdout
 
 
 def test_rows_that_train_nothing_are_skipped_by_reason_and_an_untrainable_set_is_an_error(prep, tmp_path, capfd):

@@ -447,7 +447,10 @@ def _make_dataset(path: Path, rows: dict) -> Path:
 BAD_INPUTS = {
     "missing dataset": (lambda p, t: ["-d", t / "nope"], "cannot load dataset"),
     "missing model": (lambda p, t: ["-m", t / "no-model"], "does not exist"),
-    "no text column": (lambda p, t: ["-d", _make_dataset(t / "ds", {"body": ["a b c"]})], "has no 'text' column"),
+    "no text column": (
+        lambda p, t: ["-d", _make_dataset(t / "ds", {"body": ["a b c"]})],
+        "it has body (name yours with --chat-columns, e.g. text=body",
+    ),
     "empty dataset": (lambda p, t: ["-d", _make_dataset(t / "ds", {"text": []})], "is empty"),
     "shorter than one block": (
         lambda p, t: ["--fresh", "-d", _make_dataset(t / "ds", {"text": ["hi"]})],  # refused before the move
