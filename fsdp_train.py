@@ -1300,7 +1300,7 @@ def rename_columns(ds, name: str, columns: dict):
     what we call 'messages'."""
     have = set(ds.column_names)
     renames = dict(columns)
-    if "conversations" in have and "messages" not in have and "messages" not in renames.values():
+    if "conversations" in have and "messages" not in have and not renames:
         renames.setdefault("conversations", "messages")
     missing = sorted(c for c in renames if c not in have)
     if missing:
@@ -1312,6 +1312,16 @@ def rename_columns(ds, name: str, columns: dict):
     if clash:
         raise InputError(f"dataset '{name}' already has column(s) {', '.join(clash)} that --chat-columns maps onto")
     return ds.rename_columns(renames) if renames else ds
+
+
+def column_hint(columns: set) -> str:
+    """A --chat-columns example for a dataset's own column names."""
+    answer = next((c for c in ("response", "answer", "output", "chosen") if c in columns), None)
+    if "prompt" in columns and answer:
+        return f"completion={answer}"
+    if "question" in columns and answer:
+        return f"prompt=question,completion={answer}"
+    return f"text={min(columns)} or messages={min(columns)}"
 
 
 def dataset_kind(ds, name: str) -> str:
@@ -1329,7 +1339,7 @@ def dataset_kind(ds, name: str) -> str:
     raise InputError(
         f"dataset '{name}' has none of the columns we train on: 'text' (documents), 'messages' or 'conversations' "
         f"(chat), 'prompt'+'completion', 'instruction'+'output'; it has {', '.join(sorted(columns))} "
-        f"(name yours with --chat-columns, e.g. text={min(columns)} or messages={min(columns)})"
+        f"(name yours with --chat-columns, e.g. {column_hint(columns)})"
     )
 
 
@@ -1456,27 +1466,73 @@ def with_article(word: str) -> str:
     return f"{'an' if word[:1] in 'aeio' else 'a'} {word}"  # a user, an assistant
 
 
+def drop_nulls(value):
+    """`value` without the keys Arrow filled with null because other rows have them (a file's tool calls share one
+    struct type, so each call would otherwise carry every other call's argument names as nulls)."""
+    if isinstance(value, dict):
+        return {k: drop_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [drop_nulls(v) for v in value]
+    return value
+
+
+def parse_json_field(value, name: str):
+    """A field that some formats store as a JSON string (ShareGPT's tools and function calls) as its value."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        raise ExampleProblem(f"'{name}' is a string but not JSON") from None
+
+
+def text_of_parts(content):
+    """OpenAI's content parts ([{"type": "text", "text": ...}]) as the text they hold; other content as it is."""
+    if isinstance(content, list) and content and all(isinstance(p, dict) and "text" in p for p in content):
+        if any(p.get("type", "text") != "text" for p in content):
+            raise ExampleProblem("a message's content has parts that are not text")
+        return "".join(p["text"] for p in content if isinstance(p["text"], str))
+    return content
+
+
+def tool_call_name(call) -> str | None:
+    """The function name of a tool call, OpenAI's nested shape or a flat one."""
+    if not isinstance(call, dict):
+        return None
+    fn = call.get("function")
+    return fn.get("name") if isinstance(fn, dict) else call.get("name")
+
+
 def normalize_messages(raw, keys: dict) -> list[dict]:
     """A row's messages as chat templates take them: role and content under those names, ShareGPT's from/value and
-    role names mapped, keys that Arrow filled with null for this row dropped. ExampleProblem when the row is not a
-    conversation we can train: a bad role or content, or no assistant reply at the end."""
+    role names mapped (its function_call turns as tool_calls), text content parts joined, keys that Arrow filled
+    with null for this row dropped. ExampleProblem when the row is not a conversation we can train: a bad role or
+    content, or no assistant reply at the end."""
     if not isinstance(raw, list) or not raw:
         raise ExampleProblem("'messages' is null or empty" if not raw else "'messages' is not a list")
     out = []
     for m in raw:
         if not isinstance(m, dict):
             raise ExampleProblem("a message is not an object")
-        m = {k: v for k, v in m.items() if v is not None}
+        m = drop_nulls(m)
         sharegpt = "role" not in m and "from" in m
-        role = m.pop(keys["role"] or ("from" if sharegpt else "role"), None)
-        content = m.pop(keys["content"] or ("value" if sharegpt else "content"), None)
-        if not isinstance(role, str):
+        name = m.pop(keys["role"] or ("from" if sharegpt else "role"), None)
+        content = text_of_parts(m.pop(keys["content"] or ("value" if sharegpt else "content"), None))
+        if not isinstance(name, str):
             raise ExampleProblem("a message has no role")
-        role = keys["roles"].get(role, ROLE_ALIASES.get(role, role))
+        role = keys["roles"].get(name, ROLE_ALIASES.get(name, name))
         if role not in CHAT_ROLES:
             raise ExampleProblem(
-                f"a message's role '{role}' is unknown (name it with --chat-columns, e.g. user={role})"
+                f"a message's role '{role}' is unknown (name it with --chat-columns, e.g. assistant={role} or "
+                f"user={role})"
             )
+        if name == "function_call" and "tool_calls" not in m:  # ShareGPT: the call as JSON in the value
+            call = parse_json_field(content, "function_call")
+            m["tool_calls"], content = [{"type": "function", "function": call}], None
+        if "tool_calls" in m:
+            m["tool_calls"] = parse_json_field(m["tool_calls"], "tool_calls")
+            if not isinstance(m["tool_calls"], list) or not all(tool_call_name(c) for c in m["tool_calls"]):
+                raise ExampleProblem("an assistant message's 'tool_calls' is not a list of named calls")
         calls = m.get("tool_calls")
         if role == "assistant" and calls and content is None:
             content = ""  # a reply that only calls tools (OpenAI gives it null content); templates expect a string
@@ -1495,10 +1551,10 @@ def alpaca_to_messages(instruction: str, input: str | None, output: str) -> list
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
 
 
-def render_chat(tokenizer, template: str | None, messages: list[dict], prompt: bool = False) -> str:
+def render_chat(tokenizer, template: str | None, messages: list[dict], prompt: bool = False, tools=None) -> str:
     try:
         return tokenizer.apply_chat_template(
-            messages, chat_template=template, tokenize=False, add_generation_prompt=prompt
+            messages, tools=tools, chat_template=template, tokenize=False, add_generation_prompt=prompt
         )
     except Exception as e:  # noqa: BLE001 - a template's raise_exception, or its maths on this row's values
         raise ExampleProblem(f"the chat template cannot render it ({type(e).__name__}: {first_line(e)[:80]})") from e
@@ -1516,48 +1572,47 @@ def labelled_tokens(tokenizer, text: str, spans: list[tuple[int, int]]) -> tuple
 
 
 def chat_example(
-    messages: list[dict], tokenizer, template: str | None, train_from: int = 0, train_all: bool = False
+    messages: list[dict], tokenizer, template: str | None, train_from: int = 0, train_all: bool = False, tools=None
 ) -> dict:
-    """A conversation as training examples: {"ids", "labels", "parts" (each example's length), "hidden_reasoning"}.
+    """A conversation as training examples: {"ids", "labels", "parts" (each example's length), "hidden_reasoning",
+    "departs"}.
 
-    Each assistant reply (from message `train_from` on) is trained from the end of the conversation rendered up to
-    it with the generation prompt to the end of the conversation rendered through it: its reasoning and content as
-    the template shows them, and its end-of-turn tokens, learned so the model stops. When the template renders every
-    such prefix as a prefix of the whole conversation (ChatML), that is one example with all replies labelled.
-    Templates that rewrite earlier turns once a later user turn follows (Qwen3, DeepSeek-R1: reasoning kept only
-    after the last user query) give one example per reply instead: the conversation rendered through it, as the model
-    saw it when writing that reply; the repeated context is the cost, reported at packing. --train-on all labels
-    every token of the whole render.
+    Each assistant reply (from message `train_from` on, but not one with OpenAI's "weight": 0) is trained from the end
+    of the conversation rendered up to it with the generation prompt to the end of the conversation rendered through
+    it: its reasoning and content as the template shows them, and its end-of-turn tokens, learned so the model stops.
+    When the template renders every such prefix as a prefix of the whole conversation (ChatML), that is one example
+    with all replies labelled. Templates that rewrite earlier turns once a later user turn follows (Qwen3: reasoning
+    kept only after the last user query) give one example per reply instead: the conversation rendered through it, as
+    the model saw it when writing that reply; the repeated context is the cost, reported at packing. Where the
+    generation prompt is not how the template starts the turn (DeepSeek-R1's opens <think> but its turns show none),
+    the reply is trained from where the two part, as the template writes the turn; counted in `departs`.
+    --train-on all labels every token of the whole render. `tools` (the row's tool definitions) go to the template.
     """
-    text = render_chat(tokenizer, template, messages)
+    text = render_chat(tokenizer, template, messages, tools=tools)
     if train_all:
         ids, labels = labelled_tokens(tokenizer, text, [(0, len(text))])
-        return {"ids": ids, "labels": labels, "parts": [len(ids)], "hidden_reasoning": 0}
-    turns, hidden = [], 0  # (the conversation rendered through a reply, where the reply starts in it)
+        return {"ids": ids, "labels": labels, "parts": [len(ids)], "hidden_reasoning": 0, "departs": 0}
+    turns, hidden, departs = [], 0, 0  # (the conversation rendered through a reply, where the reply starts in it)
     for i, message in enumerate(messages):
-        if message["role"] != "assistant" or i < train_from:
+        if message["role"] != "assistant" or i < train_from or message.get("weight") == 0:
             continue
-        prompt, turn = (
-            render_chat(tokenizer, template, messages[:i], True),
-            render_chat(tokenizer, template, messages[: i + 1]),
-        )
-        if not turn.startswith(prompt):
-            raise ExampleProblem("the chat template's generation prompt is not the start of its assistant turn")
-        reply = turn[len(prompt) :]
-        for call in message.get("tool_calls") or []:
-            name = (call.get("function") or call).get("name") if isinstance(call, dict) else None  # OpenAI's or flat
-            if name and name not in reply:
-                raise ExampleProblem("the chat template does not show an assistant's tool_calls")
+        prompt = render_chat(tokenizer, template, messages[:i], True, tools)
+        turn = render_chat(tokenizer, template, messages[: i + 1], tools=tools)
+        start = len(prompt) if turn.startswith(prompt) else len(os.path.commonprefix([prompt, turn]))
+        departs += start < len(prompt)
+        reply = turn[start:]
+        if any(tool_call_name(call) not in reply for call in message.get("tool_calls") or []):
+            raise ExampleProblem("the chat template does not show an assistant's tool_calls")
         reasoning = message.get("reasoning_content")
         if not reasoning and "</think>" in message["content"]:  # reasoning written into the content
             reasoning = message["content"].split("</think>")[0].split("<think>")[-1]
         hidden += isinstance(reasoning, str) and bool(reasoning.strip()) and reasoning.strip() not in reply
-        turns.append((turn, len(prompt)))
+        turns.append((turn, start))
     if all(text.startswith(turn) for turn, _ in turns):
         examples = [(text, [(start, len(turn)) for turn, start in turns])]
     else:
         examples = [(turn, [(start, len(turn))]) for turn, start in turns]
-    out = {"ids": [], "labels": [], "parts": [], "hidden_reasoning": int(hidden)}
+    out = {"ids": [], "labels": [], "parts": [], "hidden_reasoning": int(hidden), "departs": int(departs)}
     for example_text, spans in examples:
         ids, labels = labelled_tokens(tokenizer, example_text, spans)
         out["ids"] += ids
@@ -1572,7 +1627,13 @@ def completion_example(prompt: str, completion: str, tokenizer, train_all: bool 
     p = tokenizer(prompt)["input_ids"]
     c = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     return {"ids": p + c, "labels": (p if train_all else [-100] * len(p)) + c, "parts": [len(p) + len(c)],
-            "hidden_reasoning": 0}  # fmt: skip
+            "hidden_reasoning": 0, "departs": 0}  # fmt: skip
+
+
+def row_tools(row: dict):
+    """The row's tool definitions (OpenAI's `tools` list, or ShareGPT's JSON string of it), for the template."""
+    tools = drop_nulls(parse_json_field(row.get("tools"), "tools"))
+    return tools or None
 
 
 def row_messages(row: dict, kind: str, keys: dict) -> tuple[list[dict] | None, int]:
@@ -1605,7 +1666,7 @@ def example_of_row(row: dict, kind: str, tokenizer, template: str | None, keys: 
         example = completion_example(row["prompt"], row["completion"], tokenizer, train_all)
         roles = {"user": 1, "assistant": 1}
     else:
-        example = chat_example(messages, tokenizer, template, train_from, train_all)
+        example = chat_example(messages, tokenizer, template, train_from, train_all, row_tools(row))
         roles = {r: sum(m["role"] == r for m in messages) for r in CHAT_ROLES}
     if all(label == -100 for label in example["labels"]):
         raise ExampleProblem("it has no assistant reply to train")
@@ -1617,47 +1678,65 @@ def tokenize_chat_batch(batch: dict, tokenizer, template: str | None, kind: str,
     """The rows' examples (example_of_row), one output row per input row: a conversation trained one reply at a time
     keeps its examples concatenated, their lengths in `parts`. A row that cannot be trained gets no tokens and the
     reason in `skipped`, like tokenize_documents."""
-    out = {"input_ids": [], "labels": [], "parts": [], "roles": [], "hidden_reasoning": [], "skipped": []}
+    out = {
+        "input_ids": [],
+        "labels": [],
+        "parts": [],
+        "roles": [],
+        "hidden_reasoning": [],
+        "departs": [],
+        "skipped": [],
+    }
     for j in range(len(next(iter(batch.values())))):
         row = {k: v[j] for k, v in batch.items()}
         try:
             example, reason = example_of_row(row, kind, tokenizer, template, keys, train_all), ""
         except ExampleProblem as e:
-            example = {"ids": [], "labels": [], "parts": [], "hidden_reasoning": 0, "roles": [0] * len(CHAT_ROLES)}
+            example = {"ids": [], "labels": [], "parts": [], "roles": [0] * len(CHAT_ROLES)}
+            example.update(hidden_reasoning=0, departs=0)
             reason = str(e)
         out["input_ids"].append(example["ids"])
         out["skipped"].append(reason)
-        for k in ("labels", "parts", "roles", "hidden_reasoning"):
+        for k in ("labels", "parts", "roles", "hidden_reasoning", "departs"):
             out[k].append(example[k])
     return out
 
 
-def end_of_turn(row: dict, kind: str, tokenizer, template: str | None, keys: dict) -> str | None:
+def end_of_turn(ds, first: int, kind: str, tokenizer, template: str | None, keys: dict) -> str | None:
     """What follows an assistant's reply inside its trained span (ChatML: <|im_end|> and a newline; a plain
-    completion: EOS): the tokens that teach the model to stop. None when the reply's text is not in its turn (a tool
-    call). InputError when the template writes nothing there: the model would never learn to end an answer."""
-    messages, _ = row_messages(row, kind, keys)
-    if messages is None:
-        return tokenizer.eos_token
-    prompt = render_chat(tokenizer, template, messages[:-1], True)
-    span = render_chat(tokenizer, template, messages)[len(prompt) :]
-    reply = messages[-1]["content"].split("</think>")[-1].strip()  # what follows reasoning, however it is shown
-    at = span.rfind(reply) if reply else -1
-    if at < 0:
-        return None
-    tail = span[at + len(reply) :]
-    if not tail:
-        raise InputError(
-            "the chat template writes nothing after an assistant's reply inside its turn, so a model trained on it "
-            "never learns to stop: end the assistant turn in the template (e.g. with {{ eos_token }})"
-        )
-    special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
-    if not special & set(tokenizer(tail, add_special_tokens=False)["input_ids"]):
-        log.warning(
-            f"An assistant turn ends with {tail!r}, which holds no special token of the tokenizer (its EOS is "
-            f"{tokenizer.eos_token!r}): generation stops there only if your inference stops on that text"
-        )
-    return tail
+    completion: EOS), on the first row from `first` whose last reply has text: the tokens that teach the model to
+    stop. None when no row of the first 100 shows it. InputError when the template writes nothing there: the model
+    would never learn to end an answer."""
+    for i in range(first, min(first + 100, len(ds))):
+        try:
+            messages, _ = row_messages(ds[i], kind, keys)
+            if messages is None:
+                return tokenizer.eos_token
+            tools = row_tools(ds[i])
+            prompt = render_chat(tokenizer, template, messages[:-1], True, tools)
+            turn = render_chat(tokenizer, template, messages, tools=tools)
+        except ExampleProblem:
+            continue
+        start = len(prompt) if turn.startswith(prompt) else len(os.path.commonprefix([prompt, turn]))
+        span = turn[start:]
+        reply = messages[-1]["content"].split("</think>")[-1].strip()  # what follows reasoning, however it is shown
+        at = span.find(reply) if reply else -1  # the first: a short reply can also occur inside the end marker
+        if at < 0:
+            continue
+        tail = span[at + len(reply) :]
+        if not tail:
+            raise InputError(
+                "the chat template writes nothing after an assistant's reply inside its turn, so a model trained on "
+                "it never learns to stop: end the assistant turn in the template (e.g. with {{ eos_token }})"
+            )
+        special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
+        if not special & set(tokenizer(tail, add_special_tokens=False)["input_ids"]):
+            log.warning(
+                f"An assistant turn ends with {tail!r}, which holds no special token of the tokenizer (its EOS is "
+                f"{tokenizer.eos_token!r}): generation stops there only if your inference stops on that text"
+            )
+        return tail
+    return None
 
 
 class ChatPacker:
@@ -1816,7 +1895,7 @@ def write_packed(tokenized, kind: str, cfg: Config, pad_id: int, path: Path) -> 
     stats = {"examples": len(tokenized), "tokens": 0, "blocks": 0, "packed_tokens": 0, "padded": padded}
     stats["trained_tokens"] = 0  # tokens that carry loss: labelled, and not a segment's first (block_labels)
     if kind != "text":
-        stats.update(roles=dict.fromkeys(CHAT_ROLES, 0), per_reply=0, repeated_tokens=0, hidden_reasoning=0)
+        stats.update(roles=dict.fromkeys(CHAT_ROLES, 0), per_reply=0, repeated_tokens=0, hidden_reasoning=0, departs=0)
     last_report = time.monotonic()
 
     def write(writer, blocks: dict) -> None:
@@ -1883,7 +1962,8 @@ def count_conversations(table, parts: np.ndarray, per_row: np.ndarray, stats: di
     last[np.cumsum(per_row)[per_row > 0] - 1] = True
     stats["per_reply"] += int(np.sum(per_row > 1))
     stats["repeated_tokens"] += int(parts[~last].sum())
-    stats["hidden_reasoning"] += int(pc.sum(table.column("hidden_reasoning")).as_py() or 0)
+    for name in ("hidden_reasoning", "departs"):
+        stats[name] += int(pc.sum(table.column(name)).as_py() or 0)
 
 
 def drop_skipped(table, first_row: int, skipped: dict):
@@ -1957,6 +2037,11 @@ def describe_packing(stats: dict, role: str, cfg: Config) -> str:
             f"reply at a time, each in the context the model had when writing it: {stats['repeated_tokens']:,} "
             f"context tokens repeated ({stats['repeated_tokens'] / max(stats['tokens'], 1):.1%} of the tokens)"
         )
+    if stats.get("departs"):
+        line += (
+            f"; {stats['departs']:,} replies' generation prompt is not how the template starts their turn (e.g. it "
+            "opens <think>), so they are trained from where the two part, as the template writes the turn"
+        )
     if stats.get("hidden_reasoning"):
         line += f"; {stats['hidden_reasoning']:,} replies' reasoning is not shown by the chat template, so not trained"
     return line
@@ -2011,7 +2096,7 @@ def build_packed_cache(cfg: Config, tokenizer, ds, role: str, kind: str, templat
         if stats["trained_tokens"] == 0:
             raise InputError(f"no token of the {role} data carries loss: {describe_packing(stats, role, cfg)}")
         if kind != "text":
-            stats["end_of_turn"] = end_of_turn(ds[stats["first_kept_row"]], kind, tokenizer, template, keys)
+            stats["end_of_turn"] = end_of_turn(ds, stats["first_kept_row"], kind, tokenizer, template, keys)
         info = {"role": role, "kind": kind, "dataset": cfg.dataset_name, "seq_length": cfg.seq_length}
         write_json_atomic(tmp / "info.json", {**info, "tokenizer": cfg.model_name, **stats})
         shutil.rmtree(tmp / "map")
@@ -2053,7 +2138,9 @@ def prepare_data(cfg: Config, d: Dist | None, tokenizer, ds, role: str):
     """
     kind = dataset_kind(ds, role)
     # Plain prompt/completion text is trained as written; conversations are rendered by a chat template.
-    chat = kind in ("messages", "alpaca") or (kind == "prompt" and not isinstance(ds[0]["prompt"], str))
+    chat = kind in ("messages", "alpaca") or (
+        kind == "prompt" and getattr(ds.features["prompt"], "dtype", "") not in ("string", "large_string")
+    )
     template = chat_template_for(cfg, tokenizer) if chat else None
     if chat and not template:
         raise InputError(
@@ -4502,7 +4589,7 @@ def prepare_main(argv: list[str]) -> int:
     setup_logging(0)
     try:
         show = 0
-        if "--show" in argv:
+        while "--show" in argv:  # the last one wins, like any flag
             at = argv.index("--show")
             value = argv[at + 1] if at + 1 < len(argv) else ""
             if not value.isdigit():

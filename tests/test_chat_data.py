@@ -139,7 +139,7 @@ def test_the_formats_users_hold_train_their_replies_only(prep, tmp_path, capfd):
 
     def show(name, rows, *extra):
         data = _jsonl(tmp_path / f"{name}.jsonl", rows)
-        return ok(_prepare(prep, capfd, tmp_path / name, data, "-s", 256, "--show", 1, *extra))
+        return ok(_prepare(prep, capfd, tmp_path / name, data, "-s", 256, "--show", 1, *extra))  # a later --show wins
 
     plain = [{"prompt": "Q: Who baked the bread?\nA:", "completion": " The miller's wife."}] * 2
     assert _shown(show("plain", plain)) == [" The miller's wife.<|endoftext|>"]  # no chat template needed
@@ -160,21 +160,33 @@ def test_the_formats_users_hold_train_their_replies_only(prep, tmp_path, capfd):
     assert _shown(proc) == ["The keeper.<|im_end|>\n"]
     assert "messages: 3 system, 3 user, 3 assistant; a reply's trained span ends with '<|im_end|>\\n'" in proc.stdout
 
-    call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
+    def call(name, **arguments):  # OpenAI's shape, arguments as an object (Arrow merges all calls' argument keys)
+        return {"id": "c1", "type": "function", "function": {"name": name, "arguments": arguments}}
+
+    definitions = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
     tools = [
         {
+            "tools": definitions,
             "messages": [
-                _user("Weather in Oslo?"),
-                {"role": "assistant", "content": None, "tool_calls": [call]},
-                {"role": "tool", "content": "4 C, rain", "tool_call_id": "c1"},
-                _reply("4 C and raining."),
-            ]
+                _user(question),
+                {"role": "assistant", "content": None, "tool_calls": [tool_call]},
+                {"role": "tool", "content": result, "tool_call_id": "c1"},
+                _reply(answer),
+            ],
         }
-    ] * 2
-    assert _shown(show("tools", tools, "--chat-template", CHATML)) == [
+        for question, tool_call, result, answer in [
+            ("Weather in Oslo?", call("get_weather", city="Oslo"), "4 C, rain", "4 C and raining."),
+            ("Time in Oslo?", call("get_time", zone="CET"), "09:00", "Nine."),
+        ]
+    ]
+    proc = show("tools", tools, "--chat-template", CHATML, "--show", 2)
+    assert _shown(proc) == [
         '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call><|im_end|>\n',
         "4 C and raining.<|im_end|>\n",
+        '<tool_call>{"name": "get_time", "arguments": {"zone": "CET"}}</tool_call><|im_end|>\n',  # no "city": null
+        "Nine.<|im_end|>\n",
     ]
+    assert proc.stdout.count('# Tools\n{"name": "get_weather", "parameters": {"type": "object"}}') == 2  # defined
     # A template that does not show tool calls would train an empty reply: those rows are skipped and said.
     no_tools = tmp_path / "plain.jinja"
     no_tools.write_text("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
@@ -213,6 +225,47 @@ def test_the_formats_users_hold_train_their_replies_only(prep, tmp_path, capfd):
     assert "--chat-columns, e.g. text=dialog or messages=dialog" in unmapped.stdout
 
 
+def test_shapes_real_sets_use(prep):
+    """DeepSeek-R1-style generation prompts, OpenAI's weight 0 and content parts, ShareGPT function calls."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(prep["model"])
+    keys = ft.parse_chat_columns("")
+
+    def trained(messages, template, **row):
+        example = ft.example_of_row({"messages": messages, **row}, "messages", tok, template, keys, False)
+        kept = [i for i, label in zip(example["ids"], example["labels"], strict=True) if label != -100]
+        return tok.decode(kept), example
+
+    # Written for this test after R1's rule: the generation prompt opens <think>, turns show only the answer.
+    r1 = ("{% for m in messages %}{% if m.role == 'user' %}<|User|>{{ m.content }}{% else %}<|Assistant|>"
+          "{{ m.content.split('</think>')[-1] }}<|end|>{% endif %}{% endfor %}"
+          "{% if add_generation_prompt %}<|Assistant|><think>\n{% endif %}")  # fmt: skip
+    conversation = [_user("Q1"), _reply("<think>why</think>A1"), _user("Q2"), _reply("A2")]
+    text, example = trained(conversation, r1)
+    assert text == "A1<|end|>A2<|end|>" and example["departs"] == 2 and example["hidden_reasoning"] == 1
+
+    weighted = [_user("Q1"), {**_reply("A bad answer."), "weight": 0}, _user("Q2"), _reply("A good one.")]
+    assert trained(weighted, (ROOT / CHATML).read_text())[0] == "A good one.<|im_end|>\n"
+
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Who "}, {"type": "text", "text": "lit it?"}]}]
+    assert ft.normalize_messages([*parts, _reply("x")], keys)[0]["content"] == "Who lit it?"
+    with pytest.raises(ft.ExampleProblem, match="a message's content has parts that are not text"):
+        ft.normalize_messages([{"role": "user", "content": [{"type": "image_url", "text": "?"}]}, _reply("x")], keys)
+
+    sharegpt = [{"from": "human", "value": "Weather?"}, {"from": "function_call", "value": '{"name": "get_weather",'
+                ' "arguments": {"city": "Oslo"}}'}, {"from": "observation", "value": "4 C"}, {"from": "gpt", "value": "Cold."}]  # fmt: skip
+    text, _ = trained(sharegpt, (ROOT / CHATML).read_text())
+    assert (
+        text
+        == '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call><|im_end|>\nCold.<|im_end|>\n'
+    )
+    with pytest.raises(ft.ExampleProblem, match="'tool_calls' is not a list of named calls"):
+        ft.normalize_messages(
+            [_user("?"), {"role": "assistant", "content": "", "tool_calls": [{"function": "f"}]}], keys
+        )
+
+
 def test_rows_that_train_nothing_are_skipped_by_reason_and_an_untrainable_set_is_an_error(prep, tmp_path, capfd):
     good = [_user("Who lit the lamp?"), _reply("The keeper.")]
     rows = [
@@ -229,7 +282,7 @@ def test_rows_that_train_nothing_are_skipped_by_reason_and_an_untrainable_set_is
     for reason in (
         "1 where an assistant message's 'content' is null",
         "1 where a user message's 'content' is empty",
-        "1 where a message's role 'bot' is unknown (name it with --chat-columns, e.g. user=bot)",
+        "1 where a message's role 'bot' is unknown (name it with --chat-columns, e.g. assistant=bot or user=bot)",
         "1 where the conversation does not end with an assistant reply",
         "1 where 'messages' is null or empty",
     ):
