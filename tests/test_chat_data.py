@@ -137,8 +137,14 @@ def test_the_formats_users_hold_train_their_replies_only(prep, tmp_path, capfd):
     """TRL prompt/completion (plain and conversational), ShareGPT, OpenAI tool calls and a user's own column names:
     each prepared with `prepare --show`, whose marked spans are exactly the replies (and their end of turn)."""
 
-    def show(name, rows, *extra):
-        data = _jsonl(tmp_path / f"{name}.jsonl", rows)
+    def show(name, rows, *extra, parquet=False):
+        if parquet:  # Arrow's own struct inference, as a parquet file or save_to_disk folder holds it
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            pq.write_table(pa.Table.from_pylist(rows), data := tmp_path / f"{name}.parquet")
+        else:
+            data = _jsonl(tmp_path / f"{name}.jsonl", rows)
         return ok(_prepare(prep, capfd, tmp_path / name, data, "-s", 256, "--show", 1, *extra))  # a later --show wins
 
     plain = [{"prompt": "Q: Who baked the bread?\nA:", "completion": " The miller's wife."}] * 2
@@ -179,7 +185,7 @@ def test_the_formats_users_hold_train_their_replies_only(prep, tmp_path, capfd):
             ("Time in Oslo?", call("get_time", zone="CET"), "09:00", "Nine."),
         ]
     ]
-    proc = show("tools", tools, "--chat-template", CHATML, "--show", 2)
+    proc = show("tools", tools, "--chat-template", CHATML, "--show", 2, parquet=True)
     assert _shown(proc) == [
         '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call><|im_end|>\n',
         "4 C and raining.<|im_end|>\n",
@@ -192,7 +198,7 @@ def test_the_formats_users_hold_train_their_replies_only(prep, tmp_path, capfd):
     no_tools.write_text("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
                         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")  # fmt: skip
     line = assert_single_error(
-        _prepare(prep, capfd, tmp_path / "nt", tmp_path / "tools.jsonl", "--chat-template", no_tools),
+        _prepare(prep, capfd, tmp_path / "nt", tmp_path / "tools.parquet", "--chat-template", no_tools),
         "no train row can be trained",
     )
     assert "2 where the chat template does not show an assistant's tool_calls" in line
