@@ -35,6 +35,7 @@ import atexit
 import contextlib
 import dataclasses
 import errno
+import faulthandler
 import functools
 import hashlib
 import itertools
@@ -47,6 +48,7 @@ import re
 import resource
 import shutil
 import signal
+import statistics
 import sys
 import threading
 import time
@@ -269,6 +271,12 @@ class Config:
         "are on disk, and the run waits for it before it exits. Costs one host copy of the shards per rank (on|off)",
     )
     dist_timeout: float = _opt(30.0, "minutes a collective may wait before the job fails instead of hanging")
+    hang_timeout: float = _opt(
+        10.0,
+        "minutes a rank may make no progress (no step, evaluation batch or checkpoint) before every rank writes its "
+        "stacks to EXP/hang/ and the job exits for a rerun to resume; the limit grows to 3x the slowest step seen, "
+        "and a checkpoint save or the export may take 6x it (0: off)",
+    )
     trust_remote_code: bool = _opt(False, "allow model/tokenizer code from the model repo to run (on|off)")
     load_weights: str = _opt(
         "auto",
@@ -304,6 +312,7 @@ class Config:
             "eval_freq",
             "global_batch_size",
             "peak_tflops",
+            "hang_timeout",
         )
         for name in positive:
             if getattr(self, name) < 1:
@@ -491,6 +500,7 @@ def setup_distributed(timeout_minutes: float = 30.0) -> Dist:
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
+        fail_fast_nccl(timeout_minutes)
         # gloo alongside NCCL so small CPU-side agreements (flags, errors) need no device copy.
         backend = "cpu:gloo,cuda:nccl"
     else:
@@ -504,6 +514,22 @@ def setup_distributed(timeout_minutes: float = 30.0) -> Dist:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **kwargs)
     setup_logging(rank)
     return Dist(rank, local_rank, world_size, device)
+
+
+# NCCL settings that make a stuck collective end the process instead of hanging it (names as in torch 2.13's
+# ProcessGroupNCCL.hpp; tests/test_hangs.py checks they are still there). A user's own value wins.
+NCCL_FAIL_FAST = {
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING": "3",  # a timed-out or failed collective tears the process down
+    "TORCH_NCCL_ENABLE_MONITORING": "1",  # a thread that aborts the process when NCCL's own watchdog is stuck ...
+    "TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC": None,  # ... for this long: --dist-timeout + 1 min, so timeouts fire first
+    "TORCH_NCCL_TRACE_BUFFER_SIZE": "2000",  # the flight recorder: the last collectives of each rank ...
+    "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",  # ... written out when a collective times out
+}
+
+
+def fail_fast_nccl(timeout_minutes: float) -> None:
+    for name, value in NCCL_FAIL_FAST.items():
+        os.environ.setdefault(name, value or str(int(timeout_minutes * 60) + 60))
 
 
 def reuse_freed_memory(limit: int = 1 << 30) -> None:
@@ -2755,6 +2781,7 @@ RUN_IDENTITY = (
 RUN_CADENCE = (
     "config", "eval_freq", "eval_steps", "compile", "max_steps", "stop_at_step", "log_freq", "ckpt_freq",
     "keep_latest_k", "async_checkpoint", "save_dir", "activation_checkpointing", "activation_offload", "dist_timeout",
+    "hang_timeout",
     "load_weights", "tensorboard", "peak_tflops", "fresh", "resume_from", "export_dtype",
     "shard_unit",  # the same sums on the same shards, in bigger collectives (test_shard_unit_model_...)
 )  # fmt: skip
@@ -2856,10 +2883,11 @@ class Throughput:
         self.restart()
 
     def restart(self) -> None:
-        self.start, self.steps, self.tokens = time.perf_counter(), 0, 0
+        self.start, self.steps, self.tokens, self.read_s = time.perf_counter(), 0, 0, 0.0
 
-    def add(self, tokens: int) -> None:
+    def add(self, tokens: int, read_s: float = 0.0) -> None:
         self.steps, self.tokens, self.total_tokens = self.steps + 1, self.tokens + tokens, self.total_tokens + tokens
+        self.read_s += read_s  # this rank's data reading, for the straggler check
 
     @contextlib.contextmanager
     def paused(self):
@@ -2978,6 +3006,111 @@ def memory_stats(device: torch.device, baseline: int = 0) -> dict[str, float]:
         "mem/peak_rss_gib": rss_bytes("VmHWM") / gib,
         "mem/train_peak_gib": (anon_peak() - baseline) / gib,
     }
+
+
+class Watchdog:
+    """Per rank: ends the job when this rank's training loop has made no progress (a step, an evaluation batch, a
+    checkpoint phase) for longer than the limit, so a stuck rank never holds the node until --dist-timeout, and says
+    where everyone was.
+
+    The limit is --hang-timeout, or 3x the slowest step seen when that is longer; a checkpoint save or the export,
+    one long call that cannot report progress, gets 6x it. It is armed after the first step (compilation and the
+    first collectives take what they take). When it fires, each rank writes its phase and every thread's Python
+    stack to EXP/hang/rank-N.txt; rank 0 reads the others' files, logs one line naming the ranks that were not
+    waiting for the others, writes status.json state "hung", and every rank exits with HANG_EXIT so that a rerun (or
+    torchrun --max-restarts, or a Slurm requeue) resumes from the last complete checkpoint. A rank stuck without the
+    interpreter (inside C code that holds the GIL) cannot run this thread: faulthandler's own C thread dumps its stacks
+    to the log and exits a minute later.
+    """
+
+    PHASES = ("data", "step", "agreement", "evaluate", "checkpoint", "export")  # a step's, in the order of the loop
+    LONG_PHASES = {"checkpoint": 6, "export": 6}
+
+    def __init__(self, cfg: Config, d: Dist, heartbeat: Heartbeat):
+        self.timeout, self.d, self.heartbeat = cfg.hang_timeout * 60, d, heartbeat
+        self.folder = cfg.exp_dir / "hang"
+        self.phase, self.step, self.slowest = "data", 0, 0.0
+        self.last = self.step_start = time.monotonic()
+        self.armed, self.done = False, threading.Event()
+        self.thread = None
+        if d.is_main:  # a marker an earlier hang left
+            (self.folder / "reported").unlink(missing_ok=True)
+        if self.timeout > 0:
+            self.thread = threading.Thread(target=self._watch, name="hang-watchdog", daemon=True)
+            self.thread.start()
+
+    def limit(self) -> float:
+        return max(self.timeout, 3 * self.slowest) * self.LONG_PHASES.get(self.phase, 1)
+
+    def progress(self, phase: str, step: int | None = None) -> None:
+        now = time.monotonic()
+        if phase == "data":
+            self.step_start = now
+        if step is not None:  # a step ended: its duration raises the limit for slow models
+            if self.armed:
+                self.slowest = max(self.slowest, now - self.step_start)
+            self.step, self.armed = step, True
+        self.phase, self.last = phase, now
+        if self.armed and self.timeout > 0:
+            faulthandler.dump_traceback_later(self.limit() + 60, exit=True)
+
+    def close(self) -> None:
+        self.done.set()
+        if self.timeout > 0:
+            faulthandler.cancel_dump_traceback_later()
+
+    def _watch(self) -> None:
+        while not self.done.wait(min(1.0, self.timeout / 4)):
+            idle = time.monotonic() - self.last
+            if self.armed and idle > self.limit():
+                self._fire(idle)
+
+    def _fire(self, idle: float) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with open(self.folder / f"rank-{self.d.rank}.txt", "w") as f:
+            f.write(f"rank {self.d.rank}: step {self.step + 1}, phase {self.phase}, no progress for {idle:.0f}s\n")
+            f.flush()
+            faulthandler.dump_traceback(f, all_threads=True)
+        reported = self.folder / "reported"
+        if self.d.is_main:
+            line = self._who_stopped(idle)
+            say(f"error: {line}")
+            self.heartbeat.beat(force=True, state="hung", hang=line)
+            reported.touch()
+        else:  # the first rank to exit gets the others SIGTERMed by torchrun: leave rank 0 the time to report
+            deadline = time.monotonic() + 15
+            while not reported.exists() and time.monotonic() < deadline:
+                time.sleep(0.2)
+        os._exit(HANG_EXIT)
+
+    def _who_stopped(self, idle: float, wait: float = 10.0) -> str:
+        """One line from the ranks' files: the ranks not waiting for the others are the ones that stopped."""
+        deadline, phases = time.monotonic() + wait, {}
+        while time.monotonic() < deadline and len(phases) < self.d.world_size:
+            for r in range(self.d.world_size):
+                path = self.folder / f"rank-{r}.txt"
+                with contextlib.suppress(OSError, IndexError):
+                    phases[r] = path.read_text().splitlines()[0].split("phase ", 1)[1].rsplit(", no progress", 1)[0]
+            time.sleep(0.2)
+        # Ranks move through a step's phases in order and then wait in a collective for the others: the ranks behind
+        # are the ones that stopped. All in one phase: a collective nobody finished.
+        order = {p: i for i, p in enumerate(self.PHASES)}
+        behind = min((order.get(p, len(order)) for p in phases.values()), default=0)
+        stuck = {r: p for r, p in phases.items() if order.get(p, len(order)) == behind}
+        if len(stuck) == len(phases) == self.d.world_size:
+            stuck = {}
+        silent = [r for r in range(self.d.world_size) if r not in phases]
+        named = ", ".join(f"rank {r} ({p})" for r, p in sorted(stuck.items()))
+        if silent:
+            named += (", " if named else "") + ", ".join(f"rank {r} (no report: stuck outside Python?)" for r in silent)
+        return (
+            f"no progress for {idle:.0f}s at step {self.step + 1} (limit {self.limit():.0f}s, --hang-timeout): "
+            f"stopped: {named or f'every rank, in {phases.get(0)}'}; stacks in {self.folder}; the rerun resumes "
+            "from the last complete checkpoint"
+        )
+
+
+HANG_EXIT = 3  # a rank's exit status when the hang watchdog ended the job
 
 
 class Heartbeat:
@@ -3456,7 +3589,7 @@ def eval_blocks(num_blocks: int, cap: int, seed: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def evaluate(model, data, cfg: Config, d: Dist, attn: str) -> dict[str, float]:
+def evaluate(model, data, cfg: Config, d: Dist, attn: str, watchdog: Watchdog | None = None) -> dict[str, float]:
     """Token-weighted loss over all validation blocks and ranks (not a mean of per-rank means).
 
     Every rank runs the same number of forwards (FSDP all-gathers in each one); a rank short of blocks fills in
@@ -3473,6 +3606,8 @@ def evaluate(model, data, cfg: Config, d: Dist, attn: str) -> dict[str, float]:
         out = model(**inputs_to(model_inputs(ids, positions, attn, labels), d.device), num_items_in_batch=1)
         totals[0] += out.loss.double()  # a sum: divided by 1
         totals[1] += trained_targets(labels)
+        if watchdog is not None:
+            watchdog.progress("evaluate")
     dist.all_reduce(totals)
     model.train()
     reshard_all(model)
@@ -3615,12 +3750,46 @@ class Run:
         return self.cfg.batch_size * self.d.world_size * self.accum
 
 
+def check_shared_save_dir(cfg: Config, d: Dist, wait: float = 5.0) -> None:
+    """Collective: every rank sees a file rank 0 writes into --save-dir, or no rank goes on. Checkpoints, their
+    COMPLETE markers and the packed-data cache assume one file system for all nodes: on node-local disks the other
+    nodes would wait forever for rank 0's cache, and a rerun's ranks would disagree about where to resume. One error
+    line from the first rank of every node that cannot see it, and from rank 0."""
+    if d.world_size == 1:
+        return
+    token = [os.urandom(8).hex()]
+    dist.broadcast_object_list(token, src=0)
+    probe = Path(cfg.save_dir) / f".shared-check-{token[0]}"
+    if d.is_main:
+        probe.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_text(token[0])
+    dist.barrier()
+    deadline = time.monotonic() + wait  # a network file system may show a new file a moment later
+    while not (seen := probe.is_file()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    blind = torch.zeros(d.world_size, dtype=torch.int32)
+    blind[d.rank] = int(not seen)
+    dist.all_reduce(blind)
+    if d.is_main:
+        probe.unlink(missing_ok=True)
+    if blind.any():
+        ranks = ", ".join(str(r) for r in blind.nonzero().flatten().tolist())
+        message = (
+            f"--save-dir {cfg.save_dir} is not one folder for every node: rank(s) {ranks} cannot see the file rank 0 "
+            "wrote there; checkpoints and the data cache need a file system that every node shares"
+        )
+        if not seen and d.local_rank == 0 and not d.is_main:
+            print(f"error: {message}", file=sys.stderr, flush=True)
+        raise InputError(message)
+
+
 def prepare_run(cfg: Config, d: Dist) -> Run | None:
     """Collective: check the inputs, prepare the data, find where to resume, build the sharded model and optimizer,
     record this start. None when the run is already complete."""
     t_start = time.perf_counter()
     quiet_library_progress_bars()
     accum, tokenizer = check_inputs(cfg, d)
+    check_shared_save_dir(cfg, d)
     log.info(f"Config {json.dumps(dataclasses.asdict(cfg))}")
     train_raw, val_raw = load_datasets(cfg)
     candidates, meta = ([], None) if cfg.fresh else resume_candidates(cfg, d)
@@ -3680,13 +3849,14 @@ def prepare_run(cfg: Config, d: Dist) -> Run | None:
                total_steps, stop_step, resumed_from, memory_base, t_start)  # fmt: skip
 
 
-def next_batches(run: Run) -> tuple[list[dict], float, int]:
+def next_batches(run: Run) -> tuple[list[dict], float, int, float]:
     """Collective: this rank's micro-batches of the next step, in the epoch's seeded order from the global sample
     offset (so any world size continues where another stopped), the loss divisor, and the step's real tokens."""
     cfg, d, state = run.cfg, run.d, run.state
     roll_epoch(state, len(run.data))
     order = epoch_permutation(len(run.data), cfg.seed, state.epoch)
     batches, tally = [], torch.zeros(2, dtype=torch.int64)  # trained targets, real (non-pad) tokens
+    t0 = time.perf_counter()
     for m in range(run.accum):
         offset = state.offset + m * cfg.batch_size * d.world_size
         idx = rank_batch_indices(order, offset, cfg.batch_size, d.rank, d.world_size)
@@ -3694,9 +3864,11 @@ def next_batches(run: Run) -> tuple[list[dict], float, int]:
         ids, labels, positions, real = fetch_batch(run.data, idx)
         tally += torch.tensor([int(trained_targets(labels)), real])
         batches.append(inputs_to(model_inputs(ids, positions, run.attn, labels), d.device))
+    hook_for_tests("slow_data", state.step + 1, d.rank)
+    read_s = time.perf_counter() - t0  # this rank's own work, before the first collective makes ranks wait
     dist.all_reduce(tally)  # the step's totals over ranks (one small all-CPU sum)
     step_targets, step_tokens = tally.tolist()
-    return batches, loss_divisor(step_targets, d.world_size), step_tokens
+    return batches, loss_divisor(step_targets, d.world_size), step_tokens, read_s
 
 
 def train_step(run: Run, batches, divisor: float, lr: float, params, timer: PhaseTimer):
@@ -3768,7 +3940,7 @@ def train(cfg: Config, d: Dist | None = None) -> None:
 def train_loop(run: Run) -> None:
     """Collective: optimizer steps until the stop step, a signal or a control command; then the export and summary."""
     cfg, d, state = run.cfg, run.d, run.state
-    stop, metrics, ckpt = StopRequest(d.rank), None, None
+    stop, metrics, ckpt, watchdog = StopRequest(d.rank), None, None, None
     try:
         heartbeat = Heartbeat(cfg.exp_dir / "status.json", d.is_main, state.step, run.stop_step)
         heartbeat.beat(force=True, last_checkpoint=str(run.resumed_from) if run.resumed_from else None)
@@ -3777,17 +3949,22 @@ def train_loop(run: Run) -> None:
         params = [p for p in run.model.parameters() if p.requires_grad]
         timer, window = PhaseTimer(d.device), Throughput(run)
         not_finite = torch.zeros((), device=d.device)  # accumulated on device: no host sync per step
+        watchdog, slow = Watchdog(cfg, d, heartbeat), {}
         log.info(f"Start-up took {time.perf_counter() - run.t_start:.1f}s")
         while state.step < run.stop_step:
+            watchdog.progress("data")
             with timer("data"):
-                batches, divisor, step_tokens = next_batches(run)
+                batches, divisor, step_tokens, read_s = next_batches(run)
+            hook_for_tests("hang", state.step + 1, d.rank)
+            watchdog.progress("step")
             lr = cfg.lr * run.schedule(state.step)
             loss_sum, grad_norm = train_step(run, batches, divisor, lr, params, timer)
             not_finite += (~torch.isfinite(loss_sum)).float() + (~torch.isfinite(grad_norm)).float()
             state.step, state.offset = state.step + 1, state.offset + run.global_batch
-            window.add(step_tokens)
+            window.add(step_tokens, read_s)
             metrics.step()
 
+            watchdog.progress("agreement", step=state.step)
             events = step_events(run, stop, ckpt)
             if events.command == "abort":  # a background save still being written stays a .tmp-step-N
                 heartbeat.beat(force=True, state="aborted", step=state.step)
@@ -3795,40 +3972,60 @@ def train_loop(run: Run) -> None:
             if events.log or events.save:  # a NaN model is never logged as fine, or saved
                 raise_if_not_finite(not_finite, state.step, cfg.exp_dir / "checkpoints")
             if events.log:
-                record = step_record(run, loss_sum, lr, grad_norm, timer, window)
+                record = step_record(run, loss_sum, lr, grad_norm, timer, window, slow)
                 if events.evaluate:
                     t0 = time.perf_counter()
-                    record.update(evaluate(run.model, run.val_data, cfg, d, run.attn))
+                    record.update(evaluate(run.model, run.val_data, cfg, d, run.attn, watchdog))
                     record["time/eval"] = (time.perf_counter() - t0) * 1e3
                 metrics.log(record)
                 heartbeat.beat(force=True, step=state.step, loss=record["loss"], **{"tok/s": record["tok/s"]})
                 window.restart()
             heartbeat.beat(step=state.step)  # written every few seconds, and by each checkpoint sealed below
+            watchdog.progress("checkpoint")
             with window.paused():  # checkpoint time is not training throughput
                 ckpt.seal_if_written(events.writing)
                 if events.save:
                     ckpt.save(state)
             if events.stopped_by:
+                watchdog.progress("checkpoint")
                 ckpt.wait()
                 heartbeat.beat(force=True, state="stopped", stopped_by=events.stopped_by)
                 log.info(f"Stopped by {events.stopped_by} at step {state.step}; checkpoint saved")
                 return
         ckpt.wait()  # the final save is sealed before the export reads the model and before anyone exits
+        watchdog.progress("export")
         finish(run, metrics, heartbeat, window)
     finally:
         stop.restore()
+        if watchdog is not None:
+            watchdog.close()
         if metrics is not None:
             metrics.close()
         if ckpt is not None:
             ckpt.close()
 
 
-def step_record(run: Run, loss_sum, lr: float, grad_norm, timer: PhaseTimer, window: Throughput) -> dict:
+def step_record(
+    run: Run, loss_sum, lr: float, grad_norm, timer: PhaseTimer, window: Throughput, slow: dict[int, int]
+) -> dict:
     """Collective: one metrics.jsonl line for the steps since the last one (the loss of this step, means and rates
-    over the window)."""
+    over the window, the slowest rank's data reading). `slow` counts each rank's consecutive slow windows."""
     d = run.d
-    dist.all_reduce(loss_sum)  # each rank holds world_size x its share of the global token mean
+    # One all-reduce: the loss (each rank holds world_size x its share of the global token mean) and, each in its own
+    # place, every rank's data-reading ms per step, for the straggler check.
+    packed = torch.zeros(1 + d.world_size, dtype=torch.float64, device=d.device)
+    packed[0] = loss_sum.double()
+    packed[1 + d.rank] = window.read_s * 1e3 / max(window.steps, 1)
+    dist.all_reduce(packed)
+    loss_sum, read_ms = packed[0], packed[1:].tolist()
+    if d.is_main and (rank := straggler(read_ms, slow)) is not None:
+        log.warning(
+            f"Rank {rank} is a straggler: it reads its data in {read_ms[rank]:.0f} ms a step against a median of "
+            f"{statistics.median(read_ms):.0f} ms over the last {STRAGGLER_WINDOWS} log windows, and every rank waits "
+            "for it (a slow disk or file system, a busy host?)"
+        )
     tok_s, ms_per_step = window.rates()
+    slowest = max(range(d.world_size), key=read_ms.__getitem__)
     return {
         "global_step": run.state.step,
         "total_steps": run.stop_step,
@@ -3840,8 +4037,27 @@ def step_record(run: Run, loss_sum, lr: float, grad_norm, timer: PhaseTimer, win
         **({"mfu": window.mfu(tok_s)} if window.peak else {}),
         **timer.mean_ms(window.steps),
         "time/total": ms_per_step,
+        "time/slowest_read_rank": slowest,
+        "time/slowest_read": read_ms[slowest],
         **memory_stats(d.device, run.memory_base),
     }
+
+
+STRAGGLER_WINDOWS = 2  # consecutive log windows a rank must be slow in before it is named
+
+
+def straggler(read_ms: list[float], slow: dict[int, int]) -> int | None:
+    """The rank that has just been slow for STRAGGLER_WINDOWS log windows in a row: its data reading over 1.5x the
+    median and 20 ms more. `slow` carries each rank's run of slow windows between calls; a rank is named once a run.
+    Only reading is compared: everything after it waits in collectives for the slowest rank, so every rank's step
+    takes the same time."""
+    median = statistics.median(read_ms)
+    named = None
+    for rank, ms in enumerate(read_ms):
+        slow[rank] = slow.get(rank, 0) + 1 if ms > max(1.5 * median, median + 20) else 0
+        if slow[rank] == STRAGGLER_WINDOWS:
+            named = rank
+    return named
 
 
 def finish(run: Run, metrics: MetricsLogger, heartbeat: Heartbeat, window: Throughput) -> None:
@@ -4500,7 +4716,9 @@ def hook_for_tests(point: str, step: int, rank: int = 0, **info) -> bool:
 
     batch (trace only: the sample indices in `info`); crash (rank 1 raises, in forward); nan_loss (True: the caller
     poisons the loss); sleep_in_save / enospc_in_save (a rank's checkpoint write, before its files / after them: the
-    tests kill a job inside a save, or fail it like a full disk); sleep_in_prepare (rank 0 tokenizing, step 0).
+    tests kill a job inside a save, or fail it like a full disk); sleep_in_prepare (rank 0 tokenizing, step 0);
+    hang (rank 1 stops after reading its data, for ARG seconds or for good); slow_data (rank 1 reads each step's
+    data ARG seconds slower from step AT on). FSDP_TRAIN_FAULT holds one KIND:AT[:ARG] or several, comma-separated.
     """
     if not (TEST_FAULT or TEST_TRACE):
         return False
@@ -4509,18 +4727,26 @@ def hook_for_tests(point: str, step: int, rank: int = 0, **info) -> bool:
             with open(Path(TEST_TRACE) / f"rank{rank}.jsonl", "a") as f:
                 f.write(json.dumps({"step": step, "epoch": info["epoch"], "indices": info["indices"]}) + "\n")
         return False
-    kind, _, rest = TEST_FAULT.partition(":")
-    at, _, arg = rest.partition(":")
-    if kind != point or not at or int(at) != step:
-        return False
-    if kind in ("sleep_in_save", "sleep_in_prepare"):
-        say(f"FAULT {kind} step {step} rank {rank} pid {os.getpid()}")
-        time.sleep(float(arg or 60))
-    elif kind == "enospc_in_save" and rank == 0:
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    elif kind == "crash" and rank == 1:
-        raise RuntimeError(f"injected crash at step {step}")
-    return True
+    hit = False
+    for fault in filter(None, TEST_FAULT.split(",")):
+        kind, _, rest = fault.partition(":")
+        at, _, arg = rest.partition(":")
+        if kind != point or not at or int(at) > step or (int(at) != step and kind != "slow_data"):
+            continue
+        hit = True
+        if kind == "slow_data" and rank == 1:
+            time.sleep(float(arg))
+        elif kind == "hang" and rank == 1:
+            say(f"FAULT hang step {step} rank {rank} pid {os.getpid()}")
+            time.sleep(float(arg or 1e9))
+        elif kind in ("sleep_in_save", "sleep_in_prepare"):
+            say(f"FAULT {kind} step {step} rank {rank} pid {os.getpid()}")
+            time.sleep(float(arg or 60))
+        elif kind == "enospc_in_save" and rank == 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        elif kind == "crash" and rank == 1:
+            raise RuntimeError(f"injected crash at step {step}")
+    return hit
 
 
 # ======================================================================================================================

@@ -114,8 +114,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def two_nodes(args: list, job_id: str) -> list[Job]:
-    """Two torchrun launchers of one process each, meeting through a c10d rendezvous like two nodes of one job."""
+def two_nodes(args: list, job_id: str, second: list | None = None) -> list[Job]:
+    """Two torchrun launchers of one process each, meeting through a c10d rendezvous like two nodes of one job (the
+    second with its own flags if given)."""
     rdzv = (
         "--nnodes",
         "2",
@@ -126,7 +127,7 @@ def two_nodes(args: list, job_id: str) -> list[Job]:
         "--rdzv-id",
         job_id,
     )
-    return [Job(args, nproc=1, launcher_args=rdzv) for _ in range(2)]
+    return [Job(a, nproc=1, launcher_args=rdzv) for a in (args, second or args)]
 
 
 def test_two_nodes_train_checkpoint_and_resume_like_one(prep, reference_run, tmp_path):
@@ -152,7 +153,7 @@ def test_slurm_example_launches_this_script():
 
 @pytest.mark.parametrize(
     "state, torchrun_rc, requeued, script_rc",
-    [("stopped", 1, True, 0), ("finished", 0, False, 0), ("running", 1, False, 1)],  # running: it crashed
+    [("stopped", 1, True, 0), ("hung", 1, True, 0), ("finished", 0, False, 0), ("running", 1, False, 1)],
 )
 def test_slurm_example_requeues_a_stopped_run_whatever_torchrun_exits_with(
     tmp_path, state, torchrun_rc, requeued, script_rc
