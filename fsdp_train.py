@@ -79,6 +79,11 @@ class JobError(Exception):
     exit_code = 1
 
 
+class RankStalled(JobError):
+    """Rank 0 stopped making progress while the other ranks wait for it outside any collective: rank 1 says so (rank
+    0 cannot) and every waiting rank exits non-zero, so torchrun ends the job."""
+
+
 class InputError(JobError, ValueError):
     """Bad user input: flags, paths, data, a checkpoint that does not fit."""
 
@@ -2145,12 +2150,30 @@ def pad_id_of(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def wait_for(ready) -> None:
-    """Poll `ready()` on the file system: briefly for short waits, then once a second (maybe a network file system)."""
-    poll = 0.02
+def wait_for(ready, progress=None, limit_s: float = 0, what: str = "") -> None:
+    """Poll `ready()` on the file system: briefly for short waits, then once a second (maybe a network file system).
+    With `progress` (a value that changes while the awaited work advances) and `limit_s`, a wait that sees no change
+    for `limit_s` seconds ends in a JobError saying `what` stalled."""
+    poll, seen, changed = 0.02, None, time.monotonic()
     while not ready():
+        if progress is not None and limit_s:
+            now, value = time.monotonic(), progress()
+            if value != seen:
+                seen, changed = value, now
+            elif now - changed > limit_s:
+                raise RankStalled(f"{what} made no progress for {now - changed:.0f}s (--hang-timeout); rerun to retry")
         time.sleep(poll)
         poll = min(1.0, poll * 1.5)
+
+
+def folder_bytes(pattern: Path) -> int:
+    """Bytes in the files under the folders matching `pattern` (a glob in its parent): how far a writer has got."""
+    total = 0
+    for folder in pattern.parent.glob(pattern.name):
+        for f in folder.rglob("*"):
+            with contextlib.suppress(OSError):  # a file renamed or removed between the listing and the stat
+                total += f.stat().st_size if f.is_file() else 0
+    return total
 
 
 def prepare_data(cfg: Config, d: Dist | None, tokenizer, ds, role: str):
@@ -2203,7 +2226,14 @@ def prepare_data(cfg: Config, d: Dist | None, tokenizer, ds, role: str):
             failed.parent.mkdir(parents=True, exist_ok=True)
             failed.write_text(first_line(e))
     else:
-        wait_for(lambda: cache.is_dir() or failed.exists())
+        # Rank 0's temp folder grows while it tokenizes and packs (datasets.map and the packer write as they go):
+        # its growth is the progress a stuck rank 0 would stop making.
+        wait_for(
+            lambda: cache.is_dir() or failed.exists(),
+            progress=partial(folder_bytes, cache.with_name(f"{cache.name}.tmp-*")),
+            limit_s=cfg.hang_timeout * 60,
+            what=f"rank 0, preparing the {role} data,",
+        )
     raise_if_any_failed(error)  # everyone is here by now: a quick agreement
     if d.is_main:
         failed.unlink(missing_ok=True)
@@ -4757,8 +4787,8 @@ def report_job_error(e: JobError, rank: int) -> int:
     """Rank 0 prints the one line and fails the job. Every rank meets the same JobError (inputs are checked
     identically, or agreed through a collective), so the others leave with 0: a failing rank would make
     torchrun SIGTERM rank 0 before it has printed why."""
-    if rank != 0:
-        return 0
+    if rank != (1 if isinstance(e, RankStalled) else 0):
+        return e.exit_code if isinstance(e, RankStalled) else 0
     print(f"error: {e}", file=sys.stderr, flush=True)
     return e.exit_code
 

@@ -87,3 +87,21 @@ def test_a_save_dir_that_is_not_shared_is_refused_on_every_node(prep, tmp_path):
         errors = [line for line in node.output.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and "is not one folder for every node: rank(s) 1 cannot see" in errors[0], node.output
     assert not list((tmp_path / "a").glob(".shared-check-*"))  # the probe is removed
+
+
+def test_ranks_waiting_for_a_stalled_data_preparation_end_the_job(prep, tmp_path):
+    """Rank 0 tokenizes while the others wait on the file system, outside any collective: they watch its temp folder
+    grow. Rank 0 stalled (a sleep after tokenizing: nothing more is written) ends the job after the limit, said by
+    rank 1, instead of a wait without end."""
+    args = train_args(prep, tmp_path, "p", "--stop-at-step", 1, *FAST)
+    job = Job(args, env={"FSDP_TRAIN_FAULT": "sleep_in_prepare:0:600"})
+    try:
+        job.wait_for("FAULT sleep_in_prepare")
+        t0 = time.monotonic()
+        rc = job.wait(timeout=60)
+        waited = time.monotonic() - t0
+    finally:
+        job.kill_all()
+    assert rc != 0 and waited < 3 + 10, (waited, job.output)
+    (line,) = [x for x in job.output.splitlines() if x.startswith("error:")]
+    assert "rank 0, preparing the train data, made no progress for" in line, job.output
