@@ -1602,6 +1602,12 @@ def labelled_tokens(tokenizer, text: str, spans: list[tuple[int, int]]) -> tuple
     return enc["input_ids"], labels
 
 
+def reply_start(prompt: str, turn: str) -> int:
+    """Where a reply starts in the conversation rendered through it: after the generation prompt, or where the two
+    part when the template starts the turn otherwise (DeepSeek-R1's prompt opens <think>, its turns show none)."""
+    return len(prompt) if turn.startswith(prompt) else len(os.path.commonprefix([prompt, turn]))
+
+
 def chat_example(
     messages: list[dict], tokenizer, template: str | None, train_from: int = 0, train_all: bool = False, tools=None
 ) -> dict:
@@ -1629,7 +1635,7 @@ def chat_example(
             continue
         prompt = render_chat(tokenizer, template, messages[:i], True, tools)
         turn = render_chat(tokenizer, template, messages[: i + 1], tools=tools)
-        start = len(prompt) if turn.startswith(prompt) else len(os.path.commonprefix([prompt, turn]))
+        start = reply_start(prompt, turn)
         departs += start < len(prompt)
         reply = turn[start:]
         if any(tool_call_name(call) not in reply for call in message.get("tool_calls") or []):
@@ -1748,8 +1754,7 @@ def end_of_turn(ds, first: int, kind: str, tokenizer, template: str | None, keys
             turn = render_chat(tokenizer, template, messages, tools=tools)
         except ExampleProblem:
             continue
-        start = len(prompt) if turn.startswith(prompt) else len(os.path.commonprefix([prompt, turn]))
-        span = turn[start:]
+        span = turn[reply_start(prompt, turn) :]
         reply = messages[-1]["content"].split("</think>")[-1].strip()  # what follows reasoning, however it is shown
         at = span.find(reply) if reply else -1  # the first: a short reply can also occur inside the end marker
         if at < 0:
