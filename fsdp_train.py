@@ -2175,9 +2175,11 @@ def folder_bytes(pattern: Path) -> int:
     """Bytes in the files under the folders matching `pattern` (a glob in its parent): how far a writer has got."""
     total = 0
     for folder in pattern.parent.glob(pattern.name):
-        for f in folder.rglob("*"):
-            with contextlib.suppress(OSError):  # a file renamed or removed between the listing and the stat
-                total += f.stat().st_size if f.is_file() else 0
+        # The writer renames or removes its folder when done, maybe in the middle of this walk: what is gone counts 0.
+        with contextlib.suppress(OSError):
+            for f in folder.rglob("*"):
+                with contextlib.suppress(OSError):
+                    total += f.stat().st_size if f.is_file() else 0
     return total
 
 
