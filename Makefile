@@ -18,7 +18,7 @@ NPROC ?= $(if $(HAS_GPU),$(shell nvidia-smi -L | wc -l),2)
 DATA := outputs/demo-data
 CORPUS := $(shell find data -type f)
 
-.PHONY: venv demo test lint format tb clean-demo bench lock
+.PHONY: venv demo test test-fast lint format tb clean-demo bench lock
 
 # torch goes in first without its dependencies (they come with the next line, held to the lock like the rest).
 venv: $(VENV)/.installed
@@ -81,6 +81,10 @@ demo: $(DATA)/dataset $(DATA)/tiny-llama
 TEST_WORKERS ?= 2
 test: $(VENV)/.installed
 	$(PY) -m pytest $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup)
+
+# The edit loop: pure functions, in-process checks and one short 2-rank run (tests/conftest.py says which are slow).
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -m "not slow or smoke" $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup)
 
 # The benchmark's extra packages (accelerate, for the Trainer) go into the same venv once, also held to the lock.
 $(VENV)/.bench-installed: requirements-bench.txt $(LOCK) $(VENV)/.installed

@@ -28,6 +28,22 @@ Subcommands (each has its own --help); without one, the flags below train:
     export    write a Hugging Face model folder from a checkpoint
 """
 
+# Code map: the sections below, in file order; start reading a section at the function named.
+#   Config          OPTIMIZERS / LR_SCHEDULES (each choice once), Config (every flag with its rules), parse_args
+#   Distributed     setup_distributed; StopRequest (signals and control.json become a checkpoint-and-stop)
+#   Model and FSDP  build_model (meta device -> shard_model -> weights), isolation_problem (packed-document check)
+#   Loss            causal_lm_loss (chunked cross-entropy summed over tokens; loss_divisor makes it a mean)
+#   Data            prepare_data (rank 0 tokenizes and packs into a cache, the others wait), write_packed,
+#                   chat_example (what a chat row trains), rank_batch_indices (the seeded order any world resumes)
+#   Optimizer       build_optimizer, lr_factor, optimizer_step
+#   Checkpoints     Checkpointer (cadence + background writer), begin_save / seal_checkpoint, resume
+#   Telemetry       Throughput, MetricsLogger, Watchdog (hangs), memory_stats
+#   Export          export_hf (a Hugging Face folder at the end of a run)
+#   Training        train() -> prepare_run (everything before step 1) -> train_loop (reads top to bottom)
+#   Optional        Adafactor / OptimizerInBackward, the memory planner (plan_main), job control (control_main)
+#   Test hooks      hook_for_tests (fault injection for the kill -9, hang and data-order tests)
+#   Main            main() dispatches the subcommands; report_job_error prints the one `error:` line
+
 from __future__ import annotations
 
 import argparse
@@ -90,8 +106,32 @@ class InputError(JobError, ValueError):
     exit_code = 2
 
 
-def _opt(default, help: str, short: str | None = None, choices: tuple | None = None):
-    return field(default=default, metadata={"help": help, "short": short, "choices": choices})
+RESUME_RULES = {
+    "refuse": "what is trained: a plain rerun that changes it is refused (--resume-from continues anyway)",
+    "warn": "the numbers of a step: a resumed run may change it, and says so",
+    "ok": "when a run stops, logs or saves, or how fast it runs, but no number it trains: free to change on resume",
+}
+
+
+def _opt(default, help: str, short=None, choices=None, within: str | None = None, on_resume: str = "warn"):
+    """A Config field and its rules, in one place: its flag's help, short form and choices; `within` the interval its
+    value must lie in, e.g. "[1, inf)" or "[0, 1)"; `on_resume` what a rerun that changes it does (RESUME_RULES)."""
+    assert on_resume in RESUME_RULES and (within is None or re.fullmatch(r"[\[(]\S+, \S+[\])]", within)), within
+    meta = {"help": help, "short": short, "choices": choices, "within": within, "on_resume": on_resume}
+    return field(default=default, metadata=meta)
+
+
+def range_problem(name: str, value: float, within: str) -> str | None:
+    """Why `value` is outside the interval `within` ("[0, 1)", "(0, inf)"), in the flag's words; None inside it."""
+    lo, hi = (float(x) for x in within[1:-1].split(", "))
+    above = value >= lo if within[0] == "[" else value > lo
+    below = value <= hi if within[-1] == "]" else value < hi
+    if above and below:  # NaN fails both
+        return None
+    if hi == math.inf:
+        number = "a finite number " if not math.isfinite(value) else ""
+        return f"{flag_name(name)} must be {number}{'>=' if within[0] == '[' else '>'} {lo:g}, got {value}"
+    return f"{flag_name(name)} must be in {within.replace('.0', '')}, got {value}"
 
 
 def flag_name(field: str) -> str:
@@ -99,7 +139,69 @@ def flag_name(field: str) -> str:
     return f"--{field.replace('_', '-')}"
 
 
-LR_SCHEDULERS = ("cosine", "linear", "constant", "wsd")
+# Each kind of choice is declared once, in a table below; Config's choices and help, the builders and the memory
+# planner all read it. Adding an optimizer or an LR schedule is one entry here (and its README line).
+
+
+@dataclass(frozen=True)
+class OptimizerChoice:
+    help: str
+    build: Callable  # (param_groups, cfg, seed, fused) -> torch.optim.Optimizer; `seed` for stochastic rounding
+    state: Callable  # (ModelShape, shard_ranks) -> optimizer-state elements per rank (shard_ranks=1: on disk)
+    fused_on_cuda: bool  # steps in one fused CUDA kernel (the planner counts no temporary copy of the update)
+
+
+OPTIMIZERS = {
+    "adamw": OptimizerChoice(
+        "2 states per weight",
+        build=lambda groups, cfg, seed, fused: torch.optim.AdamW(
+            groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, fused=fused, foreach=not fused
+        ),
+        state=lambda shape, n: 2 * shape.params / n,
+        fused_on_cuda=True,
+    ),
+    "adafactor": OptimizerChoice(
+        "factored second moment, no momentum: almost no optimizer memory",
+        build=lambda groups, cfg, seed, fused: Adafactor(groups, lr=cfg.lr, seed=seed),
+        state=lambda shape, n: sum(rows / n + cols for rows, cols in shape.matrices) + shape.vectors / n,
+        fused_on_cuda=False,
+    ),
+}
+
+
+def _cosine(progress: float, min_ratio: float, decay_fraction: float) -> float:
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _linear(progress: float, min_ratio: float, decay_fraction: float) -> float:
+    return 1 - (1 - min_ratio) * progress
+
+
+def _wsd(progress: float, min_ratio: float, decay_fraction: float) -> float:
+    """Warmup-stable-decay: hold the peak, then decay linearly over the last decay_fraction."""
+    if decay_fraction == 0 or progress <= 1 - decay_fraction:
+        return 1.0
+    return _linear((progress - (1 - decay_fraction)) / decay_fraction, min_ratio, decay_fraction)
+
+
+@dataclass(frozen=True)
+class ScheduleChoice:
+    help: str
+    decay: Callable[[float, float, float], float]  # (progress in [0, 1] after warmup, min_ratio, decay_fraction)
+
+
+LR_SCHEDULES = {
+    "cosine": ScheduleChoice("cosine decay to --min-lr-ratio x lr", _cosine),
+    "linear": ScheduleChoice("linear decay to --min-lr-ratio x lr", _linear),
+    "constant": ScheduleChoice("the peak LR throughout", lambda progress, min_ratio, decay_fraction: 1.0),
+    "wsd": ScheduleChoice("stable, then linear decay to --min-lr-ratio x lr over the last --decay-fraction", _wsd),
+}
+
+
+def choices_help(table: dict) -> str:
+    return "; ".join(f"{name}: {choice.help}" for name, choice in table.items())
+
+
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flex_attention", "flash_attention_2")
 CUDA_ONLY_ATTENTION = frozenset({"flex_attention", "flash_attention_2"})  # tests/flash_emulation.py empties it
 PACKINGS = ("auto", "isolated", "padded")
@@ -111,6 +213,7 @@ class Config:
         "",
         "YAML file setting any of these flags (snake_case or kebab-case keys); flags given "
         "on the command line override it",
+        on_resume="ok",
     )
     experiment_name: str = _opt("default", "run name; outputs go to SAVE_DIR/EXP", "-e")
     dataset_name: str = _opt(
@@ -119,68 +222,96 @@ class Config:
         "'text' (documents), or for SFT 'messages' (OpenAI style, tool calls too), 'conversations' (ShareGPT), "
         "'prompt'+'completion' (TRL, plain or conversational), 'instruction'+'output' (Alpaca); see --chat-columns",
         "-d",
+        on_resume="refuse",
     )
-    val_dataset: str = _opt("", "validation data, in any form --dataset-name accepts")
-    val_split: float = _opt(0.0, "carve this fraction of the training documents out for validation (seeded)")
-    eval_freq: int = _opt(0, "evaluate on the validation data every N steps (0: only at the last step)")
+    val_dataset: str = _opt("", "validation data, in any form --dataset-name accepts", on_resume="refuse")
+    val_split: float = _opt(
+        0.0,
+        "carve this fraction of the training documents out for validation (seeded)",
+        within="[0, 1)",
+        on_resume="refuse",
+    )
+    eval_freq: int = _opt(
+        0, "evaluate on the validation data every N steps (0: only at the last step)", within="[0, inf)", on_resume="ok"
+    )
     eval_steps: int = _opt(
         0,
         "evaluate on at most N batches per rank, the same seeded subset of the validation blocks every time, so the "
         "figures stay comparable (0: all of them)",
+        within="[0, inf)",
+        on_resume="ok",
     )
     drop_long_examples: bool = _opt(
         False,
         "chat data: drop examples longer than --seq-length instead of truncating them (both are counted and "
         "reported) (on|off)",
+        on_resume="refuse",
     )
     chat_template: str = _opt(
-        "", "Jinja chat template file for chat data (e.g. configs/chatml.jinja); default: the tokenizer's own"
+        "",
+        "Jinja chat template file for chat data (e.g. configs/chatml.jinja); default: the tokenizer's own",
+        on_resume="refuse",
     )
     chat_columns: str = _opt(
         "",
         "where your SFT data keeps what the formats above name, as NAME=YOURS pairs: columns (messages, prompt, "
         "completion, instruction, input, output, text), message keys (role, content) and role names (system, user, "
         "assistant, tool), e.g. 'messages=dialog,role=speaker,content=text,assistant=agent'",
+        on_resume="refuse",
     )
     train_on: str = _opt(
         "assistant",
         "SFT data: which tokens carry loss. assistant: the assistant turns (or the completion) with their end of turn; "
         "all: every token of the rendered example",
         choices=("assistant", "all"),
+        on_resume="refuse",
     )
-    model_name: str = _opt("", "local HF model folder, or a hub id resolved through HF_HOME", "-m")
-    save_dir: str = _opt("outputs", "root folder for runs")
-    seed: int = _opt(0, "seed for data order and RNG")
+    model_name: str = _opt("", "local HF model folder, or a hub id resolved through HF_HOME", "-m", on_resume="refuse")
+    save_dir: str = _opt("outputs", "root folder for runs", on_resume="ok")
+    seed: int = _opt(0, "seed for data order and RNG", on_resume="refuse")
     num_epochs: int = _opt(
-        1, "epochs over the packed data: the run's length and the LR schedule's, unless --max-steps is set"
+        1,
+        "epochs over the packed data: the run's length and the LR schedule's, unless --max-steps is set",
+        within="[1, inf)",
     )
     max_steps: int = _opt(
         0,
         "optimizer steps in the whole run (0: --num-epochs decides): the LR schedule spans exactly these and the "
         "data cycles through as many epochs as they take (as in HF Trainer and torchtitan). To stop early inside a "
         "longer schedule, use --stop-at-step",
+        within="[0, inf)",
+        on_resume="ok",
     )
     stop_at_step: int = _opt(
         0,
         "stop (with a checkpoint, as a finished run) after this step without changing the LR schedule, so steps "
         "1..N are exactly those of the full run; a rerun without it (or with a larger N) continues (0: run to the end)",
+        within="[0, inf)",
+        on_resume="ok",
     )
     fresh: bool = _opt(
         False,
         "start this experiment over: an existing SAVE_DIR/EXP is first moved aside to EXP.old-<date-time> (nothing "
         "is deleted). A one-off: a requeue script that reruns the command to resume must not carry it (on|off)",
+        on_resume="ok",
     )
     resume_from: str = _opt(
         "",
         "'latest' or a checkpoint folder (.../checkpoints/step-N, also another experiment's): resume from it even "
         "though what is trained changed (dataset, model, --seq-length, chat template, packing, seed, optimizer), "
         "which a plain rerun refuses",
+        on_resume="ok",
     )
-    lr: float = _opt(1e-4, "peak learning rate (adafactor: relative to each weight's RMS; PyTorch's default is 1e-2)")
+    lr: float = _opt(
+        1e-4,
+        "peak learning rate (adafactor: relative to each weight's RMS; PyTorch's default is 1e-2)",
+        within="(0, inf)",
+    )
     optimizer: str = _opt(
         "adamw",
-        "adamw (2 states per weight), or adafactor (factored second moment, no momentum: almost no optimizer memory)",
-        choices=("adamw", "adafactor"),
+        choices_help(OPTIMIZERS),
+        choices=tuple(OPTIMIZERS),
+        on_resume="refuse",
     )
     optimizer_in_backward: bool = _opt(
         False,
@@ -189,18 +320,21 @@ class Config:
     )
     lr_scheduler: str = _opt(
         "cosine",
-        "LR after warmup: cosine or linear decay to --min-lr-ratio x lr, constant, "
-        "or wsd (stable, then linear decay over the last --decay-fraction)",
-        choices=LR_SCHEDULERS,
+        f"LR after warmup. {choices_help(LR_SCHEDULES)}",
+        choices=tuple(LR_SCHEDULES),
     )
-    warmup_steps: int = _opt(10, "linear warmup steps from lr/warmup to lr")
-    min_lr_ratio: float = _opt(0.1, "final LR as a fraction of --lr (cosine, linear, wsd)")
-    decay_fraction: float = _opt(0.2, "wsd: fraction of the steps after warmup spent decaying")
-    weight_decay: float = _opt(0.0, "decoupled weight decay (matrices only, not norms/biases)")
-    max_norm: float = _opt(1.0, "gradient clipping max global L2 norm (0: no clipping, norm still logged)")
-    batch_size: int = _opt(4, "sequences per rank per micro-batch", "-b")
+    warmup_steps: int = _opt(10, "linear warmup steps from lr/warmup to lr", within="[0, inf)")
+    min_lr_ratio: float = _opt(0.1, "final LR as a fraction of --lr (cosine, linear, wsd)", within="[0, 1]")
+    decay_fraction: float = _opt(0.2, "wsd: fraction of the steps after warmup spent decaying", within="[0, 1]")
+    weight_decay: float = _opt(0.0, "decoupled weight decay (matrices only, not norms/biases)", within="[0, inf)")
+    max_norm: float = _opt(
+        1.0, "gradient clipping max global L2 norm (0: no clipping, norm still logged)", within="[0, inf)"
+    )
+    batch_size: int = _opt(4, "sequences per rank per micro-batch", "-b", within="[1, inf)")
     grad_accum_steps: int = _opt(
-        1, "micro-batches per optimizer step (each one's gradients are reduce-scattered into the sharded sum)"
+        1,
+        "micro-batches per optimizer step (each one's gradients are reduce-scattered into the sharded sum)",
+        within="[1, inf)",
     )
     accumulate_unsharded: bool = _opt(
         False,
@@ -208,12 +342,18 @@ class Config:
         "reduce once per step: fewer reduce-scatters, but 4 bytes x all params per rank (not divided by the "
         "world size) (on|off)",
     )
-    global_batch_size: int = _opt(0, "sequences per optimizer step over all ranks; sets --grad-accum-steps (0: unset)")
-    seq_length: int = _opt(1024, "tokens per packed sequence", "-s")
-    activation_checkpointing: bool = _opt(True, "recompute each block's activations in backward (on|off)")
+    global_batch_size: int = _opt(
+        0, "sequences per optimizer step over all ranks; sets --grad-accum-steps (0: unset)", within="[0, inf)"
+    )
+    seq_length: int = _opt(1024, "tokens per packed sequence", "-s", within="[1, inf)", on_resume="refuse")
+    activation_checkpointing: bool = _opt(
+        True, "recompute each block's activations in backward (on|off)", on_resume="ok"
+    )
     cpu_offload: bool = _opt(False, "keep sharded params, grads and optimizer state in CPU memory (on|off)")
     activation_offload: bool = _opt(
-        False, "CUDA: keep the block inputs that activation checkpointing saves in pinned host memory (on|off)"
+        False,
+        "CUDA: keep the block inputs that activation checkpointing saves in pinned host memory (on|off)",
+        on_resume="ok",
     )
     dtype: str = _opt(
         "auto",
@@ -225,7 +365,7 @@ class Config:
         "params, gradients and AdamW state in bf16: half the memory, but small updates "
         "are lost to rounding; for memory-bound runs (on|off)",
     )
-    compile: bool = _opt(False, "torch.compile each block (first step pays the compilation) (on|off)")
+    compile: bool = _opt(False, "torch.compile each block (first step pays the compilation) (on|off)", on_resume="ok")
     attn_implementation: str = _opt(
         "auto",
         "attention kernel; every choice keeps packed documents apart (checked at start-up). auto: "
@@ -240,6 +380,7 @@ class Config:
         "counted (costs the padding's compute). auto: isolated where the start-up check passes, else padded, with a "
         "warning",
         choices=PACKINGS,
+        on_resume="refuse",
     )
     reshard_after_forward: bool = _opt(
         True,
@@ -253,34 +394,49 @@ class Config:
         "but a step holds every unsharded parameter and gradient; optimizer state stays sharded. auto: block on GPUs "
         "and with --optimizer-in-backward, model otherwise on CPU",
         choices=("auto", "block", "model"),
+        on_resume="ok",  # the same sums on the same shards, in bigger collectives (test_shard_unit_model_...)
     )
     export_dtype: str = _opt(
         "auto",
         "dtype of the Hugging Face export written at the end (auto: the base model's, from its config)",
         choices=("auto", "bf16", "fp32"),
+        on_resume="ok",
     )
-    tensorboard: bool = _opt(True, "TensorBoard events in SAVE_DIR/EXP/tb when the package is installed (on|off)")
+    tensorboard: bool = _opt(
+        True, "TensorBoard events in SAVE_DIR/EXP/tb when the package is installed (on|off)", on_resume="ok"
+    )
     peak_tflops: float = _opt(
         0.0,
         "dense peak TFLOP/s of one device in the compute dtype, for the MFU figure (0: looked up for known GPUs; "
         "MFU is left out where unknown, e.g. on CPU)",
+        within="[0, inf)",
+        on_resume="ok",
     )
-    replicate_degree: int = _opt(1, "HSDP: shard within groups of world/R ranks (a node), replicate across R groups")
-    log_freq: int = _opt(10, "log metrics every N steps")
-    ckpt_freq: int = _opt(100, "checkpoint every N steps (0: only at the end); always at the end")
-    keep_latest_k: int = _opt(2, "complete checkpoints to keep")
+    replicate_degree: int = _opt(
+        1, "HSDP: shard within groups of world/R ranks (a node), replicate across R groups", within="[1, inf)"
+    )
+    log_freq: int = _opt(10, "log metrics every N steps", within="[1, inf)", on_resume="ok")
+    ckpt_freq: int = _opt(
+        100, "checkpoint every N steps (0: only at the end); always at the end", within="[0, inf)", on_resume="ok"
+    )
+    keep_latest_k: int = _opt(2, "complete checkpoints to keep", within="[1, inf)", on_resume="ok")
     async_checkpoint: bool = _opt(
         False,
         "write checkpoints in the background while training continues: the saving step pays for a host copy of the "
         "shards (pinned memory on CUDA), not for the disk; a checkpoint counts (COMPLETE) once every rank's files "
         "are on disk, and the run waits for it before it exits. Costs one host copy of the shards per rank (on|off)",
+        on_resume="ok",
     )
-    dist_timeout: float = _opt(30.0, "minutes a collective may wait before the job fails instead of hanging")
+    dist_timeout: float = _opt(
+        30.0, "minutes a collective may wait before the job fails instead of hanging", within="(0, inf)", on_resume="ok"
+    )
     hang_timeout: float = _opt(
         10.0,
         "minutes a rank may make no progress (no step, evaluation batch or checkpoint) before every rank writes its "
         "stacks to EXP/hang/ and the job exits for a rerun to resume; the limit grows to 3x the slowest step seen, "
         "and a checkpoint save or the export may take 6x it (0: off)",
+        within="[0, inf)",
+        on_resume="ok",
     )
     trust_remote_code: bool = _opt(False, "allow model/tokenizer code from the model repo to run (on|off)")
     load_weights: str = _opt(
@@ -289,6 +445,7 @@ class Config:
         "safetensors files when their tensors match the model's one-to-one, else rank 0 loads the whole model and "
         "broadcasts it (said in the log); rank0: always the latter",
         choices=("auto", "rank0"),
+        on_resume="ok",
     )
 
     def validate(self) -> None:
@@ -297,47 +454,16 @@ class Config:
                 raise InputError(f"{flag_name(name)} is required")
         if not re.fullmatch(r"[\w.\-]+", self.experiment_name):
             raise InputError(f"--experiment-name {self.experiment_name!r}: use letters, digits, '.', '_', '-' only")
-        positive = (
-            "replicate_degree",
-            "batch_size",
-            "seq_length",
-            "num_epochs",
-            "log_freq",
-            "keep_latest_k",
-            "grad_accum_steps",
-        )
-        non_negative = (
-            "eval_steps",
-            "max_steps",
-            "stop_at_step",
-            "warmup_steps",
-            "ckpt_freq",
-            "max_norm",
-            "weight_decay",
-            "eval_freq",
-            "global_batch_size",
-            "peak_tflops",
-            "hang_timeout",
-        )
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise InputError(f"{flag_name(name)} must be >= 1, got {getattr(self, name)}")
-        for name in non_negative:
-            if getattr(self, name) < 0:
-                raise InputError(f"{flag_name(name)} must be >= 0, got {getattr(self, name)}")
-        if not self.dist_timeout > 0:
-            raise InputError(f"--dist-timeout must be > 0 minutes, got {self.dist_timeout}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise InputError(f"--lr must be a positive number, got {self.lr}")
         for f in dataclasses.fields(self):
+            problem = f.metadata["within"] and range_problem(f.name, getattr(self, f.name), f.metadata["within"])
+            if problem:
+                raise InputError(problem)
             if f.metadata["choices"] and getattr(self, f.name) not in f.metadata["choices"]:
                 choices = ", ".join(f.metadata["choices"])
                 raise InputError(f"{flag_name(f.name)} must be one of {choices}, got {getattr(self, f.name)!r}")
         if self.fresh and self.resume_from:
             raise InputError("--fresh starts over and --resume-from continues: use one of them")
         parse_chat_columns(self.chat_columns)  # a typo is an error before anything starts
-        if not 0 <= self.val_split < 1:
-            raise InputError(f"--val-split must be in [0, 1), got {self.val_split}")
         if self.val_split and self.val_dataset:
             raise InputError("use either --val-split or --val-dataset, not both")
         if self.optimizer_in_backward and self.max_norm > 0:
@@ -352,9 +478,6 @@ class Config:
             )
         if self.pure_bf16 and self.dtype == "fp32":
             raise InputError("--pure-bf16 on needs --dtype bf16 or auto")
-        for name in ("min_lr_ratio", "decay_fraction"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise InputError(f"{flag_name(name)} must be in [0, 1], got {getattr(self, name)}")
 
     def resolve_grad_accum(self, world_size: int) -> int:
         """Micro-batches per step: --grad-accum-steps, or derived from --global-batch-size for this world size."""
@@ -381,15 +504,20 @@ class Config:
             return torch.bfloat16 if device.type == "cuda" else torch.float32
         return torch.bfloat16 if self.dtype == "bf16" else torch.float32
 
-    def shard_unit_on(self, device: torch.device) -> str:
+    def shard_unit_on(self, device: torch.device, num_params: int = 0, host_bytes: float = math.inf,
+                      local_ranks: int = 1) -> str:  # fmt: skip
         """--shard-unit auto: per block on GPUs, where CUDA streams overlap the collectives with compute and memory is
-        what is scarce; the whole model on CPU hosts, where every collective blocks the compute thread (gloo has no
-        streams) and one all-gather plus one reduce-scatter a step cost least (bench/README.md, 2 ranks on 2 cores,
-        activation checkpointing off: 0.94x the HF Trainer's tok/s per block, 1.11x with one unit). Per block also
-        with --optimizer-in-backward, whose point is that a unit's gradients are freed as soon as it is reduced."""
-        if self.shard_unit == "auto":
-            return "block" if device.type == "cuda" or self.optimizer_in_backward else "model"
-        return self.shard_unit
+        what is scarce. On CPU hosts every collective blocks the compute thread (gloo has no streams), and one
+        all-gather plus one reduce-scatter a step cost least (bench/README.md, 2 ranks on 2 cores, activation
+        checkpointing off: 0.94x the HF Trainer's tok/s per block, 1.11x with one unit), but a step then holds the
+        whole unsharded model and its gradients on every rank: the whole model only while that, for the host's
+        `local_ranks`, fits in half of `host_bytes` (the other half for activations, optimizer state and the runtime).
+        Per block also with --optimizer-in-backward, whose point is that a unit's gradients are freed once reduced."""
+        if self.shard_unit != "auto":
+            return self.shard_unit
+        if device.type == "cuda" or self.optimizer_in_backward:
+            return "block"
+        return "model" if local_ranks * one_unit_bytes(num_params, self, device) <= host_bytes / 2 else "block"
 
     @property
     def exp_dir(self) -> Path:
@@ -580,6 +708,11 @@ def exit_with_parent(poll_seconds: float = 0.2) -> None:
     # Joined before the interpreter finalizes: a daemon thread waking up during finalization is ended with
     # pthread_exit, which aborted a worker now and then ("terminate called without an active exception").
     atexit.register(lambda: (stop.set(), watcher.join()))
+
+
+def local_world_size() -> int:
+    """Ranks on this host (torchrun's LOCAL_WORLD_SIZE; 1 when run directly)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", 1))
 
 
 def teardown_distributed() -> None:
@@ -829,6 +962,9 @@ def shard_model(model: torch.nn.Module, cfg: Config, d: Dist) -> None:
     offload = cfg.activation_offload and cuda
     if cfg.activation_offload and not cuda:
         log.info("--activation-offload does nothing on a CPU host: activations already live in host memory")
+    unit = cfg.shard_unit_on(d.device, count_params(model), host_available_bytes(), local_world_size())
+    if cfg.shard_unit == "auto" and d.device.type == "cpu" and not cfg.optimizer_in_backward:
+        unit = "model" if all_ok(unit == "model") else "block"  # a host short of memory makes every rank go per block
     blocks = find_blocks(model)
     for i, (parent, attr, block) in enumerate(blocks):
         if cfg.activation_checkpointing:
@@ -837,7 +973,7 @@ def shard_model(model: torch.nn.Module, cfg: Config, d: Dist) -> None:
             parent.register_module(attr, block)
         if cfg.compile:  # in place (Module.compile), so parameter names and state dicts keep their keys
             block.compile()
-        if cfg.shard_unit_on(d.device) == "model":
+        if unit == "model":
             continue  # the root's fully_shard below takes every block's parameters
         # Backward starts with the last block, so resharding it after forward would only gather it again at once.
         last = i == len(blocks) - 1
@@ -851,7 +987,13 @@ def shard_model(model: torch.nn.Module, cfg: Config, d: Dist) -> None:
     # step instead of 1; test_the_root_unit_stays_gathered_from_forward_to_backward).
     fully_shard(model, **{**fsdp_kwargs, "reshard_after_forward": None if cfg.reshard_after_forward else False})
     units = sum(isinstance(m, FSDPModule) for m in model.modules())  # counted, not inferred from the flag
-    log.info(f"FSDP units: {units} ({'the whole model' if units == 1 else f'{units - 1} blocks + the root'})")
+    why = ""
+    if cfg.shard_unit == "auto" and d.device.type == "cpu" and not cfg.optimizer_in_backward:
+        need = local_world_size() * one_unit_bytes(count_params(model), cfg, d.device) / 2**30
+        room = f"{host_available_bytes() / 2**30:.1f} GiB available"
+        why = (f"; --shard-unit auto: the unsharded model and its gradients take {need:.2f} GiB on this host's "
+               f"{local_world_size()} rank(s), {'within' if unit == 'model' else 'over'} half of its {room}")  # fmt: skip
+    log.info(f"FSDP units: {units} ({'the whole model' if units == 1 else f'{units - 1} blocks + the root'}){why}")
 
 
 def nonpersistent_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -2315,24 +2457,15 @@ def lr_factor(
     kind: str = "cosine",
     decay_fraction: float = 0.2,
 ) -> float:
-    """LR multiplier for the update after `step` finished steps: linear warmup, then `kind` down to min_ratio."""
+    """LR multiplier for the update after `step` finished steps: linear warmup, then `kind` (LR_SCHEDULES)."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
-    if kind == "constant":
-        return 1.0
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    if kind == "cosine":
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    if kind == "wsd":  # warmup-stable-decay: hold the peak, decay linearly over the last decay_fraction
-        if decay_fraction == 0 or progress <= 1 - decay_fraction:
-            return 1.0
-        progress = (progress - (1 - decay_fraction)) / decay_fraction
-    assert kind in ("linear", "wsd"), kind
-    return 1 - (1 - min_ratio) * progress
+    return LR_SCHEDULES[kind].decay(progress, min_ratio, decay_fraction)
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config, d: Dist):
-    """AdamW or Adafactor over the sharded parameters (weight decay on matrices only), one per parameter with
+    """--optimizer (OPTIMIZERS) over the sharded parameters (weight decay on matrices only), one per parameter with
     --optimizer-in-backward. The LR is set before every step by set_lr() from the step count alone."""
     params = [p for p in model.parameters() if p.requires_grad]
 
@@ -2342,10 +2475,8 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, d: Dist):
             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
         ]
         groups = [g for g in groups if g["params"]]
-        if cfg.optimizer == "adafactor":
-            return Adafactor(groups, lr=cfg.lr, seed=seed)
-        fused = d.device.type == "cuda" and not cfg.cpu_offload
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, fused=fused, foreach=not fused)
+        choice = OPTIMIZERS[cfg.optimizer]
+        return choice.build(groups, cfg, seed, choice.fused_on_cuda and d.device.type == "cuda" and not cfg.cpu_offload)
 
     if cfg.optimizer_in_backward:  # one optimizer per parameter: each its own rounding-noise seed
         return OptimizerInBackward(params, lambda i, p: make([p], seed=cfg.seed * 1_000_003 + i))
@@ -2810,18 +2941,12 @@ def clean_stale_temp(cfg: Config) -> None:
 
 # What a run trains on and with: a rerun that changes any of these is another job. Resuming the old one's checkpoint
 # would mix two runs in one loss curve and one export, so it is refused unless --resume-from asks for it.
-RUN_IDENTITY = (
-    "dataset_name", "val_dataset", "val_split", "model_name", "seq_length", "chat_template", "chat_columns",
-    "train_on", "drop_long_examples", "packing", "seed", "optimizer",
-)  # fmt: skip
-# Settings that change when a run stops, logs or saves, or how fast it runs, but no number it trains.
-RUN_CADENCE = (
-    "config", "eval_freq", "eval_steps", "compile", "max_steps", "stop_at_step", "log_freq", "ckpt_freq",
-    "keep_latest_k", "async_checkpoint", "save_dir", "activation_checkpointing", "activation_offload", "dist_timeout",
-    "hang_timeout",
-    "load_weights", "tensorboard", "peak_tflops", "fresh", "resume_from", "export_dtype",
-    "shard_unit",  # the same sums on the same shards, in bigger collectives (test_shard_unit_model_...)
-)  # fmt: skip
+def fields_where(on_resume: str) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(Config) if f.metadata["on_resume"] == on_resume)
+
+
+RUN_IDENTITY = fields_where("refuse")  # what is trained
+RUN_CADENCE = fields_where("ok")  # when it stops, logs or saves, or how fast, but no number it trains
 
 
 def identity_changes(saved: dict, cfg: Config) -> list[str]:
@@ -2951,6 +3076,20 @@ def rss_bytes(field: str = "VmRSS") -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # no /proc field: the lifetime peak
+
+
+def one_unit_bytes(num_params: int, cfg: Config, device: torch.device) -> int:
+    """What one rank holds at the end of backward under --shard-unit model, beyond its shards: every parameter
+    gathered and its unsharded gradient with the fp32 reduce-scatter buffer (memory_plan's "backward end")."""
+    return num_params * (2 * cfg.compute_dtype(device).itemsize + 4)
+
+
+def host_available_bytes() -> float:
+    """MemAvailable of this host (inf where /proc/meminfo does not say)."""
+    with contextlib.suppress(OSError, StopIteration, ValueError):
+        line = next(x for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemAvailable:"))
+        return int(line.split()[1]) * 1024
+    return math.inf
 
 
 def memory_baseline(device: torch.device) -> int:
@@ -3824,6 +3963,7 @@ def prepare_run(cfg: Config, d: Dist) -> Run | None:
     """Collective: check the inputs, prepare the data, find where to resume, build the sharded model and optimizer,
     record this start. None when the run is already complete."""
     t_start = time.perf_counter()
+    autos = [f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) == "auto"]
     quiet_library_progress_bars()
     accum, tokenizer = check_inputs(cfg, d)
     check_shared_save_dir(cfg, d)
@@ -3870,6 +4010,7 @@ def prepare_run(cfg: Config, d: Dist) -> Run | None:
         if d.is_main:
             log.warning(f"{problem}: training on padded blocks instead (--packing auto), one document per block: "
                         f"{padding:.1%} of the trained block tokens are padding, compute spent on nothing")  # fmt: skip
+    log.info(resolved_line(autos, cfg, d, model))
     log.info(
         f"{count_params(model):,} params, {len(data):,} sequences x {cfg.seq_length} tokens, world {d.world_size}, "
         f"{accum} micro-batch(es)/step, device {d.device}, compute {cfg.compute_dtype(d.device)}, "
@@ -3884,6 +4025,26 @@ def prepare_run(cfg: Config, d: Dist) -> Run | None:
     schedule = schedule_for(cfg, total_steps)
     return Run(cfg, d, data, val_data, model, attn_implementation(cfg, d.device), optimizer, schedule, state, accum,
                total_steps, stop_step, resumed_from, memory_base, t_start)  # fmt: skip
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """A dtype as the flags spell it (bf16, fp32), fp16 for the half an export may keep."""
+    return {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float16: "fp16"}.get(dtype, str(dtype))
+
+
+def resolved_line(autos: list[str], cfg: Config, d: Dist, model) -> str:
+    """One line with what each flag left at auto became here (each resolved by its own function, once)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = sum(isinstance(m, FSDPModule) for m in model.modules())
+    value = {
+        "dtype": dtype_name(cfg.compute_dtype(d.device)),
+        "attn_implementation": attn_implementation(cfg, d.device),
+        "packing": "isolated" if cfg.packing == "auto" else cfg.packing,  # auto fell back to padded, or it held
+        "shard_unit": "model" if units == 1 else "block",
+        "export_dtype": dtype_name(export_dtype(cfg, model.config)),
+    }  # --load-weights auto is decided by the weight files, a fresh run only: the "Loaded pretrained weights" line
+    return "Resolved auto: " + ", ".join(f"{flag_name(name)} {value[name]}" for name in autos if name in value)
 
 
 def next_batches(run: Run) -> tuple[list[dict], float, int, float]:
@@ -4462,15 +4623,12 @@ def memory_plan(shape: ModelShape, cfg: Config, shard_ranks: int, device: str) -
     """
     n = shard_ranks
     cb = cfg.compute_dtype(torch.device(device)).itemsize
-    one_unit = cfg.shard_unit_on(torch.device(device)) == "model"
+    room = host_available_bytes() if device == "cpu" else math.inf  # a CPU plan is for this host
+    one_unit = cfg.shard_unit_on(torch.device(device), shape.params, room, n * cfg.replicate_degree) == "model"
     pb = param_dtype(cfg).itemsize
     host = cfg.cpu_offload  # sharded params, grads and optimizer state live in host memory
-    if cfg.optimizer == "adamw":
-        optimizer = 2 * shape.params * pb / n
-        state_on_disk = 2 * shape.params * pb
-    else:
-        optimizer = (sum(r / n + c for r, c in shape.matrices) + shape.vectors / n) * pb
-        state_on_disk = (sum(r + c for r, c in shape.matrices) + shape.vectors) * pb
+    choice = OPTIMIZERS[cfg.optimizer]
+    optimizer, state_on_disk = choice.state(shape, n) * pb, choice.state(shape, 1) * pb
     on_host = (shape.params * pb / n) * 2 + optimizer if host else 0.0  # fp32 shards, their gradients, the state
     params = 0 if host else shape.params * pb / n
     optimizer = 0 if host else optimizer
@@ -4495,7 +4653,7 @@ def memory_plan(shape: ModelShape, cfg: Config, shard_ranks: int, device: str) -
     block_grad = shape.block_params * (cb + 4)  # unsharded gradient + fp32 reduce-scatter buffer
     # With --shard-unit model every unsharded gradient waits for the one reduce-scatter at the end of backward.
     last_grad = shape.params * (cb + 4) if one_unit else block_grad
-    fused = device == "cuda" and not host and cfg.optimizer == "adamw"
+    fused = device == "cuda" and not host and choice.fused_on_cuda
     step_temp = 0 if fused or host else (shape.block_params if cfg.optimizer_in_backward else shape.params) * pb / n
     moments = {
         "end of forward": gathered + kept + shape.head_saved + loss,

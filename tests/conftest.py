@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import json
 import os
 import re
@@ -24,6 +25,9 @@ sys.path.insert(0, str(ROOT))
 # Small enough that a 2-process step takes milliseconds, big enough to have several blocks and a real tokenizer.
 TINY = ["--vocab-size", "512", "--hidden-size", "64", "--num-layers", "2"]
 SMALL = ["--vocab-size", "4096", "--hidden-size", "256", "--num-layers", "4"]
+TINIEST = ["--vocab-size", "300", "--hidden-size", "16", "--num-layers", "1"]  # builds in ~2 s: the prep CLIs' cases
+# Any architecture at the tiny size (tiny_config): its own keys (MoE experts, OPT's ffn_dim) come on top.
+TINY_ARCH = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
 # --shard-unit block: the GPU default (auto picks one unit for the whole model on CPU), so the suite runs the path
 # GPU users run; test_shard_unit_model_trains_bitwise_like_per_block_units covers the CPU default against it.
 TRAIN = ["-s", "64", "-b", "2", "--lr", "3e-3", "--warmup-steps", "2", "--log-freq", "1", "--shard-unit", "block"]
@@ -43,9 +47,37 @@ def run(args: list, env: dict | None = None, timeout: int = 300) -> subprocess.C
     )
 
 
-def torchrun(args: list, nproc: int = 2, env: dict | None = None) -> subprocess.CompletedProcess:
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    return run(launcher + ["fsdp_train.py", *args], env={"OMP_NUM_THREADS": "1", **(env or {})})
+def tiny_config(arch: str, vocab_size: int, **extra):
+    """A config of `arch` (a transformers model type) at the tiny size; GPT-2 names its sizes otherwise."""
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(arch, vocab_size=vocab_size, **({} if arch == "gpt2" else TINY_ARCH), **extra)
+
+
+def pretrained_like(model):
+    """Give a tiny model's matrices pretrained-like scale, in place: a random init this small barely depends on the
+    context at all, so a test of what attends to what would pass whatever the mask."""
+    import torch
+
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.3)
+    return model
+
+
+def torchrun_command(nproc: int = 2, script="fsdp_train.py", launcher_args: tuple = ()) -> list:
+    """The launch every test uses: this interpreter's torchrun (python -m torch.distributed.run), one host unless
+    launcher_args say --nnodes, then the script."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
+    cmd += [] if "--nnodes" in launcher_args else ["--standalone"]
+    return [*cmd, *launcher_args, str(script)]
+
+
+def torchrun(
+    args: list, nproc: int = 2, env: dict | None = None, script="fsdp_train.py"
+) -> subprocess.CompletedProcess:
+    return run(torchrun_command(nproc, script) + list(args), env={"OMP_NUM_THREADS": "1", **(env or {})})
 
 
 def in_process(capfd, argv: list) -> subprocess.CompletedProcess:
@@ -224,11 +256,35 @@ def losses_by_step(exp_dir: Path, last: int) -> dict[int, float]:
     return dict(sorted(by_step.items()))
 
 
-def tree_digest(path: Path) -> dict[str, str]:
-    """Content hash of every file under path (to prove a failed run touched nothing)."""
-    return {
-        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() for p in path.rglob("*") if p.is_file()
-    }
+def tree_digest(root: Path) -> dict[str, str]:
+    """Every entry under root: file -> sha256, folder -> 'dir', symlink -> its target (links are never followed)."""
+    out: dict[str, str] = {}
+    for dirpath, dirs, names in os.walk(root, followlinks=False):
+        for name in dirs + names:
+            path = Path(dirpath, name)
+            rel = path.relative_to(root).as_posix()
+            if path.is_symlink():
+                out[rel] = "-> " + os.readlink(path)
+            elif path.is_dir():
+                out[rel] = "dir"
+            else:
+                out[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
+# Fixtures that build one run (or prep chain) for many tests are declared with @shared instead of @pytest.fixture.
+# Under pytest-xdist (`make test` runs 2 workers) every worker would build its own copy; tests that share any of them,
+# directly or through each other, go to one worker as one xdist group (pytest_collection_modifyitems), so each is
+# built once. `prep` is left out on purpose: it is cheap, and every test needs it.
+SHARED: set[str] = set()
+
+
+def shared(scope: str):
+    def declare(fn):
+        SHARED.add(fn.__name__)
+        return pytest.fixture(scope=scope)(fn)
+
+    return declare
 
 
 @pytest.fixture(scope="session")
@@ -252,7 +308,7 @@ def prep(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-@pytest.fixture(scope="session")
+@shared("session")
 def reference_run(prep, tmp_path_factory) -> dict:
     """One uninterrupted 30-step run of the tiny model with the default TRAIN flags and a checkpoint after every step
     (all kept), shared by the tests that compare with an uninterrupted run. Its first k steps are exactly a k-step
@@ -272,7 +328,7 @@ def reference_run(prep, tmp_path_factory) -> dict:
     }
 
 
-@pytest.fixture(scope="session")
+@shared("session")
 def four_steps(prep, tmp_path_factory) -> Path:
     """The save dir of a finished 4-step run with complete checkpoints step-2 and step-4 (copy it before changing)."""
     save_dir = tmp_path_factory.mktemp("four")
@@ -280,7 +336,7 @@ def four_steps(prep, tmp_path_factory) -> Path:
     return save_dir
 
 
-@pytest.fixture(scope="session")
+@shared("session")
 def big_batch_run(prep, tmp_path_factory) -> Path:
     """3 steps of batch 4 per rank on 2 ranks: the one-big-batch reference for accumulation and HSDP."""
     save_dir = tmp_path_factory.mktemp("big")
@@ -288,7 +344,7 @@ def big_batch_run(prep, tmp_path_factory) -> Path:
     return save_dir / "big"
 
 
-@pytest.fixture(scope="session")
+@shared("session")
 def six_of_an_epoch(prep, tmp_path_factory) -> Path:
     """6 steps of global batch 16 on 2 ranks (58 steps make the epoch; checkpoints at 3 and 6), every sample each rank
     took traced under trace/ (FSDP_TRAIN_TRACE_SAMPLES). Copy it before resuming."""
@@ -318,9 +374,7 @@ class Job:
     """A torchrun job in the background whose output is read line by line, to act at a known moment."""
 
     def __init__(self, args: list, nproc: int = 2, env: dict | None = None, launcher_args: tuple = ()):
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
-        cmd += [] if "--nnodes" in launcher_args else ["--standalone"]
-        cmd += [*launcher_args, "fsdp_train.py", *[str(a) for a in args]]
+        cmd = torchrun_command(nproc, launcher_args=launcher_args) + [str(a) for a in args]
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
         self.proc = subprocess.Popen(
             cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -368,27 +422,27 @@ class Job:
             os.killpg(self.proc.pid, signal.SIGKILL)
 
 
-# Fixtures that build one run (or prep chain) for many tests. Under pytest-xdist (`make test` runs 2 workers) every
-# worker would build its own copy; tests that share any of them, directly or through each other, go to one worker
-# as one xdist group, so each is built once. `prep` is left out on purpose: it is cheap, and every test needs it.
-SHARED_FIXTURES = (
-    "reference_run", "four_steps", "big_batch_run", "six_of_an_epoch",  # session, above
-    "previous", "chat_files", "models", "loads", "adafactor_runs", "corpus_docs",  # module-scoped, in test files
-)  # fmt: skip
+LAUNCHES = re.compile(r"\b(torchrun|in_process|run|Job|Popen|subprocess\.run)\(")
 
 
 def pytest_collection_modifyitems(config, items):
-    parent = {name: name for name in SHARED_FIXTURES}
+    parent = {name: name for name in SHARED}
 
     def root(name: str) -> str:
         while parent[name] != name:
             name = parent[name]
         return name
 
-    uses = {item: [f for f in SHARED_FIXTURES if f in item.fixturenames] for item in items}
+    uses = {item: [f for f in SHARED if f in item.fixturenames] for item in items}
     for names in uses.values():
         for name in names[1:]:
             parent[root(name)] = root(names[0])
     for item, names in uses.items():
         if names:
             item.add_marker(pytest.mark.xdist_group(root(names[0])))
+    # `make test-fast` runs what is left without the `slow` mark (pure functions, in-process checks) and the one
+    # `smoke` run: a test is slow when it needs the prep chain or a shared run, or launches a process itself.
+    for item in items:
+        source = inspect.getsource(item.function) if hasattr(item, "function") else ""
+        if "prep" in item.fixturenames or uses[item] or LAUNCHES.search(source):
+            item.add_marker(pytest.mark.slow)

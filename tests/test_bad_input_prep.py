@@ -7,7 +7,6 @@ previous output *with* --overwrite, so a check that came too late would replace 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -16,9 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, TINIEST, shared, tree_digest
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--vocab-size", "300", "--hidden-size", "16", "--num-layers", "1"]  # builds in ~2 s on a CPU
 # The extensions as each script lists them in its "no ... files found" error: sorted, and in DEFAULT_EXTS order.
 ORGANIZE_EXTS, TO_HF_EXTS = ".json .jsonl .md .txt .yaml .yml", ".txt .md .json .jsonl .yaml .yml"
 RAW = {
@@ -52,22 +50,6 @@ def run_script(args: list[str], env: dict[str, str]) -> subprocess.CompletedProc
     )
 
 
-def tree_digest(root: Path) -> dict[str, str]:
-    """Every entry under root: file -> sha256, folder -> 'dir', symlink -> its target (links are never followed)."""
-    out: dict[str, str] = {}
-    for dirpath, dirs, names in os.walk(root, followlinks=False):
-        for name in dirs + names:
-            path = Path(dirpath, name)
-            rel = path.relative_to(root).as_posix()
-            if path.is_symlink():
-                out[rel] = "-> " + os.readlink(path)
-            elif path.is_dir():
-                out[rel] = "dir"
-            else:
-                out[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return out
-
-
 def write(path: Path, data: str | bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data.encode() if isinstance(data, str) else data)
@@ -83,7 +65,7 @@ def write_files(root: Path, files: dict[str, str | bytes]) -> None:
 # ----------------------------------------------------------------------------- the previous outputs
 
 
-@pytest.fixture(scope="module")
+@shared("module")
 def previous(tmp_path_factory) -> Path:
     """raw/ and a valid splits/, dataset/ and model/ built from it by the three scripts, once per module."""
     root = tmp_path_factory.mktemp("previous")
@@ -92,7 +74,7 @@ def previous(tmp_path_factory) -> Path:
     for args in (
         ["organize_data.py", "--src_dir", root / "raw", "--dst_root", root / "splits", "--num_dirs", "2"],
         ["data_to_hf.py", "--data_folder", root / "splits", "--save_dir", root / "dataset", "--num_proc", "1"],
-        ["model_download.py", "--tiny", root / "model", "--corpus", root / "raw", *TINY],
+        ["model_download.py", "--tiny", root / "model", "--corpus", root / "raw", *TINIEST],
     ):
         proc = run_script([str(a) for a in args], env)
         assert proc.returncode == 0, proc.stdout[-4000:]
@@ -270,17 +252,17 @@ CASES = [
         id="to_hf-extensionless-only-binaries",
     ),
     model(
-        *("--tiny", "{w}/model", "--corpus", "{w}/raw", *TINY),
+        *("--tiny", "{w}/model", "--corpus", "{w}/raw", *TINIEST),
         message="{w}/model already exists (pass --overwrite to replace it)",
         id="model-tiny-exists-no-overwrite",
     ),
     model(
-        *("--tiny", "{w}/model", "--corpus", "{w}/missing", *TINY, "--overwrite"),
+        *("--tiny", "{w}/model", "--corpus", "{w}/missing", *TINIEST, "--overwrite"),
         message="corpus folder not found: {w}/missing",
         id="model-tiny-missing-corpus",
     ),
     model(
-        *("--tiny", "{w}/model", "--corpus", "{w}/bad", *TINY, "--overwrite"),
+        *("--tiny", "{w}/model", "--corpus", "{w}/bad", *TINIEST, "--overwrite"),
         files={f"bad/{name}": data for name, (data, _) in BAD_FILES.items()},
         message="no text found under {w}/bad to train a tokenizer on",
         never_created=("pwned",),
@@ -294,12 +276,12 @@ CASES = [
         id="model-name-not-cached-offline",
     ),
     model(
-        *("--tiny", "{w}/model", "--corpus", "{w}/raw", *TINY, "--overwrite", "--revision", "v1"),
+        *("--tiny", "{w}/model", "--corpus", "{w}/raw", *TINIEST, "--overwrite", "--revision", "v1"),
         message="--revision only applies to --model-name",
         id="model-revision-without-model-name",
     ),
     model(
-        *("--tiny", "{w}/model", "--corpus", "{w}/raw", *TINY, "--overwrite", "--vocab-size", "10"),
+        *("--tiny", "{w}/model", "--corpus", "{w}/raw", *TINIEST, "--overwrite", "--vocab-size", "10"),
         message="--vocab-size must be >= 300",
         id="model-vocab-size-10",
     ),

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import checkpoint_weights, ok, run, torchrun, train_args
+from conftest import checkpoint_weights, ok, run, tiny_config, torchrun, train_args
 
 GENERATION = {"eos_token_id": [0, 3], "do_sample": True, "temperature": 0.6, "top_p": 0.9}
 MOE = {
@@ -40,13 +40,10 @@ def logits_of(model) -> torch.Tensor:
 
 @pytest.mark.parametrize("arch", list(MOE))
 def test_a_moe_export_has_the_checkpoint_layout_the_trained_logits_and_the_base_generation_config(prep, tmp_path, arch):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     base = tmp_path / arch
-    config = AutoConfig.for_model(
-        arch, vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, **MOE[arch],
-    )  # fmt: skip
+    config = tiny_config(arch, 512, num_key_value_heads=2, **MOE[arch])
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(base)
     AutoTokenizer.from_pretrained(prep["model"]).save_pretrained(base)

@@ -18,6 +18,7 @@ from conftest import (
     ok,
     read_metrics,
     run,
+    shared,
     torchrun,
     train_args,
     unpacked_loss,
@@ -203,7 +204,7 @@ def test_bf16_keeps_fp32_master_weights_and_pure_bf16_does_not(prep, tmp_path):
 # Chat / instruction SFT
 
 
-@pytest.fixture(scope="module")
+@shared("module")
 def chat_files(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("chat")
     rows = [{"messages": CONVERSATION}, {"messages": CONVERSATION[:3]}] * 40
@@ -302,7 +303,10 @@ def test_python_api_in_process_and_through_the_elastic_launcher(prep, reference_
     )
     proc = ok(run([sys.executable, "-c", launched]))
     assert "world 2" in proc.stdout
-    assert "FSDP units: 1 (the whole model)" in proc.stdout  # --shard-unit auto on CPU
+    assert "FSDP units: 1 (the whole model); --shard-unit auto: the unsharded model and its gradients" in proc.stdout
+    # Every flag left at auto, in one line, as this host resolved it (the tiny model's config says fp32).
+    resolved = "Resolved auto: --dtype fp32, --attn-implementation sdpa, --packing isolated, --shard-unit model, "
+    assert resolved + "--export-dtype fp32\n" in proc.stdout
     # The same job as the torchrun command line's (per block), to the bit.
     expected = [m["loss"] for m in reference_run["metrics"][:2]]
     assert [m["loss"] for m in read_metrics(tmp_path / "two")] == expected

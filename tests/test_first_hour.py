@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import pytest
-from conftest import assert_single_error, in_process, ok, train_args
+from conftest import assert_single_error, in_process, ok, torchrun_command, train_args
 
 import fsdp_train as ft
 
@@ -61,7 +60,7 @@ def test_two_jobs_building_the_same_cache_at_once_both_train(prep, tmp_path):
     from conftest import ROOT
 
     env = {**ft.os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "FSDP_TRAIN_FAULT": "sleep_in_prepare:0:3"}
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "fsdp_train.py"]
+    launcher = torchrun_command(1)
     jobs = [
         subprocess.Popen([*launcher, *map(str, train_args(prep, tmp_path, exp, "--stop-at-step", 1, "-s", 48))],
                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

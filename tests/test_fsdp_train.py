@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -50,7 +51,13 @@ def test_parse_args_maps_every_flag_and_short_alias():
     [
         (["-m", "m"], "--dataset-name is required"),
         (["-d", "ds", "-m", "m", "-b", "0"], "--batch-size must be >= 1"),
-        (["-d", "ds", "-m", "m", "--lr", "-1"], "--lr must be a positive"),
+        (["-d", "ds", "-m", "m", "--lr", "-1"], "--lr must be > 0, got -1"),
+        (["-d", "ds", "-m", "m", "--lr", "nan"], "--lr must be a finite number > 0, got nan"),
+        (["-d", "ds", "-m", "m", "--lr", "inf"], "--lr must be a finite number > 0, got inf"),
+        (["-d", "ds", "-m", "m", "--val-split", "1"], r"--val-split must be in \[0, 1\), got 1"),
+        (["-d", "ds", "-m", "m", "--min-lr-ratio", "1.5"], r"--min-lr-ratio must be in \[0, 1\], got 1.5"),
+        (["-d", "ds", "-m", "m", "--dist-timeout", "0"], "--dist-timeout must be > 0, got 0"),
+        (["-d", "ds", "-m", "m", "--hang-timeout", "-1"], "--hang-timeout must be >= 0, got -1"),
         (["-d", "ds", "-m", "m", "--cpu-offload", "maybe"], "expected on or off"),
         (["-d", "ds", "-m", "m", "--no-such-flag"], "unrecognized arguments"),
         (["-d", "ds", "-m", "m", "-e", "../escape"], "--experiment-name"),
@@ -62,6 +69,38 @@ def test_parse_args_maps_every_flag_and_short_alias():
 def test_parse_args_rejects_bad_input(argv, message):
     with pytest.raises(ft.InputError, match=message):
         ft.parse_args(argv)
+
+
+def readme_flag_table() -> dict[str, tuple[list[str], str]]:
+    """README's fsdp_train.py flag table: long flag -> (the choices its first column lists, its default column)."""
+    text = (Path(ft.__file__).parent / "README.md").read_text()
+    table = text.split("## fsdp_train.py flags", 1)[1].split("\n\n", 2)[1]
+    rows = {}
+    for line in table.splitlines()[2:]:
+        flag, default = [cell.strip() for cell in line.replace("\\|", "/").split("|")[1:3]]
+        words = flag.strip("`").split()
+        rows[words[-2] if len(words) > 1 and not words[-1].startswith("-") else words[-1]] = (
+            words[-1].split("/") if "/" in words[-1] else [],
+            default.strip("`"),
+        )
+    return rows
+
+
+def test_readme_flag_table_matches_config():
+    # Every flag in the table, none twice, none invented; the choices and defaults it shows are Config's.
+    rows = readme_flag_table()
+    fields = {ft.flag_name(f.name): f for f in dataclasses.fields(ft.Config)}
+    assert set(rows) == set(fields), f"missing: {set(fields) - set(rows)}, not flags: {set(rows) - set(fields)}"
+    for flag, (choices, default) in rows.items():
+        f = fields[flag]
+        if f.metadata["choices"]:
+            assert choices == list(f.metadata["choices"]), flag
+        if isinstance(f.default, bool):
+            assert choices == ["on", "off"] and default == ("on" if f.default else "off"), flag
+        elif isinstance(f.default, (int, float)):
+            assert float(default) == f.default, flag
+        elif f.default:
+            assert default == f.default, flag
 
 
 def test_config_file_sets_flags_and_the_command_line_overrides_it(tmp_path):
@@ -106,7 +145,7 @@ def test_lr_schedule_warmup_then_cosine_to_floor():
     assert ft.lr_factor(12, 4, 20, 0.1) == pytest.approx(0.55)  # half-way through the decay
 
 
-@pytest.mark.parametrize("kind", ft.LR_SCHEDULERS)
+@pytest.mark.parametrize("kind", ft.LR_SCHEDULES)
 def test_lr_schedulers_share_the_warmup_and_end_where_they_should(kind):
     f = [ft.lr_factor(s, 2, 12, 0.1, kind=kind, decay_fraction=0.5) for s in range(13)]
     assert f[:2] == [0.5, 1.0]
@@ -303,11 +342,19 @@ def test_the_root_unit_stays_gathered_from_forward_to_backward(unit):
         dist.destroy_process_group()
 
 
-def test_shard_unit_auto_is_per_block_on_gpus_and_one_unit_on_cpu():
+def test_shard_unit_auto_is_per_block_on_gpus_and_one_unit_on_cpu_where_it_fits():
     cfg = ft.parse_args(["-d", "ds", "-m", "m"])
     assert cfg.shard_unit == "auto"
     assert cfg.shard_unit_on(torch.device("cuda", 0)) == "block"
     assert cfg.shard_unit_on(torch.device("cpu")) == "model"
+    # One unit holds every parameter gathered plus its gradient and fp32 reduce buffer on each rank of the host: a 1B
+    # model (fp32: 12 GB a rank) on 2 ranks does not fit half of a 32 GiB host, a 100M one does.
+    cpu, host = torch.device("cpu"), 32 * 2**30
+    assert ft.one_unit_bytes(10**9, cfg, cpu) == 12 * 10**9
+    assert cfg.shard_unit_on(cpu, num_params=10**9, host_bytes=host, local_ranks=2) == "block"
+    assert cfg.shard_unit_on(cpu, num_params=10**8, host_bytes=host, local_ranks=2) == "model"
+    assert cfg.shard_unit_on(torch.device("cuda", 0), num_params=10**8, host_bytes=host) == "block"
+    assert ft.parse_args(["-d", "ds", "-m", "m", "--shard-unit", "model"]).shard_unit_on(cpu, 10**9, host, 2) == "model"
     # --optimizer-in-backward frees each unit's gradients once reduced: with one unit nothing would be freed early
     in_backward = ft.parse_args(["-d", "ds", "-m", "m", "--optimizer-in-backward", "on", "--max-norm", "0"])
     assert in_backward.shard_unit_on(torch.device("cpu")) == "block"
@@ -414,23 +461,27 @@ def test_mfu_peaks_come_from_the_device_name_or_the_flag_and_are_never_guessed()
     assert ft.device_peak_tflops(ft.Config(dataset_name="d", model_name="m", peak_tflops=2.5), cpu) == 2.5
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("model", ["model", "tied"])
-def test_sharded_step0_loss_equals_the_single_process_model(prep, reference_run, tmp_path, model):
-    if model == "model":  # the shared run of the tiny model
-        save_dir, exp = reference_run["save_dir"], reference_run["exp"]
-    else:
-        save_dir, exp = tmp_path, tmp_path / "a"
-        ok(torchrun(train_args(prep, tmp_path, "a", "--stop-at-step", "2", model=model)))
+def check_step0_loss_and_checkpoint(prep, save_dir: Path, exp: Path, model: str) -> None:
     first = read_metrics(exp)[0]
     assert "mfu" not in first  # CPU: no known peak, none given
     assert first["loss"] == pytest.approx(reference_loss(prep, save_dir, model), abs=1e-5)
-    if model == "model":  # checkpointing changes no bit (once is enough: it does not care about ties)
-        ok(torchrun(train_args(prep, tmp_path, "b", "--stop-at-step", "2", "--activation-checkpointing", "off")))
-        assert [m["loss"] for m in read_metrics(tmp_path / "b")] == [m["loss"] for m in read_metrics(exp)[:2]]
     weights = checkpoint_weights(exp / "checkpoints/step-2")
     if model == "tied":  # one tensor saved under both names, still equal after training
         assert torch.equal(weights["lm_head.weight"], weights["model.embed_tokens.weight"])
+
+
+def test_sharded_step0_loss_equals_the_single_process_model(prep, reference_run, tmp_path):
+    save_dir, exp = reference_run["save_dir"], reference_run["exp"]  # the shared run of the tiny model
+    check_step0_loss_and_checkpoint(prep, save_dir, exp, "model")
+    # Checkpointing changes no bit (once is enough: it does not care about ties).
+    ok(torchrun(train_args(prep, tmp_path, "b", "--stop-at-step", "2", "--activation-checkpointing", "off")))
+    assert [m["loss"] for m in read_metrics(tmp_path / "b")] == [m["loss"] for m in read_metrics(exp)[:2]]
+
+
+@pytest.mark.smoke  # `make test-fast`'s one short run: prep, 2 ranks, checkpoint and export, against transformers
+def test_sharded_step0_loss_of_a_tied_model_equals_the_single_process_model(prep, tmp_path):
+    ok(torchrun(train_args(prep, tmp_path, "a", "--stop-at-step", "2", model="tied")))
+    check_step0_loss_and_checkpoint(prep, tmp_path, tmp_path / "a", "tied")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -5,7 +5,6 @@ driven exactly as fsdp_train.py drives it, with only flash_attn's CUDA kernels r
 from __future__ import annotations
 
 import copy
-import sys
 
 import flash_emulation as fe
 import pytest
@@ -15,10 +14,12 @@ from conftest import (
     context_sensitive_model,
     ok,
     packed_cache,
+    pretrained_like,
     read_metrics,
     reference_loss,
-    run,
     short_documents,
+    tiny_config,
+    torchrun,
     train_args,
     unpacked_loss,
     unpacked_sums,
@@ -39,18 +40,14 @@ def emulated_flash(monkeypatch):
 
 def model_pair(arch: str, attn: str, dtype=torch.float32):
     """(the model under `attn`, the same weights under plain sdpa): pretrained-like random weights."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    config = AutoConfig.for_model(
-        arch, vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        use_cache=False, **ARCHS[arch],
-    )  # fmt: skip
+    config = tiny_config(arch, VOCAB, use_cache=False, **ARCHS[arch])
     torch.manual_seed(0)
-    ref = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="sdpa", dtype=dtype).eval()
-    with torch.no_grad():  # a random init this small barely depends on the context at all
-        for p in ref.parameters():
-            if p.ndim == 2:
-                p.normal_(0, 0.3)
+    ref = pretrained_like(
+        AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="sdpa", dtype=dtype)
+    )
+    ref.eval()
     model = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=attn, dtype=dtype).eval()
     model.load_state_dict(ref.state_dict())
     return model, ref
@@ -175,8 +172,7 @@ def test_a_packed_training_step_with_flash_attention_equals_transformers_on_each
     sharp = {"model": context_sensitive_model(prep, tmp_path), "dataset": short_documents(tmp_path)}
     args = train_args(sharp, tmp_path / "runs", "flash", "-b", 4, "--stop-at-step", 1, "--attn-implementation",
                       "flash_attention_2", "--val-split", 0.05, "--lr", 1e-9)  # fmt: skip
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    proc = ok(run([*launcher, ROOT / "tests" / "flash_emulation.py", *args], env={"OMP_NUM_THREADS": "1"}))
+    proc = ok(torchrun(args, script=ROOT / "tests" / "flash_emulation.py"))
     assert "Packed documents are isolated (flash_attention_2, 4 rows a micro-batch)" in proc.stdout
     (step1,) = read_metrics(tmp_path / "runs" / "flash")
     expected = reference_loss(sharp, tmp_path / "runs", "model", world_size=2, batch_size=4)

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import make_hf_cache, offline_env, ok, read_metrics, reference_loss, run, torchrun, train_args
+from conftest import make_hf_cache, offline_env, ok, read_metrics, reference_loss, shared, torchrun, train_args
 
 HUB_ID = "acme/tiny-bf16-shards"
 FAST = "every rank read its own slices of"
@@ -36,7 +35,7 @@ def rewrite_weights(src: Path, out: Path, change) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
+@shared("module")
 def models(prep, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("load")
     hf_home = root / "hf"
@@ -61,13 +60,12 @@ def models(prep, tmp_path_factory) -> dict:
     }
 
 
-@pytest.fixture(scope="module")
+@shared("module")
 def loads(models) -> dict[str, dict]:
     """One 2-rank job loads every model; each result compared with plain from_pretrained."""
     names = [models[k] for k in ("hub_bf16_shards", "tied", "tied_with_head", "renamed")]
     worker = Path(__file__).with_name("load_worker.py")
-    proc = ok(run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", worker, *names],
-                  env={"OMP_NUM_THREADS": "1", **offline_env(models["hf_home"])}))  # fmt: skip
+    proc = ok(torchrun(names, script=worker, env=offline_env(models["hf_home"])))
     results = {r["model"]: r for r in map(json.loads, (x for x in proc.stdout.splitlines() if x.startswith("{")))}
     return {k: results[models[k]] for k in ("hub_bf16_shards", "tied", "tied_with_head", "renamed")}
 

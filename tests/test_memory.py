@@ -18,6 +18,7 @@ from conftest import (
     in_process,
     ok,
     read_metrics,
+    shared,
     torchrun,
     train_args,
 )
@@ -83,7 +84,7 @@ def test_optimizer_in_backward_refuses_accumulation_with_the_reason():
 ADAFACTOR = ("--optimizer", "adafactor", "--lr", "5e-2", "--max-norm", 0)
 
 
-@pytest.fixture(scope="module")
+@shared("module")
 def adafactor_runs(prep, tmp_path_factory) -> dict[str, Path]:
     """6 Adafactor steps with checkpoints at 3 and 6: on 1 process (batch 4), on 2 ranks (batch 2 each), and on 2 ranks
     with the optimizer in backward. The tests resume copies of them."""

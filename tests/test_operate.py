@@ -23,6 +23,7 @@ from conftest import (
     read_metrics,
     run,
     torchrun,
+    torchrun_command,
     train_args,
 )
 
@@ -210,7 +211,7 @@ def run_on_a_terminal(cmd: list) -> tuple[int, str]:
 def test_progress_bar_summary_tensorboard_and_loss_curve(prep, reference_run, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "fsdp_train.py"]
+    launcher = torchrun_command(2)
     args = train_args(
         prep, tmp_path, "exp", "--stop-at-step", 6, "--log-freq", 2, "--val-split", "0.1", "--eval-freq", 3
     )

@@ -17,9 +17,12 @@ from conftest import (
     ROOT,
     context_sensitive_model,
     ok,
+    pretrained_like,
     read_metrics,
     run,
+    shared,
     short_documents,
+    tiny_config,
     torchrun,
     train_args,
     unpacked_loss,
@@ -39,18 +42,13 @@ VOCAB = 97
 
 
 def tiny_model(arch: str, attn: str = "sdpa"):
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
-    config = AutoConfig.for_model(arch, **(common if arch != "gpt2" else {"vocab_size": VOCAB}), **ARCHS[arch])
-    config.use_cache = False
+    config = tiny_config(arch, VOCAB, use_cache=False, **ARCHS[arch])
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32).eval()
-    with torch.no_grad():  # pretrained-like logits: a random init this small barely depends on the context at all
-        for p in model.parameters():
-            if p.ndim == 2:
-                p.normal_(0, 0.3)
-    return model
+    return pretrained_like(
+        AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32)
+    ).eval()
 
 
 def documents(lengths: list[int], seed: int = 1) -> list[list[int]]:
@@ -183,7 +181,7 @@ def test_cpu_refuses_attention_kernels_without_a_cpu_backward():
 # 2. No token silently lost; the same blocks whatever the worker count
 
 
-@pytest.fixture(scope="module")
+@shared("module")
 def corpus_docs():
     """More than 1,000 documents: the sample corpus line by line (several batches of datasets.map)."""
     import datasets
@@ -323,8 +321,7 @@ def test_planner_counts_unsharded_accumulation_only_when_asked(prep):
 @pytest.mark.slow
 def test_hsdp_replicas_stay_bitwise_equal_with_stochastic_rounding(prep, tmp_path):
     worker = Path(__file__).with_name("hsdp_rounding_worker.py")
-    proc = ok(run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", worker,
-                   prep["model"]], env={"OMP_NUM_THREADS": "1"}))  # fmt: skip
+    proc = ok(torchrun([prep["model"]], script=worker))
     assert "replicas equal after 4 steps: True (changed: True)" in proc.stdout, proc.stdout[-3000:]
 
 

@@ -21,6 +21,7 @@ from conftest import (
     make_hf_cache,
     ok,
     read_metrics,
+    shared,
     torchrun,
     train_args,
     tree_digest,
@@ -31,7 +32,7 @@ import fsdp_train as ft
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
+@shared("module")
 def reference(reference_run):
     """Checkpoint folder of the uninterrupted run at a step: what every interrupted run must reproduce exactly."""
     return reference_run["step"]
