@@ -425,6 +425,10 @@ class Job:
 LAUNCHES = re.compile(r"\b(torchrun|in_process|run|Job|Popen|subprocess\.run)\(")
 
 
+# First: pytest-xdist's worker turns the xdist_group marks into node-id suffixes in its own hook, which pytest would
+# otherwise call before this one (plugins registered later run first), so the groups were silently ignored and every
+# shared run was built by both workers.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     parent = {name: name for name in SHARED}
 
