@@ -76,15 +76,16 @@ demo: $(DATA)/dataset $(DATA)/tiny-llama
 	@echo "(run 'make demo' again: it resumes an interrupted run, or reports it complete)"
 
 # Two pytest-xdist workers: the suite's torchrun jobs leave about a third of 2 cores idle (start-up, waits), and a
-# second worker fills it (12.6-12.9 -> 9.3-10.6 min on an idle 2-core machine). Tests that share a run stay on one
-# worker (tests/conftest.py groups them). TEST_WORKERS=0 runs everything in this one process, in order.
+# second worker fills it (12.6-12.9 -> 9.3-10.6 min on an idle 2-core machine). A run that several tests share is
+# built once, by the first worker that needs it (@shared in tests/conftest.py). TEST_WORKERS=0 runs everything in
+# this one process, in order.
 TEST_WORKERS ?= 2
 test: $(VENV)/.installed
-	$(PY) -m pytest $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup)
+	$(PY) -m pytest $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS))
 
 # The edit loop: pure functions, in-process checks and one short 2-rank run (tests/conftest.py says which are slow).
 test-fast: $(VENV)/.installed
-	$(PY) -m pytest -m "not slow or smoke" $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup)
+	$(PY) -m pytest -m "not slow or smoke" $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS))
 
 # The benchmark's extra packages (accelerate, for the Trainer) go into the same venv once, also held to the lock.
 $(VENV)/.bench-installed: requirements-bench.txt $(LOCK) $(VENV)/.installed

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import inspect
 import json
@@ -272,19 +273,51 @@ def tree_digest(root: Path) -> dict[str, str]:
     return out
 
 
-# Fixtures that build one run (or prep chain) for many tests are declared with @shared instead of @pytest.fixture.
-# Under pytest-xdist (`make test` runs 2 workers) every worker would build its own copy; tests that share any of them,
-# directly or through each other, go to one worker as one xdist group (pytest_collection_modifyitems), so each is
-# built once. `prep` is left out on purpose: it is cheap, and every test needs it.
+# Fixtures that build one run (or a module's prepared models) for many tests are declared with @shared instead of
+# @pytest.fixture: under pytest-xdist (`make test` runs 2 workers) the first worker to need one builds it under a file
+# lock in the session's common temp folder and pickles its value there; the other worker waits for the lock and reads
+# it, so each is built once whichever worker its tests land on. (xdist's own `--dist loadgroup` cannot do this here:
+# xdist 3.8 appends the group to `item._nodeid`, which pytest 9.2's `nodeid` no longer reads, so the groups were
+# silently ignored and every shared run was built twice; test_shared_fixtures_are_built_once checks ours.) A value
+# must pickle (paths, numbers, text), and tests copy a shared run's folders before changing anything in them.
 SHARED: set[str] = set()
 
 
 def shared(scope: str):
     def declare(fn):
         SHARED.add(fn.__name__)
-        return pytest.fixture(scope=scope)(fn)
+        names = list(inspect.signature(fn).parameters)
+
+        def once(request, tmp_path_factory):
+            def build():
+                return fn(**{n: request.getfixturevalue(n) for n in names})
+
+            if not os.environ.get("PYTEST_XDIST_WORKER"):
+                return build()
+            import fcntl
+            import pickle
+
+            root = tmp_path_factory.getbasetemp().parent / "shared"  # pytest-N/, common to the session's workers
+            root.mkdir(exist_ok=True)
+            key = f"{fn.__module__}.{fn.__name__}"
+            with open(root / f"{key}.lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+                done = root / f"{key}.pickle"
+                if done.exists():
+                    return pickle.loads(done.read_bytes())
+                value = build()
+                done.write_bytes(pickle.dumps(value))
+                return value
+
+        once.__name__ = fn.__name__
+        once.__doc__ = fn.__doc__
+        return pytest.fixture(scope=scope, name=fn.__name__)(once)
 
     return declare
+
+
+def checkpoint_at(exp: Path, step: int) -> Path:
+    return exp / "checkpoints" / f"step-{step}"
 
 
 @pytest.fixture(scope="session")
@@ -324,7 +357,7 @@ def reference_run(prep, tmp_path_factory) -> dict:
         "exp": exp,
         "stdout": proc.stdout,
         "metrics": read_metrics(exp),
-        "step": lambda k: exp / "checkpoints" / f"step-{k}",
+        "step": functools.partial(checkpoint_at, exp),
     }
 
 
@@ -425,28 +458,10 @@ class Job:
 LAUNCHES = re.compile(r"\b(torchrun|in_process|run|Job|Popen|subprocess\.run)\(")
 
 
-# First: pytest-xdist's worker turns the xdist_group marks into node-id suffixes in its own hook, which pytest would
-# otherwise call before this one (plugins registered later run first), so the groups were silently ignored and every
-# shared run was built by both workers.
-@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    parent = {name: name for name in SHARED}
-
-    def root(name: str) -> str:
-        while parent[name] != name:
-            name = parent[name]
-        return name
-
-    uses = {item: [f for f in SHARED if f in item.fixturenames] for item in items}
-    for names in uses.values():
-        for name in names[1:]:
-            parent[root(name)] = root(names[0])
-    for item, names in uses.items():
-        if names:
-            item.add_marker(pytest.mark.xdist_group(root(names[0])))
     # `make test-fast` runs what is left without the `slow` mark (pure functions, in-process checks) and the one
     # `smoke` run: a test is slow when it needs the prep chain or a shared run, or launches a process itself.
     for item in items:
         source = inspect.getsource(item.function) if hasattr(item, "function") else ""
-        if "prep" in item.fixturenames or uses[item] or LAUNCHES.search(source):
+        if "prep" in item.fixturenames or SHARED & set(item.fixturenames) or LAUNCHES.search(source):
             item.add_marker(pytest.mark.slow)

@@ -544,7 +544,7 @@ def test_a_rerun_that_changes_what_is_trained_is_refused_until_fresh_or_resume_f
     exp, before = save_dir / "exp", tree_digest(save_dir / "exp")
     changed = train_args(prep, save_dir, "exp", "--stop-at-step", 5, "--seed", 7, "-s", 32, "--log-freq", 5)
     line = assert_single_error(job(*changed), "holds a run that trained with other settings (step-4)")
-    assert "--seq-length 64 -> 32; --seed 0 -> 7." in line  # the log cadence is no reason
+    assert "--seed 0 -> 7; --seq-length 64 -> 32." in line  # the log cadence is no reason (flags in Config order)
     assert "another -e" in line and "--fresh" in line and "--resume-from latest" in line
     assert tree_digest(exp) == before
 
