@@ -3133,6 +3133,8 @@ PEAK_TFLOPS = [
     (r"\bL4\b", 121.0, 30.3),
     (r"RTX 4090", 165.2, 82.6),
     (r"MI300X", 1307.4, 163.4),
+    (r"B200", 2250.0, None),  # fp32 figures not in the tables we read: MFU left out unless --peak-tflops
+    (r"A10G", 70.0, None),
 ]
 
 

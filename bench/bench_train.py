@@ -126,20 +126,6 @@ VARIANTS = {
     "trainer-ac-off": ("trainer", ["--activation-checkpointing", "off"]),
 }
 
-# Dense bf16 tensor-core peak, TFLOP/s, from the datasheets (SXM parts unless named); first match wins.
-CUDA_PEAK_TFLOPS = [
-    ("H100 PCIe", 756.0),
-    ("H100 NVL", 835.0),
-    ("H200", 989.0),
-    ("H100", 989.0),
-    ("GH200", 989.0),
-    ("B200", 2250.0),
-    ("A100", 312.0),
-    ("L40S", 362.0),
-    ("A10G", 70.0),
-    ("L4", 121.0),
-]
-
 FIRST_STEP = {"fsdp": re.compile(r"\[rank0\] step 1/\d+"), "trainer": re.compile(r"\[bench\] trainer step 1 done")}
 SCRIPT = {"fsdp": "fsdp_train.py", "trainer": "bench/hf_trainer_run.py"}
 
@@ -289,15 +275,18 @@ def write_trainer_data(blocks: tuple[np.ndarray, np.ndarray], order: list[int], 
 
 
 def flops_per_token(model_dir: Path, seq: int) -> tuple[float, int]:
-    """(6*N + 12*L*h*s, N) with N = weights of every nn.Linear (lm_head included, embeddings and norms not)."""
+    """(FLOPs per trained token, the parameters counted): fsdp_train.flops_per_token, the definition behind the MFU
+    that fsdp_train.py logs, so the bench's MFU and the run's are one figure."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from fsdp_train import count_params
+    from fsdp_train import flops_per_token as trainer_flops_per_token
+
     config = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    n = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
-    return 6.0 * n + 12.0 * config.num_hidden_layers * config.hidden_size * seq, n
+        n = count_params(AutoModelForCausalLM.from_config(config))
+    return trainer_flops_per_token(config, n, seq), n
 
 
 # ======================================================================================================================
@@ -338,16 +327,19 @@ def measure_cpu_peak(nproc: int, threads: int, sizes=(1024, 2048, 4096), seconds
 
 
 def cuda_peak(tflops_override: float) -> dict:
+    """All GPUs' dense bf16 peak: --peak-tflops, or fsdp_train.py's table (the logged MFU's)."""
     import torch
+
+    from fsdp_train import peak_tflops
 
     name = torch.cuda.get_device_name(0)
     if tflops_override:
         return {"flops": tflops_override * 1e12 * torch.cuda.device_count(), "device": name, "source": "--peak-tflops"}
-    for key, tflops in CUDA_PEAK_TFLOPS:
-        if key in name:
-            total = tflops * 1e12 * torch.cuda.device_count()
-            return {"flops": total, "device": name, "source": f"datasheet dense bf16 {tflops:g} TFLOP/s per GPU"}
-    raise SystemExit(f"error: no datasheet peak for '{name}'; pass --peak-tflops (dense bf16 TFLOP/s per GPU)")
+    tflops = peak_tflops(name, torch.bfloat16)
+    if tflops is None:
+        raise SystemExit(f"error: no datasheet peak for '{name}'; pass --peak-tflops (dense bf16 TFLOP/s per GPU)")
+    total = tflops * 1e12 * torch.cuda.device_count()
+    return {"flops": total, "device": name, "source": f"fsdp_train.PEAK_TFLOPS: dense bf16 {tflops:g} TFLOP/s per GPU"}
 
 
 # ======================================================================================================================
@@ -711,7 +703,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     dataset, model = prepare_inputs(workdir, shape)
     plan = Plan(args, shape, dataset, model, runs_dir, nproc, threads, batch, env)
-    fpt, n_matmul = flops_per_token(model, shape.seq)
+    fpt, n_params = flops_per_token(model, shape.seq)
 
     # The schedule both sides use: fsdp_train.py's own flag parsing and step planning, then its packed blocks.
     blocks = pack_blocks(dataset, model, shape.seq)
@@ -789,7 +781,7 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown_table(summary, args.device)
     print()
     print(
-        f"{args.model} ({shape.hidden}h x {shape.layers}L, {n_matmul / 1e6:.1f} M matmul weights, "
+        f"{args.model} ({shape.hidden}h x {shape.layers}L, {n_params / 1e6:.1f} M params, "
         f"{fpt / 1e6:.0f} MFLOP/token), {args.device}, {nproc} ranks x {threads} threads, {args.steps} steps x "
         f"{global_batch} x {shape.seq} tokens, median of {args.repeats}; peak {peak['flops'] / 1e9:.1f} GFLOP/s"
     )
@@ -840,7 +832,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "flops_per_token": fpt,
         "flops_formula": "6*N + 12*L*h*s; N = all nn.Linear weights (lm_head in, embeddings/norms out); no AC recompute",
-        "matmul_weights": n_matmul,
+        "params": n_params,
         "peak": peak,
         "import_baseline_rss_gib": baseline,
         "token_check": token_check,

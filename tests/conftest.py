@@ -320,9 +320,10 @@ def checkpoint_at(exp: Path, step: int) -> Path:
     return exp / "checkpoints" / f"step-{step}"
 
 
-@pytest.fixture(scope="session")
+@shared("session")
 def prep(tmp_path_factory) -> dict[str, Path]:
-    """organize_data.py -> data_to_hf.py -> model_download.py --tiny on the bundled data/, as a user runs them."""
+    """organize_data.py -> data_to_hf.py -> model_download.py --tiny on the bundled data/, as a user runs them. Shared
+    like the runs built on it: a run resumed with another worker's dataset path would be another run."""
     root = tmp_path_factory.mktemp("prep")
     out = {"splits": root / "splits", "dataset": root / "dataset", "model": root / "tiny", "tied": root / "tiny-tied"}
     out["small"] = root / "small"  # the issue's `small` shape, for memory measurements
