@@ -131,7 +131,7 @@ def range_problem(name: str, value: float, within: str) -> str | None:
     if hi == math.inf:
         number = "a finite number " if not math.isfinite(value) else ""
         return f"{flag_name(name)} must be {number}{'>=' if within[0] == '[' else '>'} {lo:g}, got {value}"
-    return f"{flag_name(name)} must be in {within.replace('.0', '')}, got {value}"
+    return f"{flag_name(name)} must be in {within}, got {value}"
 
 
 def flag_name(field: str) -> str:
@@ -962,9 +962,13 @@ def shard_model(model: torch.nn.Module, cfg: Config, d: Dist) -> None:
     offload = cfg.activation_offload and cuda
     if cfg.activation_offload and not cuda:
         log.info("--activation-offload does nothing on a CPU host: activations already live in host memory")
-    unit = cfg.shard_unit_on(d.device, count_params(model), host_available_bytes(), local_world_size())
-    if cfg.shard_unit == "auto" and d.device.type == "cpu" and not cfg.optimizer_in_backward:
+    params, room, local = count_params(model), host_available_bytes(), local_world_size()
+    unit, why = cfg.shard_unit_on(d.device, params, room, local), ""
+    if cfg.shard_unit == "auto" and d.device.type == "cpu" and not cfg.optimizer_in_backward:  # memory decides
         unit = "model" if all_ok(unit == "model") else "block"  # a host short of memory makes every rank go per block
+        why = (f"; --shard-unit auto: the unsharded model and its gradients take "
+               f"{byte_size(local * one_unit_bytes(params, cfg, d.device))} on this host's {local} rank(s), "
+               f"{'within' if unit == 'model' else 'over'} half of its {byte_size(room)} available")  # fmt: skip
     blocks = find_blocks(model)
     for i, (parent, attr, block) in enumerate(blocks):
         if cfg.activation_checkpointing:
@@ -987,12 +991,6 @@ def shard_model(model: torch.nn.Module, cfg: Config, d: Dist) -> None:
     # step instead of 1; test_the_root_unit_stays_gathered_from_forward_to_backward).
     fully_shard(model, **{**fsdp_kwargs, "reshard_after_forward": None if cfg.reshard_after_forward else False})
     units = sum(isinstance(m, FSDPModule) for m in model.modules())  # counted, not inferred from the flag
-    why = ""
-    if cfg.shard_unit == "auto" and d.device.type == "cpu" and not cfg.optimizer_in_backward:
-        need = local_world_size() * one_unit_bytes(count_params(model), cfg, d.device) / 2**30
-        room = f"{host_available_bytes() / 2**30:.1f} GiB available"
-        why = (f"; --shard-unit auto: the unsharded model and its gradients take {need:.2f} GiB on this host's "
-               f"{local_world_size()} rank(s), {'within' if unit == 'model' else 'over'} half of its {room}")  # fmt: skip
     log.info(f"FSDP units: {units} ({'the whole model' if units == 1 else f'{units - 1} blocks + the root'}){why}")
 
 
@@ -3078,6 +3076,11 @@ def rss_bytes(field: str = "VmRSS") -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # no /proc field: the lifetime peak
 
 
+def byte_size(b: float, width: int = 0) -> str:
+    """Bytes in GiB, or MiB below a tenth of one, to two / one decimals."""
+    return f"{b / 2**30:{width}.2f} GiB" if b >= 2**30 / 10 else f"{b / 2**20:{width}.1f} MiB"
+
+
 def one_unit_bytes(num_params: int, cfg: Config, device: torch.device) -> int:
     """What one rank holds at the end of backward under --shard-unit model, beyond its shards: every parameter
     gathered and its unsharded gradient with the fp32 reduce-scatter buffer (memory_plan's "backward end")."""
@@ -4780,9 +4783,7 @@ def plan_main(argv: list[str]) -> int:
         return report_job_error(InputError(first_line(e)), 0)
     gib = 2**30
     shape = next(iter(shapes.values()))
-
-    def size(b: float) -> str:
-        return f"{b / gib:8.2f} GiB" if b >= gib / 10 else f"{b / 2**20:8.1f} MiB"
+    size = partial(byte_size, width=8)
 
     if args.json:
         print(json.dumps({"shape": dataclasses.asdict(shape) | {"matrices": len(shape.matrices)}, "plans": plans}))

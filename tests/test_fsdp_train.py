@@ -363,6 +363,17 @@ def test_shard_unit_auto_is_per_block_on_gpus_and_one_unit_on_cpu_where_it_fits(
         assert cfg.shard_unit_on(torch.device("cuda", 0)) == cfg.shard_unit_on(torch.device("cpu")) == unit
 
 
+def test_shard_unit_auto_goes_per_block_where_the_host_lacks_the_memory(prep, tmp_path, capfd, monkeypatch):
+    # The decision as a run takes it (the test model needs a few MB for one unit): a host with 2 MiB available
+    # trains per block and says why; test_python_api_... sees one unit on this host.
+    monkeypatch.setattr(ft, "host_available_bytes", lambda: 2 * 2**20)
+    proc = ok(in_process(capfd, train_args(prep, tmp_path, "low", "--stop-at-step", 1, "--shard-unit", "auto")))
+    assert "FSDP units: 3 (2 blocks + the root); --shard-unit auto: the unsharded model and its gradients take" in (
+        proc.stdout
+    )
+    assert "over half of its 2.0 MiB available" in proc.stdout and ", --shard-unit block, " in proc.stdout
+
+
 def test_config_changes_flags_only_settings_that_change_the_maths():
     cfg = ft.Config(dataset_name="d", model_name="m")
     saved = {**ft.dataclasses.asdict(cfg), "lr": 1.0, "max_steps": 99, "log_freq": 3, "seq_length": 7}
