@@ -94,6 +94,33 @@ def in_process(capfd, argv: list) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(argv, code, stdout=out + err)
 
 
+def run_on_a_terminal(cmd: list) -> tuple[int, str]:
+    """Run with stdout and stderr on a pseudo-terminal of 150 columns, as a person at a shell would."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 150, 0, 0))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, stdout=slave, stderr=slave, env=env)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: every writer has closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    return proc.wait(timeout=120), b"".join(chunks).decode(errors="replace")
+
+
 def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert proc.returncode == 0, proc.stdout[-4000:]
     return proc
@@ -342,16 +369,19 @@ def prep(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
+REFERENCE_PEAK_TFLOPS = 0.01  # a made-up device peak, so that reference_run logs an MFU to check
+
+
 @shared("session")
 def reference_run(prep, tmp_path_factory) -> dict:
     """One uninterrupted 30-step run of the tiny model with the default TRAIN flags and a checkpoint after every step
     (all kept), shared by the tests that compare with an uninterrupted run. Its first k steps are exactly a k-step
-    run's: the LR schedule spans the epoch whatever --max-steps says, and saving changes no number.
+    run's: the LR schedule spans the epoch whatever --max-steps says, and saving changes no number (nor does
+    --peak-tflops, which only adds the MFU figure; --log-freq 1 logs each step's own time).
     {"save_dir", "exp", "stdout", "metrics", "step": k -> checkpoint folder}."""
     save_dir = tmp_path_factory.mktemp("reference")
-    proc = ok(
-        torchrun(train_args(prep, save_dir, "ref", "--stop-at-step", 30, "--ckpt-freq", 1, "--keep-latest-k", 99))
-    )
+    args = train_args(prep, save_dir, "ref", "--stop-at-step", 30, "--ckpt-freq", 1, "--keep-latest-k", 99)
+    proc = ok(torchrun([*args, "--peak-tflops", REFERENCE_PEAK_TFLOPS]))
     exp = save_dir / "ref"
     return {
         "save_dir": save_dir,
@@ -360,6 +390,25 @@ def reference_run(prep, tmp_path_factory) -> dict:
         "metrics": read_metrics(exp),
         "step": functools.partial(checkpoint_at, exp),
     }
+
+
+@shared("session")
+def tied_run(prep, tmp_path_factory) -> Path:
+    """The save dir of 2 steps of the tied-embedding tiny model, exported in bf16 (its checkpoints stay fp32)."""
+    save_dir = tmp_path_factory.mktemp("tied")
+    ok(torchrun(train_args(prep, save_dir, "exp", "--stop-at-step", 2, "--export-dtype", "bf16", model="tied")))
+    return save_dir
+
+
+@shared("session")
+def validated_run(prep, tmp_path_factory) -> dict:
+    """4 steps with --val-split 0.1 evaluated at steps 2 and 4, run on a terminal as a person at a shell runs it:
+    {"save_dir", "exp", "output" (what the terminal showed)}."""
+    save_dir = tmp_path_factory.mktemp("validated")
+    args = train_args(prep, save_dir, "val", "--stop-at-step", 4, "--val-split", "0.1", "--eval-freq", 2)
+    rc, output = run_on_a_terminal(torchrun_command(2) + args)
+    assert rc == 0, output[-3000:]
+    return {"save_dir": save_dir, "exp": save_dir / "val", "output": output}
 
 
 @shared("session")

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import checkpoint_weights, ok, run, tiny_config, torchrun, train_args
+from conftest import checkpoint_weights, in_process, ok, tiny_config, torchrun, train_args
 
 GENERATION = {"eos_token_id": [0, 3], "do_sample": True, "temperature": 0.6, "top_p": 0.9}
 MOE = {
@@ -39,7 +38,9 @@ def logits_of(model) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("arch", list(MOE))
-def test_a_moe_export_has_the_checkpoint_layout_the_trained_logits_and_the_base_generation_config(prep, tmp_path, arch):
+def test_a_moe_export_has_the_checkpoint_layout_the_trained_logits_and_the_base_generation_config(
+    prep, tmp_path, arch, capfd
+):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     base = tmp_path / arch
@@ -55,7 +56,7 @@ def test_a_moe_export_has_the_checkpoint_layout_the_trained_logits_and_the_base_
     ok(torchrun(train_args({**prep, "moe": base}, tmp_path, "run", "--stop-at-step", 1, model="moe")))
     offline = tmp_path / "offline"
     ckpt = tmp_path / "run" / "checkpoints" / "step-1"  # a run always saves its last step
-    ok(run([sys.executable, "fsdp_train.py", "export", "--checkpoint", ckpt, "--out", offline]))
+    ok(in_process(capfd, ["export", "--checkpoint", ckpt, "--out", offline]))  # the CLI, without its start-up
 
     trained = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     trained.load_state_dict(checkpoint_weights(ckpt))

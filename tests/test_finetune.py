@@ -115,12 +115,11 @@ def test_accumulated_micro_batches_give_the_update_of_one_big_batch(prep, big_ba
 
 
 @pytest.mark.slow
-def test_validation_is_token_weighted_over_all_ranks_and_leaves_training_unchanged(prep, tmp_path):
+def test_validation_is_token_weighted_over_all_ranks_and_leaves_training_unchanged(prep, validated_run, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    ok(torchrun(train_args(prep, tmp_path, "val", "--stop-at-step", 4, "--val-split", "0.1", "--eval-freq", 2)))
     ok(torchrun(train_args(prep, tmp_path, "end-only", "--stop-at-step", 4, "--val-split", "0.1")))
-    records = read_metrics(tmp_path / "val")
+    records = read_metrics(validated_run["exp"])
     # Evaluating at step 2 changes nothing in training: same losses, bit for bit.
     assert [m["loss"] for m in records] == [m["loss"] for m in read_metrics(tmp_path / "end-only")]
     assert [m["global_step"] for m in read_metrics(tmp_path / "end-only") if "val/loss" in m] == [4]
@@ -130,9 +129,9 @@ def test_validation_is_token_weighted_over_all_ranks_and_leaves_training_unchang
 
     # The reference: the exported final model over every document piece of every validation block, each run alone,
     # one token-weighted mean.
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "val" / "hf")
+    model = AutoModelForCausalLM.from_pretrained(validated_run["exp"] / "hf")
     eos = model.config.eos_token_id
-    data = packed(tmp_path, "validation")
+    data = packed(validated_run["save_dir"], "validation")
     total, tokens = 0.0, 0
     for row in data["input_ids"]:
         t, n = unpacked_loss(model, row, row, sorted({0, *((row == eos).nonzero().flatten() + 1).tolist(), len(row)}))
@@ -146,14 +145,13 @@ def test_validation_is_token_weighted_over_all_ranks_and_leaves_training_unchang
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["model", "tied"])
-def test_export_loads_in_transformers_with_the_trained_weights(prep, reference_run, tmp_path, model):
+def test_export_loads_in_transformers_with_the_trained_weights(reference_run, tied_run, tmp_path, model):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    # Written by both ranks from their shards; the tied model exported in bf16, the other (the shared 30-step run)
-    # in its own fp32.
+    # Written by both ranks from their shards; the tied model exported in bf16 (the shared 2-step run), the other (the
+    # shared 30-step run) in its own fp32.
     if model == "tied":
-        ok(torchrun(train_args(prep, tmp_path, "exp", "--stop-at-step", 2, "--export-dtype", "bf16", model=model)))
-        exp, last = tmp_path / "exp", tmp_path / "exp/checkpoints/step-2"
+        exp, last = tied_run / "exp", tied_run / "exp/checkpoints/step-2"
     else:
         exp, last = reference_run["exp"], reference_run["step"](30)
     hf = exp / "hf"
@@ -184,8 +182,8 @@ def test_export_loads_in_transformers_with_the_trained_weights(prep, reference_r
             assert torch.equal(again(ids).logits, loaded(ids).logits)
 
 
-def test_export_of_a_folder_that_is_no_checkpoint(tmp_path):
-    proc = run([sys.executable, "fsdp_train.py", "export", "--checkpoint", tmp_path, "--out", tmp_path / "out"])
+def test_export_of_a_folder_that_is_no_checkpoint(tmp_path, capfd):
+    proc = in_process(capfd, ["export", "--checkpoint", tmp_path, "--out", tmp_path / "out"])
     assert_single_error(proc, "is not a complete checkpoint")
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import (
+    REFERENCE_PEAK_TFLOPS,
     ROOT,
     assert_same_weights,
     assert_single_error,
@@ -440,25 +441,22 @@ def test_shard_unit_model_trains_bitwise_like_per_block_units(prep, reference_ru
 
 
 @pytest.mark.slow
-def test_throughput_window_excludes_checkpoint_time(prep, tmp_path):
+def test_throughput_window_excludes_checkpoint_time(prep, reference_run):
     from transformers import AutoModelForCausalLM
 
-    args = train_args(
-        prep, tmp_path, "w", "--stop-at-step", 8, "--log-freq", 4, "--ckpt-freq", 2, "--peak-tflops", 0.01
-    )
-    proc = ok(torchrun(args))
+    # The shared run saves after every step, between one logged step and the next: none of it is in a logged time.
     # MFU from the outside: 6 x the matmul parameters (all but the untied input embedding) + 12 x layers x width x
-    # sequence, per token, times each rank's tokens/s, over the given peak.
+    # sequence, per token, times each rank's tokens/s, over the peak the run was given.
     hf = AutoModelForCausalLM.from_pretrained(prep["model"])
     c = hf.config
     matmul_params = sum(p.numel() for p in hf.parameters()) - hf.get_input_embeddings().weight.numel()
     flops = 6 * matmul_params + 12 * c.num_hidden_layers * c.hidden_size * 64
-    for m in read_metrics(tmp_path / "w"):
+    for m in reference_run["metrics"]:
         phases = sum(m[f"time/{k}"] for k in ("data", "forward", "backward", "update"))
         assert phases <= m["time/total"] <= 2 * phases + 50, m  # the step's own time, no save in it
         assert m["tok/s"] == pytest.approx(2 * 2 * 64 * 1000 / m["time/total"], rel=0.01)
-        assert m["mfu"] == pytest.approx(flops * m["tok/s"] / 2 / 0.01e12, rel=1e-9)
-    assert "| mfu " in proc.stdout and ", MFU " in proc.stdout
+        assert m["mfu"] == pytest.approx(flops * m["tok/s"] / 2 / (REFERENCE_PEAK_TFLOPS * 1e12), rel=1e-9)
+    assert "| mfu " in reference_run["stdout"] and ", MFU " in reference_run["stdout"]
 
 
 def test_mfu_peaks_come_from_the_device_name_or_the_flag_and_are_never_guessed():
@@ -474,7 +472,6 @@ def test_mfu_peaks_come_from_the_device_name_or_the_flag_and_are_never_guessed()
 
 def check_step0_loss_and_checkpoint(prep, save_dir: Path, exp: Path, model: str) -> None:
     first = read_metrics(exp)[0]
-    assert "mfu" not in first  # CPU: no known peak, none given
     assert first["loss"] == pytest.approx(reference_loss(prep, save_dir, model), abs=1e-5)
     weights = checkpoint_weights(exp / "checkpoints/step-2")
     if model == "tied":  # one tensor saved under both names, still equal after training
@@ -490,9 +487,9 @@ def test_sharded_step0_loss_equals_the_single_process_model(prep, reference_run,
 
 
 @pytest.mark.smoke  # `make test-fast`'s one short run: prep, 2 ranks, checkpoint and export, against transformers
-def test_sharded_step0_loss_of_a_tied_model_equals_the_single_process_model(prep, tmp_path):
-    ok(torchrun(train_args(prep, tmp_path, "a", "--stop-at-step", "2", model="tied")))
-    check_step0_loss_and_checkpoint(prep, tmp_path, tmp_path / "a", "tied")
+def test_sharded_step0_loss_of_a_tied_model_equals_the_single_process_model(prep, tied_run):
+    check_step0_loss_and_checkpoint(prep, tied_run, tied_run / "exp", "tied")
+    assert "mfu" not in read_metrics(tied_run / "exp")[0]  # CPU: no known peak, none given
 
 
 # ----------------------------------------------------------------------------------------------------------------------

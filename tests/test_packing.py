@@ -210,7 +210,7 @@ def test_packing_keeps_every_token_but_the_last_partial_block_and_ignores_the_wo
             remove_columns=["text"], num_proc=workers if workers > 1 else None,
             cache_file_name=str(tmp_path / f"tok{workers}.arrow"),
         )  # fmt: skip
-        stats = ft.write_packed(tokenized, "text", cfg, 0, tmp_path / f"blocks{workers}.arrow")
+        stats = ft.write_packed(tokenized, ft.packer_for("text", cfg, 0), tmp_path / f"blocks{workers}.arrow")
         total = sum(len(x) for x in tokenized["input_ids"])
         assert stats["tokens"] == total
         assert stats["packed_tokens"] + stats["dropped_tokens"] == total
