@@ -83,14 +83,15 @@ def torchrun(
 
 def in_process(capfd, argv: list) -> subprocess.CompletedProcess:
     """`python fsdp_train.py ARGV` as fsdp_train.main(ARGV) in this process (a 1-rank group; no interpreter start-up,
-    ~5 s of CPU saved a call), its output as a finished command's. For what one rank decides alone."""
+    ~5 s of CPU saved a call), its output as a finished command's (none kept without capfd, e.g. in a fixture). For
+    what one rank decides alone, and for one-process runs."""
     import fsdp_train
 
     try:
         code = fsdp_train.main([str(a) for a in argv])
     except SystemExit as e:  # --help
         code = e.code
-    out, err = capfd.readouterr()
+    out, err = capfd.readouterr() if capfd is not None else ("", "")
     return subprocess.CompletedProcess(argv, code, stdout=out + err)
 
 

@@ -213,7 +213,7 @@ def chat_files(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.mark.slow
-def test_chat_sft_trains_on_assistant_tokens_only(prep, chat_files, tmp_path):
+def test_chat_sft_trains_on_assistant_tokens_only(prep, chat_files, tmp_path, capfd):
     from transformers import AutoModelForCausalLM
 
     extra = ["--chat-template", "configs/chatml.jinja", "--stop-at-step", 2, "-s", 320]  # two conversations a block
@@ -243,16 +243,7 @@ def test_chat_sft_trains_on_assistant_tokens_only(prep, chat_files, tmp_path):
 
     # Alpaca rows take the same path once they are conversations: prepared (one process), assistant tokens only.
     alpaca = tmp_path / "alpaca"
-    ok(
-        run(
-            [
-                sys.executable,
-                "fsdp_train.py",
-                "prepare",
-                *train_args(prep, alpaca, "a", *extra, data=chat_files["alpaca"]),
-            ]
-        )
-    )
+    ok(in_process(capfd, ["prepare", *train_args(prep, alpaca, "a", *extra, data=chat_files["alpaca"])]))
     (cache,) = (alpaca / ".cache" / "tokenized").iterdir()
     block = ft.load_packed(cache)[0]
     trained = AutoTokenizer.from_pretrained(prep["model"]).decode(block["input_ids"][block["labels"] != -100])

@@ -88,12 +88,12 @@ ADAFACTOR = ("--optimizer", "adafactor", "--lr", "5e-2", "--max-norm", 0)
 def adafactor_runs(prep, tmp_path_factory) -> dict[str, Path]:
     """6 Adafactor steps with checkpoints at 3 and 6: on 1 process (batch 4), on 2 ranks (batch 2 each), and on 2 ranks
     with the optimizer in backward. The tests resume copies of them."""
-    save_dir, runs = tmp_path_factory.mktemp("adafactor"), {}
+    save_dir = tmp_path_factory.mktemp("adafactor")
     steps = (*ADAFACTOR, "--stop-at-step", 6, "--ckpt-freq", 3)
-    for name, nproc, extra in [("one", 1, ("-b", 4)), ("two", 2, ()), ("hooked", 2, ("--optimizer-in-backward", "on"))]:
-        ok(torchrun(train_args(prep, save_dir, name, *steps, *extra), nproc=nproc))
-        runs[name] = save_dir / name
-    return runs
+    ok(in_process(None, train_args(prep, save_dir, "one", *steps, "-b", 4)))  # one process: this one
+    for name, extra in [("two", ()), ("hooked", ("--optimizer-in-backward", "on"))]:
+        ok(torchrun(train_args(prep, save_dir, name, *steps, *extra)))
+    return {name: save_dir / name for name in ("one", "two", "hooked")}
 
 
 def resume_copy_from_step_3(run: Path, dst: Path) -> Path:
@@ -104,13 +104,13 @@ def resume_copy_from_step_3(run: Path, dst: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_adafactor_on_shards_trains_like_one_process_and_reshards_its_state(prep, adafactor_runs, tmp_path):
+def test_adafactor_on_shards_trains_like_one_process_and_reshards_its_state(prep, adafactor_runs, tmp_path, capfd):
     assert_runs_close(adafactor_runs["one"], adafactor_runs["two"], step=6)
     losses = [m["loss"] for m in read_metrics(adafactor_runs["two"])]
     assert losses[-1] < losses[0] - 0.1, losses  # it learns
     # Factored state saved by 2 ranks, resumed by 1: DCP reshards row_var (split like the rows) and col_var.
     moved = resume_copy_from_step_3(adafactor_runs["two"], tmp_path)
-    proc = ok(torchrun(train_args(prep, tmp_path, "two", *ADAFACTOR, "--stop-at-step", 6, "-b", 4), nproc=1))
+    proc = ok(in_process(capfd, train_args(prep, tmp_path, "two", *ADAFACTOR, "--stop-at-step", 6, "-b", 4)))
     assert "Resuming from step 3" in proc.stdout
     assert_runs_close(adafactor_runs["one"], moved, step=6)
 

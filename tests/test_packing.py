@@ -16,6 +16,7 @@ import torch
 from conftest import (
     ROOT,
     context_sensitive_model,
+    in_process,
     ok,
     pretrained_like,
     read_metrics,
@@ -330,13 +331,13 @@ def test_hsdp_replicas_stay_bitwise_equal_with_stochastic_rounding(prep, tmp_pat
 
 
 @pytest.mark.slow
-def test_slow_tokenizing_outlasts_the_collective_timeout_and_prepare_reuses_its_cache(prep, tmp_path):
+def test_slow_tokenizing_outlasts_the_collective_timeout_and_prepare_reuses_its_cache(prep, tmp_path, capfd):
     # Rank 0 takes 7 s to tokenize while a collective may wait 4.5 s: the other rank must wait on the file system.
     args = train_args(prep, tmp_path, "slow", "--stop-at-step", 2, "--dist-timeout", 0.075)
     proc = ok(torchrun(args, env={"FSDP_TRAIN_FAULT": "sleep_in_prepare:0:7"}))
     assert "Packed documents are isolated (sdpa, " in proc.stdout
     assert len(read_metrics(tmp_path / "slow")) == 2
-    again = ok(run([sys.executable, "fsdp_train.py", "prepare", *args]))
+    again = ok(in_process(capfd, ["prepare", *args]))
     assert "Using tokenized train data cache" in again.stdout and "Tokenizing" not in again.stdout
 
 
