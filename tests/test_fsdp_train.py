@@ -200,6 +200,11 @@ def test_data_cache_key_is_stable_and_changes_with_the_dataset_files(prep, tmp_p
     key = ft.data_cache_key(datasets.load_from_disk(str(prep["dataset"])), tok, 64)
     assert key == ft.data_cache_key(datasets.load_from_disk(str(prep["dataset"])), tok, 64)
     assert key != ft.data_cache_key(datasets.load_from_disk(str(prep["dataset"])), tok, 128)
+
+    class Repacked(ft.TextPacker):  # a packer whose blocks changed, its version bumped and nothing else
+        version = ft.TextPacker.version + "-next"
+
+    assert key != ft.data_cache_key(datasets.load_from_disk(str(prep["dataset"])), tok, 64, packer=Repacked)
     # New content under an unchanged fingerprint (data_to_hf.py --overwrite of an edited corpus can do that)
     # must not reuse stale tokens.
     a, b = tmp_path / "a", tmp_path / "b"
