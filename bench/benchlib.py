@@ -1,147 +1,51 @@
-"""Helpers shared by the bench/ scripts: timed subprocesses, markdown tables, results files and test inputs.
+"""What every bench/ script shares: its command line and results file, the one job runner, the worker protocol, the
+test inputs, markdown tables, and the trainer's own FLOPs per token, peak TFLOP/s and MFU.
 
-Imported by bench_prep.py, bench_ckpt.py and bench_startup.py (run as `python bench/NAME.py`, so bench/ is on
-sys.path). Nothing heavy is imported here at module level: the scripts time their own imports.
+Run the scripts as `python bench/NAME.py` (bench/ is then on sys.path); this module puts the repo root there too, so
+that they import what they measure from fsdp_train.py. Heavy libraries are imported inside the functions that need
+them: `--help` is instant and the drivers stay light.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 import os
 import platform
-import resource
+import re
 import shutil
 import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results"
 # One OpenMP thread per rank, as the tests run it: 2 ranks on 2 cores, no oversubscription.
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+# glibc serves allocations above 64 KiB from mmap and returns them at free, so that RSS tracks live memory.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+MIB, GIB = 2**20, 2**30
+RESULT = "RESULT "  # a worker's output line: RESULT {json}
 
-# Llama shapes the benchmarks share (intermediate size as model_download.py --tiny derives it).
+# Llama shapes the benchmarks share (intermediate size as model_download.build_tiny derives it).
 SHAPES = {
     "small": {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2},
     "medium": {"hidden_size": 768, "num_hidden_layers": 6, "num_attention_heads": 12, "num_key_value_heads": 4},
 }
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Numbers and reports
-
-
-def median(values: list[float]) -> float:
-    return statistics.median(values) if values else float("nan")
-
-
-def table(headers: list[str], rows: list[list]) -> str:
-    """A markdown table; floats shown with 3 significant digits unless already formatted."""
-
-    def cell(v) -> str:
-        if isinstance(v, float):
-            return f"{v:,.3g}" if abs(v) < 1000 else f"{v:,.0f}"
-        return str(v)
-
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def verdict(value: float, target: float, higher_is_better: bool = True) -> str:
-    met = value >= target if higher_is_better else value <= target
-    return f"{'MET' if met else 'MISSED'} ({value:.2f} vs target {'>=' if higher_is_better else '<='} {target:g})"
-
-
-def machine() -> dict:
-    """What the numbers depend on: cores, load (the CPU may be shared), library versions."""
-    versions = {}
-    for pkg in ("torch", "transformers", "datasets", "tokenizers", "safetensors"):
-        try:
-            versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            versions[pkg] = None
-    return {
-        "cpus": os.cpu_count(),
-        "loadavg": [round(x, 2) for x in os.getloadavg()],
-        "python": platform.python_version(),
-        "versions": versions,
-    }
-
-
-def save_results(name: str, payload: dict) -> Path:
-    """bench/results/NAME-<timestamp>.json (git-ignored), with the machine's state at the end of the run."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps({**payload, "machine_at_end": machine()}, indent=2) + "\n")
-    return path
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Subprocesses
-
-
-@dataclass
-class Timed:
-    """A finished command: exit code, wall and CPU seconds, and each output line with its arrival time after launch.
-
-    CPU seconds (user + system of the whole process tree) hardly change when other jobs share the cores; wall
-    seconds do, so a contended run shows as wall >> CPU / cores.
-    """
-
-    cmd: list[str]
-    rc: int = -1
-    wall: float = 0.0
-    cpu: float = 0.0
-    lines: list[tuple[float, str]] = field(default_factory=list)
-
-    @property
-    def output(self) -> str:
-        return "".join(line for _, line in self.lines)
-
-    def first(self, needle: str) -> tuple[float, str] | None:
-        """(arrival seconds, line) of the first output line containing `needle`."""
-        return next(((t, line) for t, line in self.lines if needle in line), None)
-
-    def check(self) -> Timed:
-        if self.rc != 0:
-            sys.exit(f"error: `{' '.join(self.cmd)}` exited {self.rc}:\n{self.output[-3000:]}")
-        return self
-
-
-def run_timed(cmd: list, env: dict | None = None, timeout: float = 900, log: Path | None = None) -> Timed:
-    """Run from the repo root, stamping every stdout/stderr line with seconds since launch (lines are unbuffered).
-
-    Wall-clock arrival times give millisecond resolution where the training log's own timestamps have seconds.
-    """
-    run = Timed([str(c) for c in cmd])
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(
-        run.cmd, cwd=ROOT, env={**ENV, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True,  # so a timeout can end the whole job (torchrun and its workers)
-    )  # fmt: skip
-    timer = threading.Timer(timeout, lambda: os.killpg(proc.pid, signal.SIGKILL))
-    timer.start()
-    try:
-        for line in proc.stdout:
-            run.lines.append((time.perf_counter() - t0, line))
-        run.rc = proc.wait()
-    finally:
-        timer.cancel()
-    run.wall = time.perf_counter() - t0
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # every descendant that was waited for
-    run.cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
-    if log is not None:
-        log.write_text(run.output)
-    return run
+def torchrun(nproc: int = 2) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
 
 
 def python(script: str, *args) -> list[str]:
@@ -149,37 +53,250 @@ def python(script: str, *args) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Inputs: tokenizer, models, the bundled dataset
+# Command line, workers and the results file
 
 
-def build_tokenizer(out: Path) -> Path:
-    """The byte-level BPE tokenizer `model_download.py --tiny` trains on data/ (the tiny model comes along)."""
-    if not (out / "tokenizer.json").is_file():
-        run_timed(python("model_download.py", "--tiny", out, "--overwrite")).check()
+def parse(doc: str, configure, quick: dict | None = None, check=None, argv: list[str] | None = None):
+    """The script's arguments, plus the shared ones: --quick (`quick`'s values, a smoke run), --workdir, --keep, --out.
+    A hidden --worker '["fn", args...]' runs fn(*args) of the script's __main__ instead (see worker_cmd) and exits.
+    `check(args)` returns what is wrong with the flags, for parser.error."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    configure(p)
+    shown = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in (quick or {}).items())
+    p.add_argument("--quick", action="store_true", help=f"a smoke run at the smallest settings: {shown or 'none'}")
+    p.add_argument("--workdir", type=Path, help="keep inputs and runs here (default: a temp dir, deleted at the end)")
+    p.add_argument("--keep", action="store_true", help="do not delete the temp dir")
+    p.add_argument("--out", type=Path, help="results JSON (default: bench/results/NAME-<time>.json)")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        fn, *fn_args = json.loads(args.worker)
+        getattr(sys.modules["__main__"], fn)(*fn_args)
+        raise SystemExit(0)
+    if args.quick:
+        vars(args).update(quick or {})
+    if check and (problem := check(args)):
+        p.error(problem)
+    return args
+
+
+def worker_cmd(script: str, fn: str, *args, nproc: int = 0) -> list[str]:
+    """The command that runs fn(*args) (JSON-able) of bench/SCRIPT in a fresh process, or under torchrun."""
+    head = torchrun(nproc) if nproc else [sys.executable]
+    return [*head, str(ROOT / "bench" / script), "--worker", json.dumps([fn, *map(jsonable, args)])]
+
+
+def emit(obj: dict) -> None:
+    """A worker's result, one line in one write() so that ranks never interleave mid-line."""
+    os.write(sys.stdout.fileno(), (RESULT + json.dumps(obj) + "\n").encode())
+
+
+def jsonable(v):
+    return str(v) if isinstance(v, Path) else v
+
+
+def machine() -> dict:
+    """What the numbers depend on: cores, load (the CPU may be shared), library versions."""
+    versions = {}
+    for pkg in ("torch", "transformers", "accelerate", "datasets", "tokenizers", "safetensors"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[pkg] = metadata.version(pkg)
+    return {"cpus": len(os.sched_getaffinity(0)), "loadavg": [round(x, 2) for x in os.getloadavg()],
+            "cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
+            "versions": versions}  # fmt: skip
+
+
+@contextlib.contextmanager
+def session(name: str, args):
+    """(work dir, payload): the payload gets the arguments and the machine's state, and at the end goes to
+    bench/results/NAME-<time>.json (or --out). A temp work dir is deleted unless --keep, the run raised, or the
+    payload says passed=False (its logs are then kept to read)."""
+    t0, stamp = time.perf_counter(), time.strftime("%Y%m%d-%H%M%S")
+    temp = args.workdir is None
+    work = Path(tempfile.mkdtemp(prefix=f"bench-{name}-", dir="/tmp")) if temp else args.workdir.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    payload = {"args": {k: jsonable(v) for k, v in vars(args).items()}, "machine_at_start": machine()}
+    print(f"{name}: workdir {work}, load average {payload['machine_at_start']['loadavg']}", flush=True)
+    try:
+        yield work, payload
+    except BaseException:
+        print(f"workdir kept: {work}", file=sys.stderr)
+        raise
+    payload.update(total_s=time.perf_counter() - t0, machine_at_end=machine())
+    out = args.out or RESULTS / f"{name}-{stamp}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(payload, indent=1, default=jsonable) + "\n")
+    print(f"\nresults: {out} ({payload['total_s']:.0f}s in all)")
+    if temp and not args.keep and payload.get("passed", True):
+        shutil.rmtree(work, ignore_errors=True)
+    elif temp:
+        print(f"workdir kept: {work}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Numbers and tables
+
+
+def median(values) -> float | None:
+    """The median of the values that are not None; None when there are none."""
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def fmt(v, spec: str = "") -> str:
+    """A table cell: '-' for None/nan, `spec` if given, floats to 3 significant digits (thousands whole)."""
+    if v is None or (isinstance(v, float) and v != v):
+        return "-"
+    if spec:
+        return format(v, spec)
+    if isinstance(v, float):
+        return f"{v:,.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+    return str(v)
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows])
+
+
+def verdict(value: float, target: float, higher_is_better: bool = True) -> str:
+    met = value >= target if higher_is_better else value <= target
+    return f"{'MET' if met else 'MISSED'} ({value:.2f} vs target {'>=' if higher_is_better else '<='} {target:g})"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The one job runner
+
+
+@dataclass
+class Job:
+    """A finished command: exit status, wall and CPU seconds of the whole process tree (CPU hardly changes when other
+    jobs share the cores, wall does), every output line with its arrival time after launch (millisecond resolution,
+    where the log's own timestamps have seconds), and for torchrun jobs each rank's peak RSS sampled from outside."""
+
+    cmd: list[str]
+    log: Path | None = None
+    pid: int = 0  # also the id of the job's session (process group)
+    rc: int = -1
+    wall: float = 0.0
+    cpu: float = 0.0
+    lines: list[tuple[float, str]] = field(default_factory=list)
+    rank_peak_rss_gib: list[float] = field(default_factory=list)  # the largest VmRSS sample of each rank, every 50 ms
+    rank_vmhwm_gib: list[float] = field(default_factory=list)  # the last VmHWM (fsdp_train.py resets it at start-up)
+    tree_maxrss_gib: float = 0.0  # wait4's ru_maxrss: the largest VmHWM in the process tree at exit (same caveat)
+
+    @property
+    def output(self) -> str:
+        return "".join(line for _, line in self.lines)
+
+    def first(self, pattern: str) -> tuple[float, str] | None:
+        """(arrival seconds, line) of the first output line matching `pattern` (a regex)."""
+        return next(((t, line) for t, line in self.lines if re.search(pattern, line)), None)
+
+    def results(self) -> list[dict]:
+        """What the job's workers emit()ted."""
+        return [json.loads(line[len(RESULT) :]) for _, line in self.lines if line.startswith(RESULT)]
+
+    def check(self) -> Job:
+        if self.rc != 0:
+            sys.exit(f"error: `{' '.join(self.cmd)}` exited {self.rc}:\n{self.output[-3000:]}")
+        return self
+
+
+def _proc_status(pid: int) -> dict[str, int]:
+    fields = {}
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                fields[line[:5]] = int(line.split()[1])  # KiB
+    return fields
+
+
+def child_pids(pid: int) -> list[int]:
+    pids = []
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                pids += [int(x) for x in (task / "children").read_text().split()]
+    return pids
+
+
+def run(cmd: list, env: dict | None = None, timeout: float = 1800, log: Path | None = None, ranks: str = "",
+        watch=None) -> Job:  # fmt: skip
+    """Run from the repo root in a new session (a timeout ends the whole job: torchrun and its workers), output to
+    `log` as it comes. `ranks`: sample the peak RSS of the children whose command line holds it (torchrun's
+    workers) every 50 ms. `watch(job, proc)` is called at every poll (chaos.py kills from there)."""
+    job = Job([str(c) for c in cmd], log)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(job.cmd, cwd=ROOT, env={**ENV, **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+
+    def read() -> None:
+        with open(log or os.devnull, "w") as f:
+            for line in proc.stdout:
+                job.lines.append((time.perf_counter() - t0, line))
+                f.write(line)
+                f.flush()
+
+    job.pid = proc.pid
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    peak, hwm, is_rank = {}, {}, {}
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)  # reaped here: Popen.wait would drop the rusage
+        if pid:
+            break
+        for child in child_pids(proc.pid) if ranks else []:
+            if child not in is_rank:
+                with contextlib.suppress(OSError):
+                    is_rank[child] = ranks in Path(f"/proc/{child}/cmdline").read_text()
+            if is_rank.get(child):
+                kib = _proc_status(child)
+                peak[child] = max(peak.get(child, 0), kib.get("VmRSS", 0))
+                hwm[child] = kib.get("VmHWM") or hwm.get(child, 0)
+        if watch:
+            watch(job, proc)
+        if time.perf_counter() - t0 > timeout:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        time.sleep(0.05)
+    job.wall = time.perf_counter() - t0
+    job.rc = proc.returncode = os.waitstatus_to_exitcode(status)
+    reader.join(timeout=30)  # survivors of a killed agent may hold the pipe a little longer
+    job.cpu = usage.ru_utime + usage.ru_stime  # the child and every descendant it waited for
+    job.rank_peak_rss_gib = sorted((k * 1024 / GIB for k in peak.values()), reverse=True)
+    job.rank_vmhwm_gib = sorted((k * 1024 / GIB for k in hwm.values()), reverse=True)
+    job.tree_maxrss_gib = usage.ru_maxrss * 1024 / GIB
+    return job
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Inputs and what runs wrote
+
+
+def tiny_model(out: Path, **shape) -> Path:
+    """A random-init Llama with the BPE tokenizer trained on data/ (model_download.build_tiny; `shape` its keyword
+    arguments), built once."""
+    if not (out / "config.json").is_file():
+        from model_download import build_tiny
+
+        build_tiny(out, ROOT / "data", overwrite=True, **shape)
     return out
 
 
 def write_llama(out: Path, shape: str, vocab: int, tokenizer_dir: Path, seed: int = 0) -> Path:
-    """An HF folder with a random-init Llama of SHAPES[shape] (vocab rows; 0: the tokenizer's size) + the tokenizer."""
+    """An HF folder with a random-init Llama of SHAPES[shape], `vocab` rows (0: the tokenizer's size) and the
+    tokenizer of `tokenizer_dir`, built once."""
     if (out / "config.json").is_file():
         return out
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-    from transformers.utils import logging
-
-    logging.disable_progress_bar()
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     dims = SHAPES[shape]
-    config = LlamaConfig(
-        vocab_size=vocab or len(tokenizer),
-        intermediate_size=dims["hidden_size"] * 8 // 3 // 16 * 16,
-        max_position_embeddings=1024,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        **dims,
-    )
+    config = LlamaConfig(vocab_size=vocab or len(tokenizer), intermediate_size=dims["hidden_size"] * 8 // 3 // 16 * 16,
+                         max_position_embeddings=1024, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **dims)  # fmt: skip
     torch.manual_seed(seed)
     tmp = out.with_name(f"{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -193,10 +310,64 @@ def prepare_dataset(work: Path) -> Path:
     """organize_data.py -> data_to_hf.py on the bundled data/, as tests/conftest.py's `prep` fixture runs them."""
     splits, dataset = work / "splits", work / "dataset"
     if not dataset.is_dir():
-        run_timed(python("organize_data.py", "--src_dir", "data", "--dst_root", splits, "--num_dirs", "3")).check()
-        run_timed(python("data_to_hf.py", "--data_folder", splits, "--save_dir", dataset)).check()
+        run(
+            python("organize_data.py", "--src_dir", "data", "--dst_root", splits, "--num_dirs", 3, "--overwrite")
+        ).check()
+        run(python("data_to_hf.py", "--data_folder", splits, "--save_dir", dataset)).check()
     return dataset
 
 
 def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def read_metrics(exp: Path) -> list[dict]:
+    """SAVE_DIR/EXP/metrics.jsonl: one dict per log step."""
+    return [json.loads(line) for line in (Path(exp) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def packed_cache(save_dir: Path, dataset: str, seq: int) -> Path | None:
+    """The folder of the packed training blocks fsdp_train.py cached for this dataset and sequence length (not
+    --packing padded) under SAVE_DIR/.cache/tokenized, found by its info.json."""
+    for info in sorted((Path(save_dir) / ".cache" / "tokenized").glob("*/info.json")):
+        meta = json.loads(info.read_text())
+        found = (meta.get("role"), meta.get("dataset"), meta.get("seq_length"), meta.get("padded", False))
+        if found == ("train", str(dataset), seq, False):
+            return info.parent
+    return None
+
+
+def checkpoint_weights(ckpt: Path) -> dict:
+    """The model tensors of a DCP checkpoint, read in this one process (no process group)."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(ckpt, Path(tmp) / "weights.pt")
+        return torch.load(Path(tmp) / "weights.pt", weights_only=True)["model"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# FLOPs per token, peak and MFU: the trainer's own definitions, never re-derived here
+
+
+def model_flops(model_dir: Path, seq: int) -> tuple[float, int]:
+    """(FLOPs per trained token, parameters) as fsdp_train.py counts them for the MFU it logs
+    (fsdp_train.flops_per_token over fsdp_train.count_params of the model, built on the meta device)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from fsdp_train import count_params, flops_per_token
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        n = count_params(AutoModelForCausalLM.from_config(config))
+    return flops_per_token(config, n, seq), n
+
+
+def mfu(tok_s: float, flops_per_token: float, world_size: int, peak_tflops: float) -> float:
+    """The MFU fsdp_train.py logs (Throughput.mfu, called on these figures): tok_s of all ranks together, against
+    `peak_tflops` per device (rank)."""
+    from fsdp_train import Throughput
+
+    return Throughput.mfu(SimpleNamespace(flops=flops_per_token, world_size=world_size, peak=peak_tflops), tok_s)

@@ -19,15 +19,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
+from benchlib import checkpoint_weights, packed_cache, read_metrics
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import fsdp_train  # noqa: E402
+import fsdp_train
 
 CUDA = torch.cuda.is_available()
 # Weights of the checks' tiny model: big enough that a document's log-probs move by ~6 when it sees another one (row 1's
@@ -165,25 +163,6 @@ def run_meta(exp: Path):
     return fsdp_train.read_meta(ckpt)
 
 
-def packed_cache(save_dir: Path, dataset: str, seq: int) -> Path:
-    """The training data's blocks of packed documents (not --packing padded) under SAVE_DIR/.cache/tokenized, found by
-    its info.json."""
-    for info in sorted((save_dir / ".cache" / "tokenized").glob("*/info.json")):
-        meta = json.loads(info.read_text())
-        if (meta["role"], meta["dataset"], meta["seq_length"], meta.get("padded", False)) == (
-            "train",
-            dataset,
-            seq,
-            False,
-        ):
-            return info.parent
-    raise SystemExit(f"no packed training data of {dataset} at seq {seq} under {save_dir}/.cache/tokenized")
-
-
-def read_metrics(exp: Path) -> list[dict]:
-    return [json.loads(line) for line in (exp / "metrics.jsonl").read_text().splitlines()]
-
-
 def losses(exp: Path) -> dict[int, float]:
     """Logged loss by step; a step logged again (after a resume) counts with its last value."""
     return {m["global_step"]: m["loss"] for m in read_metrics(exp)}
@@ -199,7 +178,10 @@ def step1_loss(exp: Path) -> None:
     cfg, world = meta.config, meta.world_size
     assert meta.grad_accum_steps == 1, "the reference takes one micro-batch a step"
     assert cfg.get("packing") != "padded", "the run trained on padded blocks, not packed documents"
-    data = fsdp_train.load_packed(packed_cache(Path(cfg["save_dir"]), cfg["dataset_name"], cfg["seq_length"]))
+    cache = packed_cache(Path(cfg["save_dir"]), cfg["dataset_name"], cfg["seq_length"])
+    if cache is None:
+        raise SystemExit(f"no packed training data of {cfg['dataset_name']} under {cfg['save_dir']}/.cache/tokenized")
+    data = fsdp_train.load_packed(cache)
     model = load_model(cfg["model_name"])
     eos = AutoTokenizer.from_pretrained(cfg["model_name"]).eos_token_id
     perm = fsdp_train.epoch_permutation(len(data), cfg["seed"], 0)
@@ -284,15 +266,6 @@ def same_losses(run: Path, base: Path, name: str) -> None:
 
 # ----------------------------------------------------------------------------------------------------------------------
 # 4. The export
-
-
-def checkpoint_weights(ckpt: Path) -> dict:
-    """The model tensors of a DCP checkpoint, read in this one process (no process group)."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    with tempfile.TemporaryDirectory() as tmp:
-        dcp_to_torch_save(ckpt, Path(tmp) / "weights.pt")
-        return torch.load(Path(tmp) / "weights.pt", weights_only=True)["model"]
 
 
 @torch.no_grad()
