@@ -489,6 +489,7 @@ class Config:
         if self.fresh and self.resume_from:
             raise InputError("--fresh starts over and --resume-from continues: use one of them")
         parse_chat_columns(self.chat_columns)  # a typo is an error before anything starts
+        parse_sources(self.dataset_name)  # so is a bad weight or two sources of one name
         if self.val_split and self.val_dataset:
             raise InputError("use either --val-split or --val-dataset, not both")
         if self.optimizer_in_backward and self.max_norm > 0:
@@ -578,6 +579,15 @@ def _on_off(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected on or off, got {value!r}")
 
 
+class _Sources(argparse.Action):
+    """-d given more than once: the sources of a mixture, joined by SOURCE_SEP (the first replaces --config's)."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        given = getattr(namespace, "_given", False)
+        setattr(namespace, self.dest, f"{getattr(namespace, self.dest)}{SOURCE_SEP}{value}" if given else value)
+        namespace._given = True
+
+
 def _kind(f: dataclasses.Field):
     return _on_off if isinstance(f.default, bool) else type(f.default)
 
@@ -607,6 +617,8 @@ def load_config_file(path: str) -> dict:
             raise InputError(f"unknown key '{key}' in --config {path}{hint}")
         if name == "chat_columns" and isinstance(value, dict):  # its NAME=YOURS pairs as a YAML mapping
             value = ",".join(f"{ours}={theirs}" for ours, theirs in value.items())
+        if name == "dataset_name" and isinstance(value, list):  # a mixture: one PATH[:WEIGHT] per item
+            value = SOURCE_SEP.join(map(str, value))
         try:  # through the flag's own parser, so `on`, `true` and 1e-4 mean what they mean on the command line
             values[name] = _kind(fields[name])(str(value).lower() if isinstance(value, bool) else str(value))
         except (ValueError, argparse.ArgumentTypeError) as e:
@@ -621,6 +633,7 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None, descripti
         flags = [flag_name(f.name)] + ([f.metadata["short"]] if f.metadata["short"] else [])
         shown = ("on" if f.default else "off") if isinstance(f.default, bool) else f.default
         bare = dict(nargs="?", const=True) if isinstance(f.default, bool) else {}  # `--compile` alone means on
+        bare |= {"action": _Sources} if f.name == "dataset_name" else {}
         p.add_argument(
             *flags, type=_kind(f), default=f.default, choices=f.metadata["choices"],
             help=f"{f.metadata['help']} (default: {shown})", **bare,
@@ -628,7 +641,9 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None, descripti
     config_file = p.parse_known_args(argv)[0].config
     if config_file:
         p.set_defaults(**load_config_file(config_file))
-    cfg = Config(**vars(p.parse_args(argv)))
+    args = vars(p.parse_args(argv))
+    args.pop("_given", None)
+    cfg = Config(**args)
     cfg.validate()
     return cfg
 
@@ -2102,15 +2117,16 @@ def data_cache_key(dataset, tokenizer, seq_length: int, extra: str = "", packer=
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
-def load_datasets(cfg: Config):
-    """(train, validation or None) raw datasets: --val-dataset, or a seeded --val-split of the documents."""
+def load_datasets(cfg: Config, name: str, val_dataset: bool = True):
+    """(train, validation or None) raw datasets of the source `name`: --val-dataset (if `val_dataset`), or a seeded
+    --val-split of its documents."""
     columns = parse_chat_columns(cfg.chat_columns)["columns"]
-    train = load_dataset_any(cfg.dataset_name, columns)
+    train = load_dataset_any(name, columns)
     if cfg.val_dataset:
-        return train, load_dataset_any(cfg.val_dataset, columns)
+        return train, load_dataset_any(cfg.val_dataset, columns) if val_dataset else None
     if cfg.val_split > 0:
         if len(train) < 2:
-            raise InputError(f"--val-split needs at least 2 documents, dataset '{cfg.dataset_name}' has {len(train)}")
+            raise InputError(f"--val-split needs at least 2 documents, dataset '{name}' has {len(train)}")
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed)).numpy()
         n_val = max(1, round(len(train) * cfg.val_split))
         # keep_in_memory: the index mapping would otherwise be written into the user's dataset folder.
@@ -2296,7 +2312,8 @@ def load_packed(cache: Path):
     return datasets.Dataset.from_file(str(cache / "blocks.arrow")).with_format("torch")
 
 
-def build_packed_cache(cfg: Config, tokenizer, ds, role: str, kind: str, template: str | None, packer, cache: Path):
+def build_packed_cache(cfg: Config, tokenizer, ds, role: str, kind: str, template: str | None, packer, cache: Path,
+                       source: str = ""):  # fmt: skip
     """Tokenize (datasets.map over worker processes) then pack in one ordered pass into `cache`, atomically."""
     t0 = time.perf_counter()
     tmp = cache.with_name(f"{cache.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")  # unique across hosts too
@@ -2340,7 +2357,7 @@ def build_packed_cache(cfg: Config, tokenizer, ds, role: str, kind: str, templat
             raise InputError(f"no token of the {role} data carries loss: {describe_packing(stats, role, cfg)}")
         if kind != "text":
             stats["end_of_turn"] = end_of_turn(ds, stats["first_kept_row"], kind, tokenizer, template, keys)
-        info = {"role": role, "kind": kind, "dataset": cfg.dataset_name, "seq_length": cfg.seq_length}
+        info = {"role": role, "kind": kind, "dataset": source or cfg.dataset_name, "seq_length": cfg.seq_length}
         write_json_atomic(tmp / "info.json", {**info, "tokenizer": cfg.model_name, **stats})
         shutil.rmtree(tmp / "map")
         try:
@@ -2390,7 +2407,7 @@ def folder_bytes(pattern: Path) -> int:
     return total
 
 
-def prepare_data(cfg: Config, d: Dist | None, tokenizer, ds, role: str):
+def prepare_data(cfg: Config, d: Dist | None, tokenizer, ds, role: str, source: str = ""):
     """Tokenize and pack once into SAVE_DIR/.cache (rank 0, or `fsdp_train.py prepare` with no process group);
     every rank memory-maps the result.
 
@@ -2428,13 +2445,13 @@ def prepare_data(cfg: Config, d: Dist | None, tokenizer, ds, role: str):
         wait_for(cache.is_dir)
         return load_packed(cache)
     if d is None:
-        build_packed_cache(cfg, tokenizer, ds, role, kind, template, packer, cache)
+        build_packed_cache(cfg, tokenizer, ds, role, kind, template, packer, cache, source)
         return load_packed(cache)
     failed = cache.with_name(f"{cache.name}.failed-{token}")
     error = None
     if d.is_main:
         try:
-            build_packed_cache(cfg, tokenizer, ds, role, kind, template, packer, cache)
+            build_packed_cache(cfg, tokenizer, ds, role, kind, template, packer, cache, source)
         except Exception as e:  # noqa: BLE001 - re-raised on this rank after the other ranks are told
             error = e
             failed.parent.mkdir(parents=True, exist_ok=True)
@@ -2452,6 +2469,26 @@ def prepare_data(cfg: Config, d: Dist | None, tokenizer, ds, role: str):
     if d.is_main:
         failed.unlink(missing_ok=True)
     return load_packed(cache)
+
+
+def load_sources(cfg: Config) -> list[tuple[Source, object, object]]:
+    """(source, train, validation or None) raw datasets of each -d source; --val-dataset validates once, not per source."""
+    sources = parse_sources(cfg.dataset_name)
+    return [(s, *load_datasets(cfg, s.path, val_dataset=i == 0)) for i, s in enumerate(sources)]
+
+
+def prepare_sources(cfg: Config, d: Dist | None, tokenizer, raw: list) -> tuple:
+    """(training data, validation data or None), each source packed into its own cache (prepare_data): one source's
+    blocks as ever, or a Mixture of them in its weights, validated on all sources' validation blocks together."""
+    train = [prepare_data(cfg, d, tokenizer, t, "train", s.path) for s, t, _ in raw]
+    val = [(s, prepare_data(cfg, d, tokenizer, v, "validation", s.path)) for s, _, v in raw if v is not None]
+    if len(raw) == 1:
+        return train[0], val[0][1] if val else None
+    mixture = Mixture([s for s, _, _ in raw], train)
+    if d is None or d.is_main:
+        log.info(describe_mixture(mixture))
+    unweighted = [dataclasses.replace(s, weight=None) for s, _ in val]
+    return mixture, Mixture(unweighted, [v for _, v in val]) if len(val) > 1 else (val[0][1] if val else None)
 
 
 FILLER = -1  # a batch index that stands for no block: a row that is computed but neither trained nor counted
@@ -2482,6 +2519,140 @@ def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
     g = torch.Generator()
     g.manual_seed(seed + epoch)
     return torch.randperm(num_samples, generator=g)
+
+
+# A mixture: several training sources, `-d PATH[:WEIGHT]` repeated (or a YAML list), kept in --dataset-name joined by
+# SOURCE_SEP. Each source is packed into its own cache exactly as a single dataset is, so blocks never mix sources
+# and a new weight re-tokenizes nothing. Weights are shares of the blocks an epoch trains.
+SOURCE_SEP = " + "
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str  # what its loss is logged as: the file or folder name without its suffix
+    path: str
+    weight: float | None  # None: no weight given (every source then trains its own blocks once an epoch)
+
+
+def parse_sources(spec: str) -> list[Source]:
+    """--dataset-name as sources: 'a.jsonl:0.7 + corpus:0.3', or one dataset as ever. A weight is the text after the
+    last ':' of an item that is not itself an existing path; all sources have one, or none does."""
+    sources = []
+    for item in (x.strip() for x in spec.split(SOURCE_SEP)):
+        path, weight = item, None
+        head, sep, tail = item.rpartition(":")
+        if sep and head and not Path(item).exists():
+            try:
+                path, weight = head, float(tail)
+            except ValueError:
+                if SOURCE_SEP not in spec:  # one dataset, as ever: a ':' in its own name
+                    return [Source(Path(item).name, item, None)]
+                raise InputError(
+                    f"-d {item}: the weight '{tail}' is not a number (PATH:WEIGHT, e.g. corpus:0.3)"
+                ) from None
+            if not (weight > 0 and math.isfinite(weight)):
+                raise InputError(f"-d {item}: a weight must be a positive number, not {tail}")
+        if not path:
+            raise InputError(f"-d '{spec}': an empty source")
+        sources.append(
+            Source(
+                Path(path).stem if Path(path).suffix in (".jsonl", ".json", ".parquet") else Path(path).name,
+                path,
+                weight,
+            )
+        )
+    if len(sources) > 1:
+        if len({s.weight is None for s in sources}) > 1:
+            raise InputError(f"-d {spec}: give every source a weight (PATH:WEIGHT), or none")
+        names = [s.name for s in sources]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise InputError(f"-d {spec}: two sources are named {twice[0]} (their losses would share one name)")
+    return sources
+
+
+def mixture_counts(sizes: list[int], weights: list[float] | None) -> list[int]:
+    """Blocks each source gives one epoch. Without weights, its own blocks. With weights (shares of the epoch's
+    blocks), the epoch is the shortest in which every source is seen whole at its share: the source that needs the
+    most blocks for that is taken once, the others are repeated (a new order each pass) or, partly, sampled."""
+    if weights is None:
+        return list(sizes)
+    total = sum(weights)
+    length = max(n * total / w for n, w in zip(sizes, weights, strict=True))
+    return [max(n, round(length * w / total)) for n, w in zip(sizes, weights, strict=True)]
+
+
+@functools.lru_cache(maxsize=2)
+def mixture_order(sizes: tuple[int, ...], weights: tuple[float, ...] | None, seed: int, epoch: int) -> torch.Tensor:
+    """The order of an epoch's blocks over sources concatenated in the given order: a pure function of its arguments,
+    the same on every rank and at any world size. One source is epoch_permutation exactly. Otherwise the sources'
+    places in the order are a seeded shuffle of their counts (mixture_counts), and each source fills its places with
+    its own blocks, one seeded permutation per pass."""
+    if len(sizes) == 1:
+        return epoch_permutation(sizes[0], seed, epoch)
+    counts = mixture_counts(list(sizes), list(weights) if weights else None)
+    g = torch.Generator()
+    g.manual_seed(seed + epoch)
+    places = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(counts))[
+        torch.randperm(sum(counts), generator=g)
+    ]
+    order = torch.empty(sum(counts), dtype=torch.int64)
+    start = 0
+    for i, (n, c) in enumerate(zip(sizes, counts, strict=True)):
+        passes = [torch.randperm(n, generator=g) for _ in range(-(-c // n))]
+        order[places == i] = torch.cat(passes)[:c] + start
+        start += n
+    return order
+
+
+class Mixture:
+    """Several sources' packed blocks as one dataset: index i is block i of the sources concatenated in order, len() is
+    an epoch's blocks and order() its seeded order (mixture_order). Rows come with every column: a text source's
+    labels are its tokens and its blocks are full."""
+
+    def __init__(self, sources: list[Source], parts: list):
+        self.sources, self.parts = sources, parts
+        self.sizes = tuple(len(p) for p in parts)
+        self.starts = np.cumsum((0, *self.sizes))
+        self.weights = None if sources[0].weight is None else tuple(s.weight for s in sources)
+
+    def __len__(self) -> int:
+        return sum(mixture_counts(list(self.sizes), list(self.weights) if self.weights else None))
+
+    def order(self, seed: int, epoch: int) -> torch.Tensor:
+        return mixture_order(self.sizes, self.weights, seed, epoch)
+
+    def __getitem__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        idx = np.asarray(indices, dtype=np.int64)
+        which = np.searchsorted(self.starts, idx, side="right") - 1
+        out = {}
+        for k in np.unique(which):
+            at = np.nonzero(which == k)[0]
+            rows = self.parts[k][(idx[at] - self.starts[k]).tolist()]
+            ids = rows["input_ids"]
+            columns = {"input_ids": ids, "position_ids": rows["position_ids"], "labels": rows.get("labels", ids),
+                       "num_tokens": rows.get("num_tokens", torch.full((len(at),), ids.shape[1]))}  # fmt: skip
+            for name, value in columns.items():
+                if name not in out:
+                    out[name] = torch.zeros((len(idx), *value.shape[1:]), dtype=value.dtype)
+                out[name][torch.from_numpy(at)] = value.to(out[name].dtype)
+        return out
+
+
+def epoch_order(data, seed: int, epoch: int) -> torch.Tensor:
+    return data.order(seed, epoch) if isinstance(data, Mixture) else epoch_permutation(len(data), seed, epoch)
+
+
+def describe_mixture(mixture: Mixture) -> str:
+    """One line per source of a mixture (its blocks, weight, share of an epoch and passes over it), then the total."""
+    counts = mixture_counts(list(mixture.sizes), list(mixture.weights) if mixture.weights else None)
+    epoch = sum(counts)
+    lines = [
+        f"  {s.name}: {n:,} blocks, weight {s.weight if s.weight is not None else 'none'}, {c:,} blocks an epoch "
+        f"({c / epoch:.1%}, {c / n:.2f} passes)"
+        for s, n, c in zip(mixture.sources, mixture.sizes, counts, strict=True)
+    ]
+    return f"Mixture of {len(counts)} sources, {epoch:,} blocks an epoch:\n" + "\n".join(lines)
 
 
 def rank_batch_indices(perm: torch.Tensor, offset: int, batch_size: int, rank: int, world_size: int) -> list[int]:
@@ -4058,15 +4229,13 @@ def prepare_run(cfg: Config, d: Dist) -> Run | None:
     accum, tokenizer = check_inputs(cfg, d)
     check_shared_save_dir(cfg, d)
     log.info(f"Config {json.dumps(dataclasses.asdict(cfg))}")
-    train_raw, val_raw = load_datasets(cfg)
+    raw = load_sources(cfg)
     candidates, meta = ([], None) if cfg.fresh else Checkpointer.candidates(cfg, d)
     if meta is not None and cfg.packing == "auto" and meta.config.get("packing") == "padded":
         cfg.packing = "padded"  # as this run resolved it when it started (see isolation_problem below)
     if meta is not None and not cfg.resume_from:
         refuse_changed_run(meta, candidates[0], cfg)
-    data, val_data = prepare_data(cfg, d, tokenizer, train_raw, "train"), None
-    if val_raw is not None:
-        val_data = prepare_data(cfg, d, tokenizer, val_raw, "validation")
+    data, val_data = prepare_sources(cfg, d, tokenizer, raw)
 
     state = dataclasses.replace(meta.state) if meta else TrainState()
     steps_per_epoch, total_steps, stop_step = run_length(cfg, len(data), d.world_size, state, accum)
@@ -4092,11 +4261,11 @@ def prepare_run(cfg: Config, d: Dist) -> Run | None:
                 f"new -e) with --packing padded, or go back to the software that wrote {candidates[0]}"
             )
         cfg.packing = "padded"  # resolved once; config.json and checkpoints record it, so a rerun resumes padded
-        data, val_data = prepare_data(cfg, d, tokenizer, train_raw, "train"), None
-        if val_raw is not None:
-            val_data = prepare_data(cfg, d, tokenizer, val_raw, "validation")
+        data, val_data = prepare_sources(cfg, d, tokenizer, raw)
         steps_per_epoch, total_steps, stop_step = run_length(cfg, len(data), d.world_size, state, accum)
-        padding = 1 - int(np.sum(data.data.column("num_tokens").to_numpy())) / (len(data) * cfg.seq_length)
+        parts = data.parts if isinstance(data, Mixture) else [data]
+        real = sum(int(np.sum(p.data.column("num_tokens").to_numpy())) for p in parts)
+        padding = 1 - real / (sum(len(p) for p in parts) * cfg.seq_length)
         if d.is_main:
             log.warning(f"{problem}: training on padded blocks instead (--packing auto), one document per block: "
                         f"{padding:.1%} of the trained block tokens are padding, compute spent on nothing")  # fmt: skip
@@ -4142,7 +4311,7 @@ def next_batches(run: Run) -> tuple[list[dict], float, int, float]:
     offset (so any world size continues where another stopped), the loss divisor, and the step's real tokens."""
     cfg, d, state = run.cfg, run.d, run.state
     roll_epoch(state, len(run.data))
-    order = epoch_permutation(len(run.data), cfg.seed, state.epoch)
+    order = epoch_order(run.data, cfg.seed, state.epoch)
     batches, tally = [], torch.zeros(2, dtype=torch.int64)  # trained targets, real (non-pad) tokens
     t0 = time.perf_counter()
     for m in range(run.accum):
@@ -5107,12 +5276,11 @@ def prepare_main(argv: list[str]) -> int:
         cfg = parse_args(argv, prog="fsdp_train.py prepare", description=prepare_main.__doc__)
         quiet_library_progress_bars()
         tokenizer = load_tokenizer(cfg.model_name, cfg.trust_remote_code)
-        train_raw, val_raw = load_datasets(cfg)
-        train_data = prepare_data(cfg, None, tokenizer, train_raw, "train")
+        train_data, _ = prepare_sources(cfg, None, tokenizer, load_sources(cfg))
         if show:
-            print(show_examples(train_data, tokenizer, show))
-        if val_raw is not None:
-            prepare_data(cfg, None, tokenizer, val_raw, "validation")
+            print(
+                show_examples(train_data.parts[0] if isinstance(train_data, Mixture) else train_data, tokenizer, show)
+            )
     except JobError as e:
         return report_job_error(e, 0)
     except OSError as e:

@@ -1,0 +1,121 @@
+"""Data mixtures (#24): several training sources with weights, in one seeded order that any world size continues."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, assert_single_error, in_process, ok, torchrun, train_args
+
+import fsdp_train as ft
+
+
+def test_sources_parse_with_weights_names_and_one_clear_error_each(tmp_path):
+    (tmp_path / "chat.jsonl").write_text("")
+    one = ft.parse_sources(str(tmp_path / "corpus"))
+    assert one == [ft.Source("corpus", str(tmp_path / "corpus"), None)]  # one dataset, as ever
+    two = ft.parse_sources(f"{tmp_path / 'chat.jsonl'}:0.7 + {tmp_path / 'corpus'}:0.3")
+    assert [(s.name, s.weight) for s in two] == [("chat", 0.7), ("corpus", 0.3)]
+    for spec, error in [
+        ("a:0.7 + b:0", "a weight must be a positive number"),
+        ("a:0.7 + b:-1", "a weight must be a positive number"),
+        ("a:0.7 + b:x", "the weight 'x' is not a number"),
+        ("a:0.7 + b", "give every source a weight"),
+        ("x/a:1 + y/a:1", "two sources are named a"),
+    ]:
+        with pytest.raises(ft.InputError, match=error):
+            ft.parse_sources(spec)
+
+
+def test_one_source_is_todays_order_bit_for_bit():
+    assert torch.equal(ft.mixture_order((1000,), None, 3, 2), ft.epoch_permutation(1000, 3, 2))
+    assert torch.equal(ft.mixture_order((1000,), (0.5,), 3, 2), ft.epoch_permutation(1000, 3, 2))
+
+
+@pytest.mark.parametrize("sizes, weights", [((1200, 300, 57), (0.5, 0.3, 0.2)), ((40, 5000), (0.9, 0.1))])
+def test_each_source_takes_its_weight_of_an_epoch_within_one_percent_and_the_order_is_pure(sizes, weights):
+    order = ft.mixture_order(sizes, weights, 0, 0)
+    starts = torch.tensor([0, *sizes]).cumsum(0)
+    source = torch.bucketize(order, starts[1:], right=True)
+    shares = torch.bincount(source, minlength=len(sizes)).double() / len(order)
+    assert torch.allclose(shares, torch.tensor(weights, dtype=torch.float64), atol=0.01), shares
+    for i, n in enumerate(sizes):  # every block of every source at least once an epoch; none from outside it
+        mine = order[source == i] - starts[i]
+        assert set(mine.tolist()) == set(range(n))
+    # The source that needs the longest epoch for its share is seen exactly once; the others repeat.
+    limiting = max(range(len(sizes)), key=lambda i: sizes[i] / weights[i])
+    assert int((source == limiting).sum()) == sizes[limiting]
+    ft.mixture_order.cache_clear()
+    assert torch.equal(ft.mixture_order(sizes, weights, 0, 0), order)  # a pure function of its arguments
+    assert not torch.equal(ft.mixture_order(sizes, weights, 0, 1), order)  # a new order each epoch
+
+
+def test_without_weights_each_source_is_taken_once():
+    order = ft.mixture_order((30, 70), None, 1, 0)
+    assert sorted(order.tolist()) == list(range(100))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# A mixture run: two text sources, 2 ranks, then resumed on 3
+
+
+def two_sources(tmp_path) -> tuple[Path, Path]:
+    """The sample corpus's lines as two sources of unequal size: 'prose' (.txt lines) and 'records' (the rest)."""
+    import datasets
+
+    txt = [x.strip() for f in sorted((ROOT / "data").rglob("*.txt")) for x in f.read_text().splitlines() if x.strip()]
+    other = [f.read_text() for f in sorted((ROOT / "data").rglob("*")) if f.is_file() and f.suffix != ".txt"]
+    paths = tmp_path / "prose", tmp_path / "records"
+    for path, texts in zip(paths, (txt, other), strict=True):
+        datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(path))
+    return paths
+
+
+def traced(folder: Path) -> dict[int, list[int]]:
+    """step -> the global batch's block indices, rank by rank (FSDP_TRAIN_TRACE_SAMPLES)."""
+    steps: dict[int, dict[int, list[int]]] = {}
+    for f in sorted(folder.glob("rank*.jsonl")):
+        rank = int(f.stem.removeprefix("rank"))
+        for line in f.read_text().splitlines():
+            r = json.loads(line)
+            steps.setdefault(r["step"], {})[rank] = r["indices"]
+    return {s: [i for rank in sorted(b) for i in b[rank]] for s, b in steps.items()}
+
+
+@pytest.mark.slow
+def test_a_mixture_trains_its_seeded_order_and_another_world_size_continues_it(prep, tmp_path, capfd):
+    prose, records = two_sources(tmp_path)
+    # -d repeated: the first is train_args's own, the second adds to it
+    args = train_args(prep, tmp_path, "mix", "-d", f"{records}:0.25", "--ckpt-freq", 2, data=f"{prose}:0.75")
+    env = {"FSDP_TRAIN_TRACE_SAMPLES": str(tmp_path / "trace")}
+    (tmp_path / "trace").mkdir()
+    first = ok(torchrun([*args, "--stop-at-step", 3], env=env))
+    assert "Mixture of 2 sources" in first.stdout and "  prose: " in first.stdout and "  records: " in first.stdout
+    caches = sorted((tmp_path / ".cache" / "tokenized").iterdir())
+    assert len(caches) == 2  # each source packed on its own: blocks never mix sources
+    sizes = tuple(
+        len(ft.load_packed(c))
+        for c in sorted(caches, key=lambda c: json.loads((c / "info.json").read_text())["dataset"] != str(prose))
+    )
+    order = ft.mixture_order(sizes, (0.75, 0.25), 0, 0).tolist()
+    steps = traced(tmp_path / "trace")
+    assert [i for s in (1, 2, 3) for i in steps[s]] == order[:12]  # 2 ranks x batch 2 a step, in the mixture's order
+
+    # Resumed from step 2 on 3 ranks: the same order from where it stopped (global batch 4 -> 6), nothing lost or
+    # taken twice.
+    shutil.rmtree(tmp_path / "mix" / "checkpoints" / "step-3")
+    shutil.rmtree(tmp_path / "trace")
+    (tmp_path / "trace").mkdir()
+    again = ok(torchrun([*args, "--stop-at-step", 4], nproc=3, env=env))
+    assert "Resuming from step 2" in again.stdout
+    steps = traced(tmp_path / "trace")
+    assert [i for s in (3, 4) for i in steps[s]] == order[8:20]
+
+    # Bad weights: one error line, nothing written.
+    before = sorted(p.name for p in tmp_path.iterdir())
+    bad = in_process(capfd, train_args(prep, tmp_path, "mix", "-d", f"{records}:0", data=f"{prose}:0.75"))
+    assert_single_error(bad, "a weight must be a positive number")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
