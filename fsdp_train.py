@@ -1416,7 +1416,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, per_token: torch.Tensor | None = None):
         grad = torch.empty_like(logits) if ctx.needs_input_grad[0] else None
         total = torch.zeros((), dtype=torch.float32, device=logits.device)
         rows = max(1, LOSS_CHUNK_ELEMENTS // logits.shape[1])
@@ -1430,7 +1430,10 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             x.sub_(x.amax(dim=1, keepdim=True))
             picked = x.gather(1, target).squeeze(1)
             sums = x.exp_().sum(dim=1)
-            total += ((sums.log() - picked) * keep).sum()
+            token_loss = (sums.log() - picked) * keep
+            total += token_loss.sum()
+            if per_token is not None:  # each token's loss too (RowLoss), written into the caller's buffer
+                per_token[start : start + rows] = token_loss
             if grad is not None:  # d(loss)/d(logits) = softmax - one_hot(target), zero for ignored tokens
                 x.div_(sums.unsqueeze(1))
                 x.scatter_add_(1, target, -torch.ones_like(target, dtype=x.dtype))
@@ -1442,7 +1445,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_total: torch.Tensor):
         (grad,) = ctx.saved_tensors
-        return grad.mul_(grad_total.to(grad.dtype)), None  # in place: the buffer is used once
+        return grad.mul_(grad_total.to(grad.dtype)), None, None  # in place: the buffer is used once
 
 
 def trained_targets(labels: torch.Tensor) -> torch.Tensor:
@@ -1466,7 +1469,19 @@ def causal_lm_loss(logits, labels, vocab_size=None, num_items_in_batch=None, ign
     assert ignore_index == -100, ignore_index
     count = num_items_in_batch if num_items_in_batch is not None else trained_targets(labels)
     shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:].to(logits.device)
-    return ChunkedCrossEntropy.apply(logits.flatten(0, -2), shifted.flatten()) / count
+    per_token = torch.zeros(shifted.numel(), device=logits.device) if RowLoss.armed else None
+    total = ChunkedCrossEntropy.apply(logits.flatten(0, -2), shifted.flatten(), per_token)
+    if per_token is not None:
+        RowLoss.rows = per_token.view(shifted.shape).sum(-1)
+    return total / count
+
+
+class RowLoss:
+    """Each row's summed next-token loss from the last loss computed while armed: a mixture's loss per source.
+    transformers calls the loss inside model(...), so train_step and evaluate read it here, not from an argument."""
+
+    armed = False
+    rows: torch.Tensor | None = None
 
 
 # ======================================================================================================================
@@ -2622,6 +2637,11 @@ class Mixture:
     def order(self, seed: int, epoch: int) -> torch.Tensor:
         return mixture_order(self.sizes, self.weights, seed, epoch)
 
+    def source_of(self, indices: list[int]) -> torch.Tensor:
+        """The source of each block index (-1 for FILLER)."""
+        idx = torch.tensor(indices, dtype=torch.int64)
+        return torch.where(idx == FILLER, -1, torch.bucketize(idx, torch.from_numpy(self.starts[1:]), right=True))
+
     def __getitem__(self, indices: list[int]) -> dict[str, torch.Tensor]:
         idx = np.asarray(indices, dtype=np.int64)
         which = np.searchsorted(self.starts, idx, side="right") - 1
@@ -3670,7 +3690,7 @@ class MetricsLogger:
         with open(self.path, "a") as f:
             f.write(json.dumps(metrics) + "\n")  # json writes floats with full precision (repr)
         for key, value in metrics.items():
-            if key.startswith(("mem/peak", "val/")) or key in ("loss", "tok/s", "mfu"):
+            if key.startswith(("mem/peak", "val/", "loss")) or key in ("tok/s", "mfu"):
                 self.seen[key] = max(value, self.seen.get(key, value)) if key.startswith("mem/") else value
             if self.writer is not None and key not in ("global_step", "total_steps"):
                 self.writer.add_scalar(key, value, metrics["global_step"])
@@ -3687,6 +3707,9 @@ class MetricsLogger:
         times = " ".join(f"{k[5:]} {v:.1f}ms" for k, v in metrics.items() if k.startswith("time/"))
         mem = " ".join(f"{k[4:]} {v:.2f}" for k, v in metrics.items() if k.startswith("mem/"))
         val = f" | val_loss {metrics['val/loss']:.4f} val_ppl {metrics['val/ppl']:.2f}" if "val/loss" in metrics else ""
+        each = " ".join(f"{k.removeprefix('loss/')} {v:.4f}" for k, v in metrics.items() if k.startswith("loss/"))
+        each += "".join(f" val_{k[9:]} {v:.4f}" for k, v in metrics.items() if k.startswith("val/loss/"))
+        val += f" | by source {each}" if each else ""
         mfu = f" | mfu {metrics['mfu']:.1%}" if "mfu" in metrics else ""
         log.info(
             f"step {metrics['global_step']}/{metrics['total_steps']} | epoch {metrics['epoch']} | "
@@ -3721,7 +3744,7 @@ def run_summary(
     lines = [
         f"steps {first} -> {last} ({last - first} in this run), {tokens}",
         f"mean {tok_s:,.0f} tok/s{mean_mfu} (checkpoints and evaluation included)",
-        f"final train loss {seen['loss']:.4f}{val}",
+        f"final train loss {seen['loss']:.4f}{val}" + by_source(seen),
         "peak memory (rank 0) " + ", ".join(f"{k[4:]} {v:.2f} GiB" for k, v in seen.items() if k.startswith("mem/")),
         f"checkpoint {find_latest_checkpoint(exp / 'checkpoints')}",
         f"Hugging Face export {exp / 'hf'}",
@@ -3730,6 +3753,13 @@ def run_summary(
     if metrics.tensorboard:
         lines.append(f"TensorBoard: tensorboard --logdir {exp / 'tb'}")
     return "Done.\n    " + "\n    ".join(lines)
+
+
+def by_source(seen: dict) -> str:
+    """A mixture's last loss of each source (train, and validation where evaluated), for the summary."""
+    each = [f"{k[5:]} {v:.4f}" + (f" / {seen['val/' + k]:.4f}" if "val/" + k in seen else "")
+            for k, v in seen.items() if k.startswith("loss/")]  # fmt: skip
+    return f"; by source (train / validation): {', '.join(each)}" if each else ""
 
 
 def plot_losses(metrics_path: Path, out: Path) -> bool:
@@ -4081,19 +4111,26 @@ def evaluate(model, data, cfg: Config, d: Dist, attn: str, watchdog: Watchdog | 
     per_rank = math.ceil(len(blocks) / d.world_size)
     mine = blocks[d.rank :: d.world_size].tolist()
     mine += [FILLER] * (per_rank - len(mine))
-    totals = torch.zeros(2, dtype=torch.float64, device=d.device)  # loss sum, tokens
+    sources = data.sources if isinstance(data, Mixture) else []
+    totals = torch.zeros(2, 1 + len(sources), dtype=torch.float64, device=d.device)  # loss sum, tokens: all, each
     for i in range(0, per_rank, cfg.batch_size):
-        ids, labels, positions, _ = fetch_batch(data, mine[i : i + cfg.batch_size])
+        batch = mine[i : i + cfg.batch_size]
+        ids, labels, positions, _ = fetch_batch(data, batch)
+        RowLoss.armed = bool(sources)
         out = model(**inputs_to(model_inputs(ids, positions, attn, labels), d.device), num_items_in_batch=1)
-        totals[0] += out.loss.double()  # a sum: divided by 1
-        totals[1] += trained_targets(labels)
+        RowLoss.armed = False
+        totals[0, 0] += out.loss.double()  # a sum: divided by 1
+        totals[1, 0] += trained_targets(labels)
+        if sources:
+            add_source_losses(totals[:, 1:], data.source_of(batch), (labels[:, 1:] != -100).sum(1))
         if watchdog is not None:
             watchdog.progress("evaluate")
     dist.all_reduce(totals)
     model.train()
     reshard_all(model)
-    loss = (totals[0] / totals[1].clamp(min=1)).item()
-    return {"val/loss": loss, "val/ppl": math.exp(min(loss, 700.0))}
+    loss, *each = (totals[0] / totals[1].clamp(min=1)).tolist()
+    per_source = {f"val/loss/{s.name}": x for s, x in zip(sources, each, strict=True)}
+    return {"val/loss": loss, "val/ppl": math.exp(min(loss, 700.0)), **per_source}
 
 
 def check_inputs(cfg: Config, d: Dist) -> tuple[int, object]:
@@ -4306,13 +4343,14 @@ def resolved_line(autos: list[str], cfg: Config, d: Dist, model) -> str:
     return "Resolved auto: " + ", ".join(f"{flag_name(name)} {value[name]}" for name in autos if name in value)
 
 
-def next_batches(run: Run) -> tuple[list[dict], float, int, float]:
+def next_batches(run: Run) -> tuple[list[dict], float, int, float, list]:
     """Collective: this rank's micro-batches of the next step, in the epoch's seeded order from the global sample
-    offset (so any world size continues where another stopped), the loss divisor, and the step's real tokens."""
+    offset (so any world size continues where another stopped), the loss divisor, the step's real tokens, the time
+    this rank read for, and (a mixture) each micro-batch's rows as (source, trained targets)."""
     cfg, d, state = run.cfg, run.d, run.state
     roll_epoch(state, len(run.data))
     order = epoch_order(run.data, cfg.seed, state.epoch)
-    batches, tally = [], torch.zeros(2, dtype=torch.int64)  # trained targets, real (non-pad) tokens
+    batches, rows, tally = [], [], torch.zeros(2, dtype=torch.int64)  # trained targets, real (non-pad) tokens
     t0 = time.perf_counter()
     for m in range(run.accum):
         offset = state.offset + m * cfg.batch_size * d.world_size
@@ -4320,17 +4358,28 @@ def next_batches(run: Run) -> tuple[list[dict], float, int, float]:
         hook_for_tests("batch", state.step + 1, d.rank, epoch=state.epoch, indices=idx)
         ids, labels, positions, real = fetch_batch(run.data, idx)
         tally += torch.tensor([int(trained_targets(labels)), real])
+        if isinstance(run.data, Mixture):
+            rows.append((run.data.source_of(idx), (labels[:, 1:] != -100).sum(1)))
         batches.append(inputs_to(model_inputs(ids, positions, run.attn, labels), d.device))
     hook_for_tests("slow_data", state.step + 1, d.rank)
     read_s = time.perf_counter() - t0  # this rank's own work, before the first collective makes ranks wait
     dist.all_reduce(tally)  # the step's totals over ranks (one small all-CPU sum)
     step_targets, step_tokens = tally.tolist()
-    return batches, loss_divisor(step_targets, d.world_size), step_tokens, read_s
+    return batches, loss_divisor(step_targets, d.world_size), step_tokens, read_s, rows
 
 
-def train_step(run: Run, batches, divisor: float, lr: float, params, timer: PhaseTimer):
+def add_source_losses(tally: torch.Tensor, sources: torch.Tensor, targets: torch.Tensor) -> None:
+    """Add the rows of the forward just run (RowLoss) to `tally` (2 x sources: summed loss, trained targets)."""
+    keep = sources >= 0
+    at = sources[keep].to(tally.device)
+    tally[0].index_add_(0, at, RowLoss.rows[keep.to(tally.device)].detach().to(tally.dtype))
+    tally[1].index_add_(0, at, targets[keep].to(tally.device, tally.dtype))
+
+
+def train_step(run: Run, batches, divisor: float, lr: float, params, timer: PhaseTimer, rows=(), tally=None):
     """Collective: forward and backward over the micro-batches, then the optimizer step. Returns the rank's summed
-    loss share and the global gradient norm, both still on the device (no host sync per step)."""
+    loss share and the global gradient norm, both still on the device (no host sync per step). A mixture's rows
+    (next_batches) add each source's loss and targets to `tally`."""
     model, cfg = run.model, run.cfg
     set_lr(run.optimizer, lr)  # before backward: --optimizer-in-backward steps inside it
     loss_sum = torch.zeros((), device=run.d.device)
@@ -4338,7 +4387,11 @@ def train_step(run: Run, batches, divisor: float, lr: float, params, timer: Phas
         if cfg.accumulate_unsharded:  # reduce-scatter once per step; FSDP keeps full gradients until then
             model.set_requires_gradient_sync(m == run.accum - 1)
         with timer("forward"):
+            RowLoss.armed = bool(rows)
             loss = model(**batch, num_items_in_batch=divisor).loss
+            RowLoss.armed = False
+            if rows:
+                add_source_losses(tally, *rows[m])
             hook_for_tests("crash", run.state.step + 1, run.d.rank)
         if hook_for_tests("nan_loss", run.state.step + 1, run.d.rank):
             loss = loss * float("nan")
@@ -4406,16 +4459,18 @@ def train_loop(run: Run) -> None:
         params = [p for p in run.model.parameters() if p.requires_grad]
         timer, window = PhaseTimer(d.device), Throughput(run)
         not_finite = torch.zeros((), device=d.device)  # accumulated on device: no host sync per step
+        sources = run.data.sources if isinstance(run.data, Mixture) else []
+        by_source = torch.zeros(2, len(sources), dtype=torch.float64, device=d.device)  # loss, targets: log window
         watchdog, slow = Watchdog(cfg, d, heartbeat), {}
         log.info(f"Start-up took {time.perf_counter() - run.t_start:.1f}s")
         while state.step < run.stop_step:
             watchdog.progress("data")
             with timer("data"):
-                batches, divisor, step_tokens, read_s = next_batches(run)
+                batches, divisor, step_tokens, read_s, rows = next_batches(run)
             hook_for_tests("hang", state.step + 1, d.rank)
             watchdog.progress("step")
             lr = cfg.lr * run.schedule(state.step)
-            loss_sum, grad_norm = train_step(run, batches, divisor, lr, params, timer)
+            loss_sum, grad_norm = train_step(run, batches, divisor, lr, params, timer, rows, by_source)
             not_finite += (~torch.isfinite(loss_sum)).float() + (~torch.isfinite(grad_norm)).float()
             state.step, state.offset = state.step + 1, state.offset + run.global_batch
             window.add(step_tokens, read_s)
@@ -4429,7 +4484,7 @@ def train_loop(run: Run) -> None:
             if events.log or events.save:  # a NaN model is never logged as fine, or saved
                 raise_if_not_finite(not_finite, state.step, cfg.exp_dir / "checkpoints")
             if events.log:
-                record = step_record(run, loss_sum, lr, grad_norm, timer, window, slow)
+                record = step_record(run, loss_sum, lr, grad_norm, timer, window, slow, by_source)
                 if events.evaluate:
                     t0 = time.perf_counter()
                     record.update(evaluate(run.model, run.val_data, cfg, d, run.attn, watchdog))
@@ -4463,18 +4518,26 @@ def train_loop(run: Run) -> None:
 
 
 def step_record(
-    run: Run, loss_sum, lr: float, grad_norm, timer: PhaseTimer, window: Throughput, slow: dict[int, int]
-) -> dict:
+    run: Run, loss_sum, lr: float, grad_norm, timer: PhaseTimer, window: Throughput, slow: dict[int, int],
+    by_source: torch.Tensor,
+) -> dict:  # fmt: skip
     """Collective: one metrics.jsonl line for the steps since the last one (the loss of this step, means and rates
-    over the window, the slowest rank's data reading). `slow` counts each rank's consecutive slow windows."""
+    over the window, a mixture's token-weighted loss per source over the window, the slowest rank's data reading).
+    `slow` counts each rank's consecutive slow windows; `by_source` is emptied for the next window."""
     d = run.d
-    # One all-reduce: the loss (each rank holds world_size x its share of the global token mean) and, each in its own
-    # place, every rank's data-reading ms per step, for the straggler check.
-    packed = torch.zeros(1 + d.world_size, dtype=torch.float64, device=d.device)
+    # One all-reduce: the loss (each rank holds world_size x its share of the global token mean), each rank's
+    # data-reading ms per step in its own place (the straggler check), and a mixture's per-source loss and targets.
+    packed = torch.zeros(1 + d.world_size + by_source.numel(), dtype=torch.float64, device=d.device)
     packed[0] = loss_sum.double()
     packed[1 + d.rank] = window.read_s * 1e3 / max(window.steps, 1)
+    packed[1 + d.world_size :] = by_source.flatten()
     dist.all_reduce(packed)
-    loss_sum, read_ms = packed[0], packed[1:].tolist()
+    loss_sum, read_ms = packed[0], packed[1 : 1 + d.world_size].tolist()
+    per_source = {}
+    if by_source.numel():
+        losses, targets = packed[1 + d.world_size :].view(2, -1).tolist()
+        per_source = {f"loss/{s.name}": t / n for s, t, n in zip(run.data.sources, losses, targets, strict=True) if n}
+        by_source.zero_()
     if d.is_main and (rank := straggler(read_ms, slow)) is not None:
         log.warning(
             f"Rank {rank} is a straggler: it reads its data in {read_ms[rank]:.0f} ms a step against a median of "
@@ -4488,6 +4551,7 @@ def step_record(
         "total_steps": run.stop_step,
         "epoch": run.state.epoch,
         "loss": (loss_sum / d.world_size).item(),
+        **per_source,
         "lr": lr,
         "grad_norm": grad_norm.item(),
         "tok/s": tok_s,

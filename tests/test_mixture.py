@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, assert_single_error, in_process, ok, torchrun, train_args
+from conftest import ROOT, assert_single_error, in_process, ok, read_metrics, torchrun, train_args, unpacked_loss
 
 import fsdp_train as ft
 
@@ -85,24 +85,52 @@ def traced(folder: Path) -> dict[int, list[int]]:
     return {s: [i for rank in sorted(b) for i in b[rank]] for s, b in steps.items()}
 
 
+def mixture_caches(save_dir: Path, sources: list[Path], role: str = "train") -> list:
+    """The packed blocks of each source, in the order given (from its info.json)."""
+    found = {}
+    for cache in (save_dir / ".cache" / "tokenized").iterdir():
+        info = json.loads((cache / "info.json").read_text())
+        if info["role"] == role:
+            found[info["dataset"]] = ft.load_packed(cache)
+    return [found[str(s)] for s in sources]
+
+
 @pytest.mark.slow
-def test_a_mixture_trains_its_seeded_order_and_another_world_size_continues_it(prep, tmp_path, capfd):
+def test_a_mixture_trains_its_seeded_order_logs_each_sources_loss_and_another_world_size_continues_it(
+    prep, tmp_path, capfd
+):
+    from transformers import AutoModelForCausalLM
+
     prose, records = two_sources(tmp_path)
     # -d repeated: the first is train_args's own, the second adds to it
     args = train_args(prep, tmp_path, "mix", "-d", f"{records}:0.25", "--ckpt-freq", 2, data=f"{prose}:0.75")
+    args += ["--val-split", 0.1, "--eval-freq", 3]
     env = {"FSDP_TRAIN_TRACE_SAMPLES": str(tmp_path / "trace")}
     (tmp_path / "trace").mkdir()
     first = ok(torchrun([*args, "--stop-at-step", 3], env=env))
     assert "Mixture of 2 sources" in first.stdout and "  prose: " in first.stdout and "  records: " in first.stdout
-    caches = sorted((tmp_path / ".cache" / "tokenized").iterdir())
-    assert len(caches) == 2  # each source packed on its own: blocks never mix sources
-    sizes = tuple(
-        len(ft.load_packed(c))
-        for c in sorted(caches, key=lambda c: json.loads((c / "info.json").read_text())["dataset"] != str(prose))
-    )
+    blocks = mixture_caches(tmp_path, [prose, records])  # each source packed on its own: blocks never mix sources
+    sizes = tuple(len(b) for b in blocks)
     order = ft.mixture_order(sizes, (0.75, 0.25), 0, 0).tolist()
     steps = traced(tmp_path / "trace")
     assert [i for s in (1, 2, 3) for i in steps[s]] == order[:12]  # 2 ranks x batch 2 a step, in the mixture's order
+
+    # Step 1's loss of each source: plain transformers on that source's blocks of the step, each document alone.
+    model = AutoModelForCausalLM.from_pretrained(prep["model"], dtype=torch.float32)
+    sums = {"prose": [0.0, 0], "records": [0.0, 0]}
+    for i in steps[1]:
+        name, k = ("prose", i) if i < sizes[0] else ("records", i - sizes[0])
+        row = blocks[0 if name == "prose" else 1][k]
+        ids, positions = row["input_ids"], row["position_ids"]
+        t, n = unpacked_loss(model, ids, ids, [*(positions == 0).nonzero().flatten().tolist(), len(ids)])
+        sums[name][0] += t
+        sums[name][1] += n
+    metrics = read_metrics(tmp_path / "mix")
+    for name, (t, n) in sums.items():
+        if n:
+            assert metrics[0][f"loss/{name}"] == pytest.approx(t / n, abs=1e-5), name
+    assert {"val/loss/prose", "val/loss/records"} <= metrics[2].keys()
+    assert "by source (train / validation): prose " in first.stdout
 
     # Resumed from step 2 on 3 ranks: the same order from where it stopped (global batch 4 -> 6), nothing lost or
     # taken twice.
