@@ -30,6 +30,15 @@ def test_sources_parse_with_weights_names_and_one_clear_error_each(tmp_path):
             ft.parse_sources(spec)
 
 
+def test_d_repeated_and_a_yaml_list_are_the_same_mixture_and_the_command_line_replaces_the_file():
+    preset = ["--config", "configs/mixture-chat-replay.yaml", "-m", "m"]
+    listed = ft.parse_args(preset).dataset_name
+    repeated = ft.parse_args(["-d", "data/chat.jsonl:0.7", "-d", "outputs/corpus/dataset:0.3", "-m", "m"])
+    assert listed == repeated.dataset_name == "data/chat.jsonl:0.7 + outputs/corpus/dataset:0.3"
+    assert [(s.name, s.weight) for s in ft.parse_sources(listed)] == [("chat", 0.7), ("dataset", 0.3)]
+    assert ft.parse_args([*preset, "-d", "mine"]).dataset_name == "mine"
+
+
 def test_one_source_is_todays_order_bit_for_bit():
     assert torch.equal(ft.mixture_order((1000,), None, 3, 2), ft.epoch_permutation(1000, 3, 2))
     assert torch.equal(ft.mixture_order((1000,), (0.5,), 3, 2), ft.epoch_permutation(1000, 3, 2))
@@ -147,3 +156,10 @@ def test_a_mixture_trains_its_seeded_order_logs_each_sources_loss_and_another_wo
     bad = in_process(capfd, train_args(prep, tmp_path, "mix", "-d", f"{records}:0", data=f"{prose}:0.75"))
     assert_single_error(bad, "a weight must be a positive number")
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_a_val_split_whose_token_share_is_far_from_the_fraction_is_warned_about(caplog):
+    ft.warn_if_split_is_uneven(0.02, train_tokens=98_000, val_tokens=2_100, name="even")
+    ft.warn_if_split_is_uneven(0.02, train_tokens=83_000, val_tokens=17_000, name="few-huge-files")
+    warned = [r.getMessage() for r in caplog.records if "--val-split" in r.getMessage()]
+    assert len(warned) == 1 and "few-huge-files's documents holds 17.0% of its tokens" in warned[0], warned
