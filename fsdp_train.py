@@ -2689,12 +2689,15 @@ def describe_mixture(mixture: Mixture) -> str:
     """One line per source of a mixture (its blocks, weight, share of an epoch and passes over it), then the total."""
     counts = mixture_counts(list(mixture.sizes), list(mixture.weights) if mixture.weights else None)
     epoch = sum(counts)
+    tokens = [packed_tokens(p) * c / n for p, n, c in zip(mixture.parts, mixture.sizes, counts, strict=True)]
     lines = [
         f"  {s.name}: {n:,} blocks, weight {s.weight if s.weight is not None else 'none'}, {c:,} blocks an epoch "
-        f"({c / epoch:.1%}, {c / n:.2f} passes)"
-        for s, n, c in zip(mixture.sources, mixture.sizes, counts, strict=True)
+        f"({c / epoch:.1%} of the blocks, {t / sum(tokens):.1%} of the tokens), {c / n:.2f} passes"
+        for s, n, c, t in zip(mixture.sources, mixture.sizes, counts, tokens, strict=True)
     ]
-    return f"Mixture of {len(counts)} sources, {epoch:,} blocks an epoch:\n" + "\n".join(lines)
+    return f"Mixture of {len(counts)} sources, {epoch:,} blocks ({sum(tokens):,.0f} tokens) an epoch:\n" + "\n".join(
+        lines
+    )
 
 
 def rank_batch_indices(perm: torch.Tensor, offset: int, batch_size: int, rank: int, world_size: int) -> list[int]:

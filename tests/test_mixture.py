@@ -3,12 +3,25 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, assert_single_error, in_process, ok, read_metrics, torchrun, train_args, unpacked_loss
+from conftest import (
+    ROOT,
+    Job,
+    assert_same_weights,
+    assert_single_error,
+    in_process,
+    ok,
+    read_metrics,
+    torchrun,
+    train_args,
+    unpacked_loss,
+)
 
 import fsdp_train as ft
 
@@ -163,3 +176,27 @@ def test_a_val_split_whose_token_share_is_far_from_the_fraction_is_warned_about(
     ft.warn_if_split_is_uneven(0.02, train_tokens=83_000, val_tokens=17_000, name="few-huge-files")
     warned = [r.getMessage() for r in caplog.records if "--val-split" in r.getMessage()]
     assert len(warned) == 1 and "few-huge-files's documents holds 17.0% of its tokens" in warned[0], warned
+
+
+@pytest.mark.slow
+def test_a_mixture_of_text_and_chat_killed_inside_a_save_reruns_to_the_same_weights(prep, tmp_path):
+    prose, _ = two_sources(tmp_path)
+    turn = [{"role": "user", "content": "Name a root vegetable."}, {"role": "assistant", "content": "A carrot."}]
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps({"messages": turn}) + "\n" for _ in range(80)))
+    mix = ["-d", f"{chat}:0.4", "--chat-template", "configs/chatml.jinja", "--stop-at-step", 6, "--ckpt-freq", 2]
+    ok(torchrun(train_args(prep, tmp_path / "ref", "mix", *mix, data=f"{prose}:0.6")))
+    records = read_metrics(tmp_path / "ref" / "mix")
+    assert any("loss/chat" in m for m in records) and any("loss/prose" in m for m in records)
+
+    args = train_args(prep, tmp_path / "killed", "mix", *mix, data=f"{prose}:0.6")
+    job = Job(args, env={"FSDP_TRAIN_FAULT": "sleep_in_save:4:4"})
+    try:
+        pids = {int(m[1]): int(m[2]) for m in job.wait_for(r"FAULT sleep_in_save step 4 rank (\d) pid (\d+)", 2)}
+        os.kill(pids[1], signal.SIGKILL)
+        assert job.wait(timeout=60) != 0
+    finally:
+        job.kill_all()
+    again = ok(torchrun(args))
+    assert "Resuming from step 2" in again.stdout
+    assert_same_weights(tmp_path / "killed/mix/checkpoints/step-6", tmp_path / "ref/mix/checkpoints/step-6")
