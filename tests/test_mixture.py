@@ -163,6 +163,13 @@ def test_a_mixture_trains_its_seeded_order_logs_each_sources_loss_and_another_wo
     assert "Resuming from step 2" in again.stdout
     steps = traced(tmp_path / "trace")
     assert [i for s in (3, 4) for i in steps[s]] == order[8:20]
+    # ... and on 1 rank (global batch 2) from the same checkpoint.
+    shutil.rmtree(tmp_path / "mix" / "checkpoints" / "step-4")
+    shutil.rmtree(tmp_path / "trace")
+    (tmp_path / "trace").mkdir()
+    assert "Resuming from step 2" in ok(torchrun([*args, "--stop-at-step", 4], nproc=1, env=env)).stdout
+    steps = traced(tmp_path / "trace")
+    assert [i for s in (3, 4) for i in steps[s]] == order[8:12]
 
     # Bad weights: one error line, nothing written.
     before = sorted(p.name for p in tmp_path.iterdir())
