@@ -2422,6 +2422,22 @@ def folder_bytes(pattern: Path) -> int:
     return total
 
 
+def template_for(cfg: Config, tokenizer, ds, role: str, source: str = "") -> str | None:
+    """The chat template a dataset is rendered with: None for text (plain prompt/completion text is trained as
+    written); an InputError for conversations when there is none."""
+    kind = dataset_kind(ds, role)
+    chat = kind in ("messages", "alpaca") or (
+        kind == "prompt" and getattr(ds.features["prompt"], "dtype", "") not in ("string", "large_string")
+    )
+    template = chat_template_for(cfg, tokenizer) if chat else None
+    if chat and not template:
+        raise InputError(
+            f"the {role} data{f' {source}' if source else ''} is chat/instruction data but the tokenizer has no chat "
+            "template; pass --chat-template configs/chatml.jinja (or another Jinja template)"
+        )
+    return template
+
+
 def prepare_data(cfg: Config, d: Dist | None, tokenizer, ds, role: str, source: str = ""):
     """Tokenize and pack once into SAVE_DIR/.cache (rank 0, or `fsdp_train.py prepare` with no process group);
     every rank memory-maps the result.
@@ -2432,16 +2448,7 @@ def prepare_data(cfg: Config, d: Dist | None, tokenizer, ds, role: str, source: 
     big corpus is not bounded by --dist-timeout (SAVE_DIR must be shared by all nodes, as for checkpoints).
     """
     kind = dataset_kind(ds, role)
-    # Plain prompt/completion text is trained as written; conversations are rendered by a chat template.
-    chat = kind in ("messages", "alpaca") or (
-        kind == "prompt" and getattr(ds.features["prompt"], "dtype", "") not in ("string", "large_string")
-    )
-    template = chat_template_for(cfg, tokenizer) if chat else None
-    if chat and not template:
-        raise InputError(
-            f"the {role} data is chat/instruction data but the tokenizer has no chat template; "
-            "pass --chat-template configs/chatml.jinja (or another Jinja template)"
-        )
+    template = template_for(cfg, tokenizer, ds, role, source)
     packer = packer_for(kind, cfg, pad_id_of(tokenizer))
     extra = f"{role}|{kind}|{template or ''}|{packer.settings}"
     if kind != "text":  # how conversations are tokenized
@@ -2514,6 +2521,10 @@ def load_sources(cfg: Config) -> list[tuple[Source, object, object]]:
 def prepare_sources(cfg: Config, d: Dist | None, tokenizer, raw: list) -> tuple:
     """(training data, validation data or None), each source packed into its own cache (prepare_data): one source's
     blocks as ever, or a Mixture of them in its weights, validated on all sources' validation blocks together."""
+    for s, t, v in raw:  # every source is checked before any is packed: a refused mixture writes nothing
+        template_for(cfg, tokenizer, t, "train", s.path)
+        if v is not None:
+            template_for(cfg, tokenizer, v, "validation", s.path)
     train = [prepare_data(cfg, d, tokenizer, t, "train", s.path) for s, t, _ in raw]
     val = [(s, prepare_data(cfg, d, tokenizer, v, "validation", s.path)) for s, _, v in raw if v is not None]
     if cfg.val_split and (d is None or d.is_main):

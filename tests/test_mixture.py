@@ -171,11 +171,21 @@ def test_a_mixture_trains_its_seeded_order_logs_each_sources_loss_and_another_wo
     steps = traced(tmp_path / "trace")
     assert [i for s in (3, 4) for i in steps[s]] == order[8:12]
 
-    # Bad weights: one error line, nothing written.
-    before = sorted(p.name for p in tmp_path.iterdir())
-    bad = in_process(capfd, train_args(prep, tmp_path, "mix", "-d", f"{records}:0", data=f"{prose}:0.75"))
-    assert_single_error(bad, "a weight must be a positive number")
-    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    # Bad input: one error line each, nothing written (a source that is missing, or chat without a template, is
+    # found before the first source is packed).
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(
+        json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}) + "\n"
+    )
+    save = tmp_path / "fresh"
+    for second, error in [
+        (f"{records}:0", "a weight must be a positive number"),
+        (f"{tmp_path / 'nowhere'}:0.25", "cannot load dataset"),
+        (f"{chat}:0.25", f"the train data {chat} is chat/instruction data but the tokenizer has no chat template"),
+    ]:
+        bad = in_process(capfd, train_args(prep, save, "mix", "-d", second, data=f"{prose}:0.75"))
+        assert_single_error(bad, error)
+        assert not list(save.rglob("blocks.arrow")) and not (save / "mix" / "checkpoints").exists()
 
 
 def test_a_val_split_whose_token_share_is_far_from_the_fraction_is_warned_about(caplog):
