@@ -2384,7 +2384,9 @@ def build_packed_cache(cfg: Config, tokenizer, ds, role: str, kind: str, templat
             shutil.rmtree(tmp, ignore_errors=True)
             log.info(f"Another job finished the same {role} data cache first; using {cache}")
             return
-        log.info(f"Packed in {time.perf_counter() - t0:.1f}s: {describe_packing(stats, role, cfg)}")
+        log.info(
+            f"Packed in {time.perf_counter() - t0:.1f}s: {describe_packing(stats, source_label(role, source, cfg), cfg)}"
+        )
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -2420,6 +2422,11 @@ def folder_bytes(pattern: Path) -> int:
                 with contextlib.suppress(OSError):
                     total += f.stat().st_size if f.is_file() else 0
     return total
+
+
+def source_label(role: str, source: str, cfg: Config) -> str:
+    """'train', or in a mixture 'train <source name>', for the packing lines."""
+    return role if SOURCE_SEP not in cfg.dataset_name else f"{role} {source_name(source)}"
 
 
 def template_for(cfg: Config, tokenizer, ds, role: str, source: str = "") -> str | None:
@@ -2463,7 +2470,8 @@ def prepare_data(cfg: Config, d: Dist | None, tokenizer, ds, role: str, source: 
     if cached:
         if d is None or d.is_main:
             info = json.loads((cache / "info.json").read_text())
-            log.info(f"Using tokenized {role} data cache {cache}: {describe_packing(info, role, cfg)}")
+            label = source_label(role, source, cfg)
+            log.info(f"Using tokenized {role} data cache {cache}: {describe_packing(info, label, cfg)}")
         wait_for(cache.is_dir)
         return load_packed(cache)
     if d is None:
@@ -2582,6 +2590,11 @@ class Source:
     weight: float | None  # None: no weight given (every source then trains its own blocks once an epoch)
 
 
+def source_name(path: str) -> str:
+    """What a source's loss is logged as: its file name without .jsonl/.json/.parquet, or its folder's name."""
+    return Path(path).stem if Path(path).suffix in (".jsonl", ".json", ".parquet") else Path(path).name
+
+
 def parse_sources(spec: str) -> list[Source]:
     """--dataset-name as sources: 'a.jsonl:0.7 + corpus:0.3', or one dataset as ever. A weight is the text after the
     last ':' of an item that is not itself an existing path; all sources have one, or none does."""
@@ -2602,13 +2615,7 @@ def parse_sources(spec: str) -> list[Source]:
                 raise InputError(f"-d {item}: a weight must be a positive number, not {tail}")
         if not path:
             raise InputError(f"-d '{spec}': an empty source")
-        sources.append(
-            Source(
-                Path(path).stem if Path(path).suffix in (".jsonl", ".json", ".parquet") else Path(path).name,
-                path,
-                weight,
-            )
-        )
+        sources.append(Source(source_name(path), path, weight))
     if len(sources) > 1:
         if len({s.weight is None for s in sources}) > 1:
             raise InputError(f"-d {spec}: give every source a weight (PATH:WEIGHT), or none")
