@@ -32,8 +32,10 @@ Subcommands (each has its own --help); without one, the flags below train:
 #   Config          OPTIMIZERS / LR_SCHEDULES / ATTENTION (each choice once), Config (every flag with its rules)
 #   Distributed     setup_distributed; StopRequest (signals and control.json become a checkpoint-and-stop)
 #   Model and FSDP  build_model (meta device -> shard_model -> weights), isolation_problem (packed-document check)
-#   Loss            causal_lm_loss (chunked cross-entropy summed over tokens; loss_divisor makes it a mean)
-#   Data            prepare_data (rank 0 tokenizes and packs into a cache, the others wait); the packers
+#   Loss            causal_lm_loss (chunked cross-entropy summed over tokens; loss_divisor makes it a mean; RowLoss
+#                   gives a mixture each row's loss)
+#   Data            prepare_sources -> prepare_data (rank 0 tokenizes and packs a source into its own cache, the
+#                   others wait); Mixture / mixture_order (several weighted sources in one seeded order); the packers
 #                   (TextPacker, ChatPacker, PaddedPacker: one interface, packer_for picks), write_packed;
 #                   chat_example (what a chat row trains), rank_batch_indices (the seeded order any world resumes)
 #   Optimizer       build_optimizer, lr_factor, optimizer_step
