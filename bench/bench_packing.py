@@ -1,30 +1,23 @@
 """What keeping packed documents apart costs on CPU: sdpa's causal fast path (documents attend to each other, the old
 behaviour) vs sdpa and eager with per-document position_ids (transformers builds a block-diagonal mask).
 
-    .venv/bin/python bench/bench_packing.py [--seqs 1024,4096] [--batch 1] [--rounds 3] [--doc-mean 256]
-        [--threads 1] [--parts time,memory] [--out FILE]
+    python bench/bench_packing.py [--seqs 1024,4096] [--rounds 3]
 
-A random-init Llama from its config (MODEL, fp32, use_cache off, fsdp_train.causal_lm_loss), one process, no FSDP, no
-activation checkpointing; one torch thread by default (on 2 shared cores, 2 threads measured 2-8x slower and noisier).
-Random tokens cut into documents of exponential length (mean --doc-mean, at least 16), fsdp_train.segment_positions
-and block_labels, the same for every mode. Modes: A sdpa without position_ids (is_causal fast path, documents mix);
-B sdpa + packed position_ids (an explicit S x S bool mask); C eager + packed position_ids (a float mask on materialised
-scores).
-  tok/s      one model and AdamW (foreach) switched between modes; a step is forward + backward + optimizer step. Per
-             sequence length a warm-up step per mode, then --rounds rounds of A, B, C; median of batch x seq / step s
-  memory     a fresh process per (seq, mode) with MALLOC_MMAP_THRESHOLD_=65536: model + AdamW, a warm-up step at seq
-             128, then VmHWM is reset (/proc/self/clear_refs) and one full step runs: VmHWM minus the RSS before it
+A random Llama (MODEL, fp32, fsdp_train.causal_lm_loss), one process, one thread, no FSDP or checkpointing; one block
+of random tokens cut into documents of exponential length (mean 256) with fsdp_train's positions and labels.
+  tok/s      one model and AdamW switched between modes, a warm-up step per mode, then --rounds rounds of A, B, C
+  memory     a fresh process per (seq, mode), MALLOC_MMAP_THRESHOLD_=65536: after a warm-up step VmHWM is reset and
+             one step runs; its VmHWM minus the RSS before it
   isolation  the largest log-prob difference of a 24-token document packed second in a block vs alone
 """
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
 
-from benchlib import MALLOC_ENV, MIB, emit, fmt, median, parse, run, session, table, worker_cmd
+from benchlib import MALLOC_ENV, MIB, csv, emit, fmt, median, parse, run, session, table, worker_cmd
 
 MODES = {
     "A": ("sdpa", False, "sdpa, no position_ids (causal fast path, documents mix)"),
@@ -37,23 +30,15 @@ QUICK = {"seqs": [128], "rounds": 1}
 
 
 def configure(p) -> None:
-    p.add_argument("--seqs", type=lambda s: [int(x) for x in s.split(",")], default=[1024, 4096],
-                   help="sequence lengths (1024,4096)")  # fmt: skip
-    p.add_argument("--batch", type=int, default=1, help="blocks per step (1)")
+    p.add_argument("--seqs", type=csv(int), default=[1024, 4096], help="sequence lengths (1024,4096)")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds of A, B, C per sequence length (3)")
-    p.add_argument("--doc-mean", type=float, default=256, help="mean document length in tokens (256)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1, as each rank of the other benches; 0: "
-                   "every core)")  # fmt: skip
-    p.add_argument("--parts", type=lambda s: s.split(","), default=["time", "memory"], help="time, memory (both)")
 
 
 def check(args) -> str | None:
-    if args.rounds < 1 or args.batch < 1 or min(args.seqs) < 32 or not set(args.parts) <= {"time", "memory"}:
-        return "need --rounds >= 1, --batch >= 1, sequence lengths >= 32, --parts from time,memory"
-    return None
+    return "need --rounds >= 1 and sequence lengths >= 32" if args.rounds < 1 or min(args.seqs) < 32 else None
 
 
-def build(max_seq: int, threads: int, seed: int = 0):
+def build(max_seq: int):
     """(model, optimizer): the Llama of MODEL with fsdp_train's loss, fp32, training mode."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -61,35 +46,30 @@ def build(max_seq: int, threads: int, seed: int = 0):
 
     import fsdp_train as ft
 
-    if threads:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(1)  # as each rank of the other benches; 2 threads on 2 shared cores were 2-8x noisier
     logging.set_verbosity_error()
     config = LlamaConfig(**MODEL, max_position_embeddings=max(max_seq, 1024), use_cache=False)
-    torch.manual_seed(seed)
+    torch.manual_seed(0)
     model = LlamaForCausalLM._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
     model.loss_function = ft.causal_lm_loss
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)  # fsdp_train.py's choice on CPU
     return model.train(), optimizer
 
 
-def make_batch(batch: int, seq: int, doc_mean: float, seed: int = 0) -> dict:
-    """Random tokens in blocks of documents with exponential lengths; fsdp_train's positions and labels."""
+def make_batch(seq: int, doc_mean: float = 256) -> dict:
+    """One block of random tokens in documents of exponential lengths (>= 16); fsdp_train's positions and labels."""
     import numpy as np
     import torch
 
     import fsdp_train as ft
 
-    rng = np.random.default_rng(seed)
-    starts = np.zeros((batch, seq), dtype=bool)
-    for b in range(batch):
-        i = 0
-        while i < seq:
-            starts[b, i] = True
-            i += max(16, int(rng.exponential(doc_mean)))
-    ids = torch.from_numpy(rng.integers(0, MODEL["vocab_size"], (batch, seq)))
+    rng, starts, i = np.random.default_rng(0), np.zeros((1, seq), dtype=bool), 0
+    while i < seq:
+        starts[0, i] = True
+        i += max(16, int(rng.exponential(doc_mean)))
+    ids = torch.from_numpy(rng.integers(0, MODEL["vocab_size"], (1, seq)))
     positions = torch.from_numpy(ft.segment_positions(starts).astype(np.int64))
-    return {"input_ids": ids, "position_ids": positions, "labels": ft.block_labels(ids, positions),
-            "docs": int(starts.sum())}  # fmt: skip
+    return {"input_ids": ids, "position_ids": positions, "labels": ft.block_labels(ids, positions)}
 
 
 def step(model, optimizer, data: dict, mode: str) -> float:
@@ -119,79 +99,56 @@ def isolation_gap(model, mode: str) -> float:
     return (in_block - alone).abs().max().item()
 
 
-def memory_worker(mode: str, batch: int, seq: int, doc_mean: float, threads: int) -> None:
+def memory_worker(mode: str, seq: int) -> None:
     import gc
 
     import fsdp_train as ft
 
-    model, optimizer = build(seq, threads)
-    step(model, optimizer, make_batch(batch, 128, 32), mode)  # optimizer state exists from here on
-    data = make_batch(batch, seq, doc_mean)
+    model, optimizer = build(seq)
+    step(model, optimizer, make_batch(128, 32), mode)  # optimizer state exists from here on
+    data = make_batch(seq)
     gc.collect()
     before = ft.rss_bytes()
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS now
-    t0 = time.perf_counter()
     step(model, optimizer, data, mode)
-    seconds, peak = time.perf_counter() - t0, ft.rss_bytes("VmHWM")
-    emit({"mode": mode, "seq": seq, "before": before, "peak": peak, "added": peak - before, "step_s": seconds})
+    emit({"mode": mode, "seq": seq, "before": before, "peak": ft.rss_bytes("VmHWM")})
 
 
 def run_timing(args) -> tuple[list[dict], dict]:
     """One process, modes alternating step by step, after a warm-up step per mode (kernels, allocator, mask paths)."""
-    model, optimizer = build(max(args.seqs), args.threads)
+    model, optimizer = build(max(args.seqs))
     gaps = {mode: isolation_gap(model, mode) for mode in MODES}
-    print("isolation gap: " + ", ".join(f"{m} {g:.2g}" for m, g in gaps.items()), flush=True)
     runs = []
     for seq in args.seqs:
-        data = make_batch(args.batch, seq, args.doc_mean)
+        data = make_batch(seq)
         for r in range(-1, args.rounds):  # round -1: the warm-up, not recorded
             for mode in MODES:
                 t0 = time.perf_counter()
-                loss = step(model, optimizer, data, mode)
+                step(model, optimizer, data, mode)
                 dt = time.perf_counter() - t0
                 print(f"  seq {seq} {'warm-up' if r < 0 else f'round {r + 1}'} {mode}: {dt:.2f}s", flush=True)
                 if r >= 0:
-                    runs.append({"seq": seq, "round": r, "mode": mode, "step_s": dt, "tok_s": args.batch * seq / dt,
-                                 "loss": loss, "docs": data["docs"]})  # fmt: skip
+                    runs.append({"seq": seq, "round": r, "mode": mode, "tok_s": seq / dt})
     return runs, gaps
-
-
-def summary_rows(args, runs: list[dict], memory: dict, gaps: dict) -> list[list]:
-    """One row per (seq, mode): median tok/s, the median of the per-round ratios to A, memory, isolation gap."""
-    rows = []
-    for seq in args.seqs:
-        tok = {(r["round"], r["mode"]): r["tok_s"] for r in runs if r["seq"] == seq}
-        for mode, (_, _, what) in MODES.items():
-            ratios = [tok[r, mode] / tok[r, "A"] for r in range(args.rounds) if (r, mode) in tok]
-            m = memory.get((seq, mode), {})
-            rows.append([seq, f"{mode}: {what}", median(t for (_, md), t in tok.items() if md == mode),
-                         fmt(median(ratios), ".2f"), fmt(m.get("added") and m["added"] / MIB, ",.0f"),
-                         fmt(m.get("peak") and m["peak"] / MIB, ",.0f"), fmt(gaps.get(mode), ".1e")])  # fmt: skip
-    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(__doc__, configure, QUICK, check, argv)
-    with session("packing", args) as (work, payload):
-        runs, gaps = run_timing(args) if "time" in args.parts else ([], {})
-        memory = {}
-        for seq in args.seqs if "memory" in args.parts else []:
-            for mode in MODES:
-                cmd = worker_cmd(
-                    "bench_packing.py", "memory_worker", mode, args.batch, seq, args.doc_mean, args.threads
-                )
-                job = run(cmd, env={**MALLOC_ENV, "OMP_NUM_THREADS": str(args.threads or os.cpu_count())})
-                memory[seq, mode] = job.results()[-1] if job.rc == 0 else {"error": job.output[-3000:]}
-                print(f"  memory {seq} {mode}: {memory[seq, mode].get('added', 0) / MIB:.0f} MiB added", flush=True)
-        rows = summary_rows(args, runs, memory, gaps)
-        docs = sorted({r["docs"] for r in runs})
-        print(
-            f"\n## Packed-document masking cost: Llama h256 x 4 layers, vocab 4096, fp32, batch {args.batch}, "
-            f"{docs or '?'} documents per step, {args.rounds} rounds (x A: median of per-round ratios)\n"
-        )
-        print(table(["seq", "mode", "tok/s (median)", "x A", "step adds MiB", "peak RSS MiB", "isolation gap"], rows))
-        payload.update(model=MODEL, runs=runs, isolation_gap=gaps, memory=[{"seq": s, "mode": m, **v}
-                       for (s, m), v in memory.items()], summary=rows)  # fmt: skip
+    with session("packing", args) as (_, payload):
+        runs, gaps = run_timing(args)
+        rows, memory = [], []
+        for seq in args.seqs:
+            tok = {(r["round"], r["mode"]): r["tok_s"] for r in runs if r["seq"] == seq}
+            for mode, (_, _, what) in MODES.items():
+                job = run(worker_cmd("bench_packing.py", "memory_worker", mode, seq), env=MALLOC_ENV).check()
+                memory.append(m := job.results()[-1])
+                ratio = median(tok[r, mode] / tok[r, "A"] for r in range(args.rounds))
+                tok_s = median(tok[r, mode] for r in range(args.rounds))
+                added, peak = (m["peak"] - m["before"]) / MIB, m["peak"] / MIB
+                rows.append([seq, f"{mode}: {what}", tok_s, f"{ratio:.2f}", added, peak, fmt(gaps[mode], ".1e")])
+        print(f"\n## Packed-document masking cost: Llama h256 x 4 layers, vocab 4096, fp32, {args.rounds} rounds\n")
+        print(table(["seq", "mode", "tok/s", "x A", "step adds MiB", "peak RSS MiB", "isolation gap"], rows))
+        payload.update(model=MODEL, runs=runs, isolation_gap=gaps, memory=memory)
     return 0
 
 

@@ -1,16 +1,14 @@
 """Data prep throughput: data_to_hf.py with 2 workers vs 1, and fsdp_train.py's tokenize+pack vs raw `tokenizers`.
 
-    .venv/bin/python bench/bench_prep.py [--size-mb 200] [--tok-mb 32] [--repeats 3] [--workdir DIR] [--keep]
+    python bench/bench_prep.py [--size-mb 200] [--tok-mb 32] [--repeats 3]
 
-(a) Generates a deterministic corpus of --size-mb MB: .txt prose, .json and .yaml record lists (count mix 60/30/10,
-    sizes log-uniform 1 KB .. 1 MB, words drawn from the bundled data/), then runs `data_to_hf.py --num_proc 2` and
-    `--num_proc 1` alternately. MB/s = corpus bytes / wall seconds of the command (interpreter start included; the
-    script's own "in X s" is reported too). Target: 2 workers >= 1.7x 1 worker.
-(b) On --tok-mb MB of the same documents, with the tokenizer model_download.build_tiny trains: tokens/s of raw
-    `tokenizers` (backend encode_batch) vs fsdp_train.prepare_data run for real (datasets.map over tokenize_documents,
-    write_packed into SAVE_DIR/.cache/tokenized/<key>/blocks.arrow, load_packed), and the in-process variants of MODES.
-    Every mode runs in a fresh process, modes alternate, and every rate has the same numerator: the text's token
-    count. Target: prepare_data >= 80% of encode_batch.
+(a) A deterministic corpus of --size-mb MB (.txt prose, .json and .yaml record lists, 60/30/10 by count, 1 KB .. 1 MB
+    log-uniform, words of the bundled data/); `data_to_hf.py --num_proc 2` and `--num_proc 1` alternately. MB/s =
+    corpus bytes / wall seconds of the command. Target: 2 workers >= 1.7x 1 worker. Also each kind's single-process
+    parse rate (data_to_hf.iter_file_documents).
+(b) On --tok-mb MB of its documents, with model_download.build_tiny's tokenizer, each in a fresh process: raw
+    `tokenizers` encode_batch vs fsdp_train.prepare_data run for real (map, write_packed, load_packed); tokens/s over
+    the same token count. Target: prepare_data >= 80% of encode_batch.
 """
 
 from __future__ import annotations
@@ -19,7 +17,6 @@ import json
 import math
 import random
 import re
-import resource
 import shutil
 import sys
 import time
@@ -28,24 +25,15 @@ from pathlib import Path
 from benchlib import ROOT, emit, median, parse, python, run, session, table, tiny_model, verdict, worker_cmd
 
 KINDS = {"txt": 0.6, "json": 0.3, "yaml": 0.1}  # share of files (not bytes)
-BATCH = 1000  # documents per batch, as prepare_data's map uses
-MODES = {
-    "encode_batch": "tokenizers backend encode_batch (Rust threads)",
-    "prepare_data": "fsdp_train.prepare_data for real (map + write_packed to blocks.arrow + load_packed)",
-    "tokenize_documents": "fsdp_train.tokenize_documents + TextPacker in-process (tokenize + EOS + pack)",
-    "call": "transformers fast tokenizer __call__",
-    "encode_batch_fast": "tokenizers encode_batch_fast (no offsets)",
-    "text_packer": "fsdp_train.TextPacker alone (numpy), on documents tokenized beforehand",
-}
+MODES = ("encode_batch", "prepare_data")
 QUICK = {"size_mb": 2.0, "tok_mb": 1.0, "repeats": 1}
 
 
 def configure(p) -> None:
-    p.add_argument("--size-mb", type=float, default=200, help="generated corpus size in MB (default 200)")
-    p.add_argument("--tok-mb", type=float, default=32, help="MB of its documents for the tokenize part (default 32)")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs of each variant (default 3)")
+    p.add_argument("--size-mb", type=float, default=200, help="generated corpus size in MB (200)")
+    p.add_argument("--tok-mb", type=float, default=32, help="MB of its documents for the tokenize part (32)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs of each variant (3)")
     p.add_argument("--seq-length", type=int, default=1024, help="packed block length (fsdp_train's default 1024)")
-    p.add_argument("--seed", type=int, default=0, help="corpus seed (default 0)")
 
 
 def check(args) -> str | None:
@@ -80,10 +68,11 @@ class Writer:
     def records(self, nbytes: int) -> list[dict]:
         out, size, r = [], 0, self.rng
         while size < nbytes:
-            out.append({"id": len(out), "title": self.sentence(), "body": self.prose(r.randint(200, 3000)).strip(),
-                        "tags": r.choices(self.words, k=3), "score": round(r.random(), 3),
-                        "meta": {"author": r.choice(self.words), "draft": r.random() < 0.2}})  # fmt: skip
-            size += len(out[-1]["body"]) + 150
+            title, body = self.sentence(), self.prose(r.randint(200, 3000)).strip()
+            rec = {"id": len(out), "title": title, "body": body, "tags": r.choices(self.words, k=3)}
+            rec["score"] = round(r.random(), 3)
+            out.append({**rec, "meta": {"author": r.choice(self.words), "draft": r.random() < 0.2}})
+            size += len(body) + 150
         return out
 
     def file(self, kind: str, nbytes: int) -> str:
@@ -94,10 +83,9 @@ class Writer:
         # YAML by hand (PyYAML's dumper would take minutes): JSON-quoted strings are valid YAML scalars.
         docs, lines, q = [], [], json.dumps
         for rec in self.records(nbytes):
-            lines += [f"- id: {rec['id']}", f"  title: {q(rec['title'])}", f"  body: {q(rec['body'])}",
-                      f"  tags: {q(rec['tags'])}", f"  score: {rec['score']}", "  meta:",
-                      f"    author: {q(rec['meta']['author'])}",
-                      f"    draft: {str(rec['meta']['draft']).lower()}"]  # fmt: skip
+            top = [f"{k}: {q(v)}" for k, v in rec.items() if k != "meta"]  # json.dumps(True) == "true", as YAML
+            lines += ["- " + top[0], *(f"  {x}" for x in top[1:]), "  meta:"]
+            lines += [f"    {k}: {q(v)}" for k, v in rec["meta"].items()]
             if self.rng.random() < 0.05:  # now and then a multi-document stream
                 docs.append("\n".join(lines))
                 lines = []
@@ -105,14 +93,13 @@ class Writer:
         return "\n---\n".join(d for d in docs if d) + "\n"
 
 
-def generate_corpus(out: Path, size_mb: float, seed: int) -> dict:
-    """Files of varied kinds and sizes until size_mb MB are written; bytes and files per kind. Reused when present."""
+def generate_corpus(out: Path, size_mb: float, seed: int = 0) -> dict:
+    """Files of varied kinds and sizes until size_mb MB are written; their bytes and count. Reused when present."""
     marker = out.with_name(f"{out.name}.json")  # beside the corpus, or data_to_hf.py would read it as a document
     if marker.is_file() and json.loads(marker.read_text())["request"] == [size_mb, seed]:
         return json.loads(marker.read_text())
     shutil.rmtree(out, ignore_errors=True)
     writer, rng = Writer(seed), random.Random(seed + 1)
-    stats = {k: {"files": 0, "bytes": 0} for k in KINDS}
     total, i = 0, 0
     while total < size_mb * 1e6:
         kind = rng.choices(list(KINDS), weights=list(KINDS.values()))[0]
@@ -120,10 +107,8 @@ def generate_corpus(out: Path, size_mb: float, seed: int) -> dict:
         path = out / f"d{i % 16:02d}" / f"s{i % 7}" / f"doc-{i:05d}.{kind}"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
-        stats[kind]["files"] += 1
-        stats[kind]["bytes"] += len(data)
         total, i = total + len(data), i + 1
-    info = {"request": [size_mb, seed], "bytes": total, "files": i, "kinds": stats}
+    info = {"request": [size_mb, seed], "bytes": total, "files": i}
     marker.write_text(json.dumps(info))
     return info
 
@@ -148,23 +133,19 @@ def parse_rates(corpus: Path, mb_per_kind: float = 16) -> dict[str, float]:
     return rates
 
 
-SUMMARY = re.compile(r"read ([\d,]+) files into ([\d,]+) documents, ([\d,]+) bytes of text in ([\d.]+) s")
-
-
-def bench_convert(corpus: Path, work: Path, repeats: int) -> list[dict]:
-    runs = []
-    for r in range(repeats):
-        for nproc in (2, 1):  # alternating, so drift in the machine's load hits both alike
-            job = run(python("data_to_hf.py", "--data_folder", corpus, "--save_dir", work / "dataset", "--num_proc",
-                             nproc)).check()  # fmt: skip
-            m = SUMMARY.search(job.output)
-            runs.append({"repeat": r, "num_proc": nproc, "wall_s": job.wall, "cpu_s": job.cpu, "script_s": float(m[4]),
-                         "documents": int(m[2].replace(",", ""))})  # fmt: skip
-            print(
-                f"  data_to_hf --num_proc {nproc}: {job.wall:.1f}s wall ({m[4]} s by its summary), {job.cpu:.1f}s CPU"
-            )
+def bench_convert(corpus: dict, work: Path, repeats: int) -> dict:
+    wall = {2: [], 1: []}
+    for _ in range(repeats):
+        for nproc in wall:  # alternating, so drift in the machine's load hits both alike
+            args = ["--data_folder", work / "corpus", "--save_dir", work / "dataset", "--num_proc", nproc]
+            wall[nproc].append(run(python("data_to_hf.py", *args)).check().wall)
+            print(f"  data_to_hf --num_proc {nproc}: {wall[nproc][-1]:.1f}s", flush=True)
             shutil.rmtree(work / "dataset")
-    return runs
+    mb, med = corpus["bytes"] / 1e6, {n: median(w) for n, w in wall.items()}
+    print(f"\n## (a) data_to_hf.py on {mb:.0f} MB, {corpus['files']:,} files (median of {repeats})\n")
+    print(table(["`data_to_hf.py`", "wall s", "MB/s"], [[f"`--num_proc {n}`", s, mb / s] for n, s in med.items()]))
+    print(f"\nspeed-up 2 vs 1 worker: {verdict(med[1] / med[2], 1.7)}")
+    return {"wall_s": wall, "speedup": med[1] / med[2]}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -189,136 +170,58 @@ def write_token_dataset(corpus: Path, out: Path, mb: float) -> dict:
     return {"documents": len(ds), "bytes": sum(len(t.encode()) for t in ds["text"])}
 
 
-def cpu_seconds() -> float:
-    """User + system seconds of this process (all threads) and of its waited-for children."""
-    return sum(ru.ru_utime + ru.ru_stime for ru in map(resource.getrusage, (resource.RUSAGE_SELF,
-                                                                           resource.RUSAGE_CHILDREN)))  # fmt: skip
-
-
-def flat_lengths(token_lists: list[list[int]]):
-    """Documents as (concatenated int32 tokens, lengths): what write_packed hands TextPacker from an Arrow column."""
-    import numpy as np
-
-    lengths = np.array([len(t) for t in token_lists], dtype=np.int64)
-    return np.fromiter((t for x in token_lists for t in x), dtype=np.int32, count=int(lengths.sum())), lengths
-
-
 def tok_worker(mode: str, dataset: str, tokenizer_dir: str, seq_length: int, save_dir: str) -> None:
-    """One timed mode, in this fresh process; emits its seconds, CPU seconds and tokens or blocks."""
+    """One timed mode, in this fresh process; emits its seconds (and encode_batch its token count)."""
     import datasets
 
     import fsdp_train as ft
 
     tokenizer = ft.load_tokenizer(tokenizer_dir)
-    texts = datasets.load_from_disk(dataset)["text"]
-    batches = [texts[i : i + BATCH] for i in range(0, len(texts), BATCH)]
-    result, packer = {"mode": mode}, ft.TextPacker(seq_length)
-
-    def tokenize_and_pack(b: list[str]) -> int:  # prepare_data's work in this process: no datasets.map, no Arrow
-        ids = ft.tokenize_documents({"text": b}, tokenizer)["input_ids"]
-        result["blocks"] = result.get("blocks", 0) + len(packer.add(*flat_lengths(ids))["input_ids"])
-        return sum(len(x) for x in ids)
-
     if mode == "prepare_data":
         ft.quiet_library_progress_bars()  # train() calls it before prepare_data
         d = ft.setup_distributed()  # a 1-process gloo group: prepare_data agrees on errors with the other ranks
         cfg = ft.Config(dataset_name=dataset, model_name=tokenizer_dir, save_dir=save_dir, seq_length=seq_length)
         ds = ft.load_dataset_any(dataset)
-
-        def work() -> dict:
-            return {"blocks": len(ft.prepare_data(cfg, d, tokenizer, ds, "train"))}
-
-    elif mode == "text_packer":  # the packing alone, on documents tokenized beforehand (as write_packed feeds it)
-        docs = [flat_lengths(ft.tokenize_documents({"text": b}, tokenizer)["input_ids"]) for b in batches]
-
-        def work() -> dict:
-            return {"blocks": sum(len(packer.add(*doc)["input_ids"]) for doc in docs)}
-
-    elif mode == "tokenize_documents":
-
-        def work() -> dict:
-            return {"tokens": sum(tokenize_and_pack(b) for b in batches)}
-
-    else:
-        backend = tokenizer.backend_tokenizer
-        encode = {"encode_batch": lambda b: [len(e.ids) for e in backend.encode_batch(b)],
-                  "encode_batch_fast": lambda b: [len(e.ids) for e in backend.encode_batch_fast(b)],
-                  "call": lambda b: [len(x) for x in tokenizer(b)["input_ids"]]}[mode]  # fmt: skip
-
-        def work() -> dict:
-            return {"tokens": sum(sum(encode(b)) for b in batches)}
-
-    cpu0, t0 = cpu_seconds(), time.perf_counter()
-    result.update(work())
-    result["seconds"] = time.perf_counter() - t0
-    result["cpu_s"] = cpu_seconds() - cpu0  # includes prepare_data's map workers, which map() waits for
-    if mode == "prepare_data":
+        t0 = time.perf_counter()
+        result = {"blocks": len(ft.prepare_data(cfg, d, tokenizer, ds, "train"))}
         ft.teardown_distributed()
-    emit(result)
+    else:
+        texts = datasets.load_from_disk(dataset)["text"]
+        encode = tokenizer.backend_tokenizer.encode_batch
+        t0 = time.perf_counter()
+        result = {"tokens": sum(len(e.ids) for i in range(0, len(texts), 1000) for e in encode(texts[i : i + 1000]))}
+    emit({"mode": mode, "seconds": time.perf_counter() - t0, **result})
 
 
-def bench_tokenize(dataset: Path, tokenizer_dir: Path, seq_length: int, work: Path, repeats: int) -> list[dict]:
-    runs = []
-    for r in range(repeats):
+def bench_tokenize(args, work: Path) -> dict:
+    tok_data = write_token_dataset(work / "corpus", work / "tok-dataset", args.tok_mb)
+    tokenizer_dir, runs = tiny_model(work / "tiny"), []
+    for _ in range(args.repeats):
         for mode in MODES:
-            save_dir = work / f"prep-{mode}-{r}"
-            job = run(worker_cmd("bench_prep.py", "tok_worker", mode, dataset, tokenizer_dir, seq_length, save_dir))
-            runs.append({"repeat": r, **job.check().results()[-1]})
-            print(f"  {mode}: {runs[-1]['seconds']:.2f}s, {runs[-1]['cpu_s']:.2f}s CPU", flush=True)
+            save_dir = work / f"prep-{mode}"
+            fn_args = (mode, work / "tok-dataset", tokenizer_dir, args.seq_length, save_dir)
+            cmd = worker_cmd("bench_prep.py", "tok_worker", *fn_args)
+            runs.append(run(cmd).check().results()[-1])
+            print(f"  {mode}: {runs[-1]['seconds']:.2f}s", flush=True)
             shutil.rmtree(save_dir, ignore_errors=True)
-    return runs
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# main
-
-
-def report_convert(corpus: dict, runs: list[dict], rates: dict, repeats: int) -> dict:
-    mb = corpus["bytes"] / 1e6
-    med = {n: {k: median(r[k] for r in runs if r["num_proc"] == n) for k in ("wall_s", "script_s", "cpu_s")}
-           for n in (1, 2)}  # fmt: skip
-    rows = [[f"--num_proc {n}", m["wall_s"], mb / m["wall_s"], m["script_s"], mb / m["script_s"], m["cpu_s"]]
-            for n, m in sorted(med.items(), reverse=True)]  # fmt: skip
-    ratio = med[1]["wall_s"] / med[2]["wall_s"]
-    print(f"\n## (a) data_to_hf.py on {mb:.0f} MB, {corpus['files']:,} files (median of {repeats})\n")
-    print(table(["variant", "wall s", "MB/s (wall)", "script s", "MB/s (script)", "CPU s (all processes)"], rows))
-    print(f"\nspeed-up 2 vs 1 worker: wall {ratio:.2f}x, script {med[1]['script_s'] / med[2]['script_s']:.2f}x -> "
-          f"{verdict(ratio, 1.7)}")  # fmt: skip
-    kinds = ", ".join(f"{k} {v['files']} files {v['bytes'] / 1e6:.0f} MB parsed at {rates[k]:.0f} MB/s"
-                      for k, v in corpus["kinds"].items())  # fmt: skip
-    print(f"corpus by kind (single-process iter_file_documents): {kinds}")
-    return {"medians_by_num_proc": med, "speedup_wall": ratio}
-
-
-def report_tokenize(tok_data: dict, runs: list[dict], args) -> dict:
     tokens = median(r["tokens"] for r in runs if r["mode"] == "encode_batch")
-    secs = {m: median(r["seconds"] for r in runs if r["mode"] == m) for m in MODES}
-    cpu = {m: median(r["cpu_s"] for r in runs if r["mode"] == m) for m in MODES}
-    rows = [[m, what, secs[m], tokens / secs[m] / 1e6, f"{secs['encode_batch'] / secs[m]:.0%}", cpu[m],
-             tokens / cpu[m] / 1e6] for m, what in MODES.items()]  # fmt: skip
-    print(f"\n## (b) tokenize + pack: {tok_data['documents']:,} docs, {tok_data['bytes'] / 1e6:.1f} MB, "
-          f"{tokens / 1e6:.2f} M tokens, seq {args.seq_length} (median of {args.repeats})\n")  # fmt: skip
-    print(table(["mode", "what", "s", "M tok/s", "vs encode_batch", "CPU s", "M tok/CPU-s"], rows))
-    share = secs["encode_batch"] / secs["prepare_data"]
-    print(f"\nprepare_data vs raw encode_batch: {share:.0%} -> {verdict(share, 0.8)}")
-    return {"tokens": tokens, "median_s": secs, "median_cpu_s": cpu, "prepare_vs_encode_batch": share}
+    rate = {m: tokens / median(r["seconds"] for r in runs if r["mode"] == m) / 1e6 for m in MODES}
+    size = f"{tok_data['documents']:,} docs, {tok_data['bytes'] / 1e6:.1f} MB, {tokens / 1e6:.2f} M tokens"
+    print(f"\n## (b) tokenize + pack: {size}, seq {args.seq_length} (median of {args.repeats})\n")
+    share = rate["prepare_data"] / rate["encode_batch"]
+    rates = f"prepare_data {rate['prepare_data']:.2f} M tok/s vs raw encode_batch {rate['encode_batch']:.2f} M tok/s"
+    print(f"{rates}: {share:.0%} -> {verdict(share, 0.8)}")
+    return {"set": tok_data, "runs": runs, "m_tok_s": rate, "prepare_vs_encode_batch": share}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(__doc__, configure, QUICK, check, argv)
     with session("prep", args) as (work, payload):
-        t0 = time.perf_counter()
-        corpus = generate_corpus(work / "corpus", args.size_mb, args.seed)
-        print(f"corpus: {corpus['files']:,} files, {corpus['bytes'] / 1e6:.1f} MB ({time.perf_counter() - t0:.0f}s)")
-        rates = parse_rates(work / "corpus")
-        convert = bench_convert(work / "corpus", work, args.repeats)
-        tokenizer_dir = tiny_model(work / "tiny")
-        tok_data = write_token_dataset(work / "corpus", work / "tok-dataset", args.tok_mb)
-        print(f"tokenize set: {tok_data['documents']:,} documents, {tok_data['bytes'] / 1e6:.1f} MB", flush=True)
-        tok_runs = bench_tokenize(work / "tok-dataset", tokenizer_dir, args.seq_length, work, args.repeats)
-        payload.update(corpus=corpus, parse_mb_per_s=rates, convert_runs=convert, tokenize_set=tok_data,
-                       tokenize_runs=tok_runs, convert=report_convert(corpus, convert, rates, args.repeats),
-                       tokenize=report_tokenize(tok_data, tok_runs, args))  # fmt: skip
+        corpus = generate_corpus(work / "corpus", args.size_mb)
+        rates = {kind: round(mb_s, 1) for kind, mb_s in parse_rates(work / "corpus").items()}
+        print(f"corpus: {corpus['files']:,} files, {corpus['bytes'] / 1e6:.1f} MB; single-process parse MB/s: {rates}")
+        payload.update(corpus=corpus, parse_mb_per_s=rates, convert=bench_convert(corpus, work, args.repeats))
+        payload["tokenize"] = bench_tokenize(args, work)
     return 0
 
 

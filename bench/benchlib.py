@@ -1,9 +1,8 @@
 """What every bench/ script shares: its command line and results file, the one job runner, the worker protocol, the
-test inputs, markdown tables, and the trainer's own FLOPs per token, peak TFLOP/s and MFU.
+test inputs, markdown tables, and the trainer's own FLOPs per token and MFU.
 
-Run the scripts as `python bench/NAME.py` (bench/ is then on sys.path); this module puts the repo root there too, so
-that they import what they measure from fsdp_train.py. Heavy libraries are imported inside the functions that need
-them: `--help` is instant and the drivers stay light.
+Run the scripts as `python bench/NAME.py`; this module puts the repo root on sys.path, so that they import what they
+measure from fsdp_train.py. Heavy libraries are imported inside the functions that need them: `--help` is instant.
 """
 
 from __future__ import annotations
@@ -50,6 +49,16 @@ def torchrun(nproc: int = 2) -> list[str]:
 
 def python(script: str, *args) -> list[str]:
     return [sys.executable, str(ROOT / script), *map(str, args)]
+
+
+def csv(cast=str):
+    """An argparse type: a comma list of `cast`."""
+    return lambda text: [cast(x) for x in text.split(",") if x]
+
+
+def shapes(text: str) -> list[tuple[int, ...]]:
+    """An argparse type: BxS[xV],... -> [(B, S[, V]), ...]."""
+    return [tuple(int(x) for x in item.split("x")) for item in text.split(",")]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -101,9 +110,9 @@ def machine() -> dict:
     for pkg in ("torch", "transformers", "accelerate", "datasets", "tokenizers", "safetensors"):
         with contextlib.suppress(metadata.PackageNotFoundError):
             versions[pkg] = metadata.version(pkg)
-    return {"cpus": len(os.sched_getaffinity(0)), "loadavg": [round(x, 2) for x in os.getloadavg()],
-            "cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
-            "versions": versions}  # fmt: skip
+    load = [round(x, 2) for x in os.getloadavg()]
+    cpu = platform.processor() or platform.machine()
+    return {"cpus": len(os.sched_getaffinity(0)), "loadavg": load, "cpu": cpu, "versions": versions}
 
 
 @contextlib.contextmanager
@@ -170,20 +179,17 @@ def verdict(value: float, target: float, higher_is_better: bool = True) -> str:
 
 @dataclass
 class Job:
-    """A finished command: exit status, wall and CPU seconds of the whole process tree (CPU hardly changes when other
-    jobs share the cores, wall does), every output line with its arrival time after launch (millisecond resolution,
-    where the log's own timestamps have seconds), and for torchrun jobs each rank's peak RSS sampled from outside."""
+    """A finished command: exit status, wall and CPU seconds of the whole process tree, every output line with its
+    arrival time after launch (ms resolution, where the log's own timestamps have seconds), and for torchrun jobs
+    each rank's peak RSS sampled from outside every 50 ms."""
 
     cmd: list[str]
-    log: Path | None = None
     pid: int = 0  # also the id of the job's session (process group)
     rc: int = -1
     wall: float = 0.0
     cpu: float = 0.0
     lines: list[tuple[float, str]] = field(default_factory=list)
-    rank_peak_rss_gib: list[float] = field(default_factory=list)  # the largest VmRSS sample of each rank, every 50 ms
-    rank_vmhwm_gib: list[float] = field(default_factory=list)  # the last VmHWM (fsdp_train.py resets it at start-up)
-    tree_maxrss_gib: float = 0.0  # wait4's ru_maxrss: the largest VmHWM in the process tree at exit (same caveat)
+    rank_peak_rss_gib: list[float] = field(default_factory=list)
 
     @property
     def output(self) -> str:
@@ -203,33 +209,19 @@ class Job:
         return self
 
 
-def _proc_status(pid: int) -> dict[str, int]:
-    fields = {}
-    with contextlib.suppress(OSError):
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                fields[line[:5]] = int(line.split()[1])  # KiB
-    return fields
+def _read(path) -> str:
+    with contextlib.suppress(OSError):  # the process may have ended
+        return Path(path).read_text()
+    return ""
 
 
-def child_pids(pid: int) -> list[int]:
-    pids = []
-    with contextlib.suppress(OSError):
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            with contextlib.suppress(OSError):
-                pids += [int(x) for x in (task / "children").read_text().split()]
-    return pids
-
-
-def run(cmd: list, env: dict | None = None, timeout: float = 1800, log: Path | None = None, ranks: str = "",
-        watch=None) -> Job:  # fmt: skip
+def run(cmd: list, env: dict | None = None, timeout=1800.0, log: Path | None = None, ranks="", watch=None) -> Job:
     """Run from the repo root in a new session (a timeout ends the whole job: torchrun and its workers), output to
     `log` as it comes. `ranks`: sample the peak RSS of the children whose command line holds it (torchrun's
-    workers) every 50 ms. `watch(job, proc)` is called at every poll (chaos.py kills from there)."""
-    job = Job([str(c) for c in cmd], log)
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(job.cmd, cwd=ROOT, env={**ENV, **(env or {})}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+    workers). `watch(job, proc)` is called at every poll (chaos.py kills from there)."""
+    job, t0 = Job([str(c) for c in cmd]), time.perf_counter()
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True, "start_new_session": True}
+    proc = subprocess.Popen(job.cmd, cwd=ROOT, env={**ENV, **(env or {})}, **pipes)
 
     def read() -> None:
         with open(log or os.devnull, "w") as f:
@@ -241,19 +233,17 @@ def run(cmd: list, env: dict | None = None, timeout: float = 1800, log: Path | N
     job.pid = proc.pid
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
-    peak, hwm, is_rank = {}, {}, {}
+    peak, is_rank = {}, {}
     while True:
         pid, status, usage = os.wait4(proc.pid, os.WNOHANG)  # reaped here: Popen.wait would drop the rusage
         if pid:
             break
-        for child in child_pids(proc.pid) if ranks else []:
+        tasks = Path(f"/proc/{proc.pid}/task").glob("*") if ranks else []  # torchrun's threads, and their children
+        for child in [int(x) for task in tasks for x in _read(task / "children").split()]:
             if child not in is_rank:
-                with contextlib.suppress(OSError):
-                    is_rank[child] = ranks in Path(f"/proc/{child}/cmdline").read_text()
-            if is_rank.get(child):
-                kib = _proc_status(child)
-                peak[child] = max(peak.get(child, 0), kib.get("VmRSS", 0))
-                hwm[child] = kib.get("VmHWM") or hwm.get(child, 0)
+                is_rank[child] = ranks in _read(f"/proc/{child}/cmdline")
+            if is_rank[child] and (m := re.search(r"VmRSS:\s+(\d+)", _read(f"/proc/{child}/status"))):
+                peak[child] = max(peak.get(child, 0), int(m[1]))  # KiB
         if watch:
             watch(job, proc)
         if time.perf_counter() - t0 > timeout:
@@ -265,8 +255,6 @@ def run(cmd: list, env: dict | None = None, timeout: float = 1800, log: Path | N
     reader.join(timeout=30)  # survivors of a killed agent may hold the pipe a little longer
     job.cpu = usage.ru_utime + usage.ru_stime  # the child and every descendant it waited for
     job.rank_peak_rss_gib = sorted((k * 1024 / GIB for k in peak.values()), reverse=True)
-    job.rank_vmhwm_gib = sorted((k * 1024 / GIB for k in hwm.values()), reverse=True)
-    job.tree_maxrss_gib = usage.ru_maxrss * 1024 / GIB
     return job
 
 
@@ -275,8 +263,8 @@ def run(cmd: list, env: dict | None = None, timeout: float = 1800, log: Path | N
 
 
 def tiny_model(out: Path, **shape) -> Path:
-    """A random-init Llama with the BPE tokenizer trained on data/ (model_download.build_tiny; `shape` its keyword
-    arguments), built once."""
+    """A random-init Llama with the BPE tokenizer trained on data/ (model_download.build_tiny with `shape`), built
+    once."""
     if not (out / "config.json").is_file():
         from model_download import build_tiny
 
@@ -284,24 +272,24 @@ def tiny_model(out: Path, **shape) -> Path:
     return out
 
 
-def write_llama(out: Path, shape: str, vocab: int, tokenizer_dir: Path, seed: int = 0) -> Path:
-    """An HF folder with a random-init Llama of SHAPES[shape], `vocab` rows (0: the tokenizer's size) and the
-    tokenizer of `tokenizer_dir`, built once."""
+def write_llama(out: Path, dims: dict, vocab: int, tokenizer_dir: Path | None = None, **save) -> Path:
+    """An HF folder with a random-init Llama of `dims` (LlamaConfig fields, e.g. SHAPES[name]), `vocab` rows (0: the
+    tokenizer's size) and the tokenizer of `tokenizer_dir`, built once; `save`: save_pretrained's, and dtype."""
     if (out / "config.json").is_file():
         return out
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    dims = SHAPES[shape]
-    config = LlamaConfig(vocab_size=vocab or len(tokenizer), intermediate_size=dims["hidden_size"] * 8 // 3 // 16 * 16,
-                         max_position_embeddings=1024, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **dims)  # fmt: skip
-    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir) if tokenizer_dir else None
+    ids = {f"{k}_token_id": getattr(tokenizer, f"{k}_token_id") for k in ("bos", "eos", "pad")} if tokenizer else {}
+    shape = {"intermediate_size": dims["hidden_size"] * 8 // 3 // 16 * 16, "max_position_embeddings": 1024, **dims}
+    config = LlamaConfig(vocab_size=vocab or len(tokenizer), **ids, **shape)
+    torch.manual_seed(0)
     tmp = out.with_name(f"{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    LlamaForCausalLM(config).save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    LlamaForCausalLM(config).to(save.pop("dtype", torch.float32)).save_pretrained(tmp, **save)
+    if tokenizer:
+        tokenizer.save_pretrained(tmp)
     tmp.rename(out)
     return out
 
@@ -310,15 +298,10 @@ def prepare_dataset(work: Path) -> Path:
     """organize_data.py -> data_to_hf.py on the bundled data/, as tests/conftest.py's `prep` fixture runs them."""
     splits, dataset = work / "splits", work / "dataset"
     if not dataset.is_dir():
-        run(
-            python("organize_data.py", "--src_dir", "data", "--dst_root", splits, "--num_dirs", 3, "--overwrite")
-        ).check()
+        organize = ["--src_dir", "data", "--dst_root", splits, "--num_dirs", 3, "--overwrite"]
+        run(python("organize_data.py", *organize)).check()
         run(python("data_to_hf.py", "--data_folder", splits, "--save_dir", dataset)).check()
     return dataset
-
-
-def dir_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 def read_metrics(exp: Path) -> list[dict]:
@@ -348,12 +331,12 @@ def checkpoint_weights(ckpt: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# FLOPs per token, peak and MFU: the trainer's own definitions, never re-derived here
+# FLOPs per token and MFU: the trainer's own definitions, never re-derived here
 
 
 def model_flops(model_dir: Path, seq: int) -> tuple[float, int]:
-    """(FLOPs per trained token, parameters) as fsdp_train.py counts them for the MFU it logs
-    (fsdp_train.flops_per_token over fsdp_train.count_params of the model, built on the meta device)."""
+    """(FLOPs per trained token, parameters) as fsdp_train.py counts them for the MFU it logs (flops_per_token over
+    count_params of the model, built on the meta device)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -366,8 +349,7 @@ def model_flops(model_dir: Path, seq: int) -> tuple[float, int]:
 
 
 def mfu(tok_s: float, flops_per_token: float, world_size: int, peak_tflops: float) -> float:
-    """The MFU fsdp_train.py logs (Throughput.mfu, called on these figures): tok_s of all ranks together, against
-    `peak_tflops` per device (rank)."""
+    """The MFU fsdp_train.py logs (Throughput.mfu on these figures): tok_s of all ranks, `peak_tflops` per rank."""
     from fsdp_train import Throughput
 
     return Throughput.mfu(SimpleNamespace(flops=flops_per_token, world_size=world_size, peak=peak_tflops), tok_s)

@@ -1,18 +1,13 @@
 """Chaos test: kill -9 a 2-process CPU run at a random moment, re-run the same command, get bitwise-equal weights.
 
-    python bench/chaos.py --runs 10 [--seed S] [--steps 24] [--ckpt-freq 4] [--async-checkpoint] [--workdir DIR]
+    python bench/chaos.py --runs 10 [--seed S] [--steps 24] [--ckpt-freq 4] [--async-checkpoint]
 
-Prepares the bundled data/ and a tiny model, times one uninterrupted reference run, then N times: starts the same run,
-SIGKILLs a random worker or the torchrun agent right after a random training step has been logged (or, on about a
-third of the runs, inside a checkpoint save held open by FSDP_TRAIN_FAULT=sleep_in_save), re-runs the same command
-until it exits 0 (at most 3 times) and compares the final checkpoint's model weights with the reference's, tensor by
-tensor with torch.equal. With --async-checkpoint the chaos runs save in the background (a kill "inside a save" then
-lands while training goes on) and are still compared with the blocking reference. Exit code 0 only if every run
-survived and is identical; a failure keeps the work dir to inspect.
+After one uninterrupted reference run, each run SIGKILLs a random worker or the torchrun agent right after a random
+step is logged (or, on about a third of the runs, inside a save held open by FSDP_TRAIN_FAULT=sleep_in_save), re-runs
+the command until it exits 0 (at most 3 times) and compares the final checkpoint's weights with the reference's,
+tensor by tensor (torch.equal). Exit code 0 only if every run survived and is identical.
 
     run 1: killed agent at 7.10s (inside save of step 20) -> resumed from step 16, identical
-    run 3: killed worker rank 1 at 3.92s (last logged step 0) -> resumed from step 0 (no checkpoint yet), identical
-    survived 2/2, identical 2/2
 """
 
 from __future__ import annotations
@@ -37,8 +32,7 @@ def configure(p) -> None:
     p.add_argument("--seed", type=int, default=None, help="victims and kill times (default: random, printed)")
     p.add_argument("--steps", type=int, default=24, help="--max-steps of every run (default 24)")
     p.add_argument("--ckpt-freq", type=int, default=4, help="--ckpt-freq of every run (default 4)")
-    p.add_argument("--async-checkpoint", action="store_true",
-                   help="the chaos runs save in the background; the reference still saves blocking")  # fmt: skip
+    p.add_argument("--async-checkpoint", action="store_true", help="chaos runs save in the background (reference not)")
 
 
 def check(args) -> str | None:
@@ -72,12 +66,11 @@ def workers(agent: int) -> dict[int, int]:
 def chaos_run(i: int, rng: random.Random, cmd: list[str], args, logs: Path) -> dict:
     """Start the job, SIGKILL one of its processes at its moment, let the rest end, re-run it until it exits 0."""
     in_save, victim = rng.random() < 1 / 3, rng.choice([0, 1, None])  # None: the torchrun agent
-    rec = {"run": i, "victim": "agent" if victim is None else f"worker rank {victim}", "fault_step": None,
-           "planned_step": None if in_save else rng.randrange(1, args.steps)}  # fmt: skip
-    env = {}
+    rec = {"run": i, "victim": "agent" if victim is None else f"worker rank {victim}", "fault_step": None}
+    rec["planned_step"] = None if in_save else rng.randrange(1, args.steps)
     if in_save:
         rec["fault_step"] = rng.randrange(args.ckpt_freq, args.steps, args.ckpt_freq)
-        env["FSDP_TRAIN_FAULT"] = f"sleep_in_save:{rec['fault_step']}:10"
+    env = {"FSDP_TRAIN_FAULT": f"sleep_in_save:{rec['fault_step']}:10"} if in_save else {}
     t0 = time.monotonic()
 
     def watch(job, proc) -> None:  # kill right after the planned step is logged, or inside the held save
@@ -105,8 +98,8 @@ def chaos_run(i: int, rng: random.Random, cmd: list[str], args, logs: Path) -> d
         for attempt in range(1, 4):
             rerun = run(cmd, log=logs / f"run-{i}-rerun-{attempt}.log")
             rec["rerun_rcs"].append(rerun.rc)
-            if rec["resumed_from"] is None and (m := re.search(r"Resuming from step (\d+)|Run already complete",
-                                                               rerun.output)):  # fmt: skip
+            m = re.search(r"Resuming from step (\d+)|Run already complete", rerun.output)
+            if rec["resumed_from"] is None and m:
                 rec["resumed_from"] = int(m[1]) if m[1] else "complete"
             if rerun.rc == 0:
                 break
@@ -118,11 +111,8 @@ def describe(rec: dict) -> str:
     if "killed_s" not in rec:
         head = f"finished before kill (planned after step {rec['planned_step']}, exit {rec['first_rc']})"
     else:
-        where = (
-            f"inside save of step {rec['fault_step']}"
-            if rec["fault_step"]
-            else f"last logged step {rec['last_logged_step']}"
-        )
+        where = f"last logged step {rec['last_logged_step']}"
+        where = f"inside save of step {rec['fault_step']}" if rec["fault_step"] else where
         head = f"killed {rec['victim']} at {rec['killed_s']:.2f}s ({where})"
     if rec["left_after_grace"]:
         head += f", {rec['left_after_grace']} process(es) still alive after 30s"
@@ -144,8 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         save, logs = work / f"save-{stamp}", work / f"logs-{stamp}"
         logs.mkdir(parents=True)
         model = tiny_model(work / "tiny", vocab_size=512, hidden_size=64, num_layers=2)
-        train = ["-d", prepare_dataset(work), "-m", model, "--save-dir", save, *TRAIN, "--max-steps", args.steps,
-                 "--ckpt-freq", args.ckpt_freq]  # fmt: skip
+        train = ["-d", prepare_dataset(work), "-m", model, "--save-dir", save, *TRAIN, "--max-steps", args.steps]
+        train += ["--ckpt-freq", args.ckpt_freq]
 
         def cmd(exp: str, *extra: str) -> list[str]:
             return [*torchrun(2), ROOT / "fsdp_train.py", "-e", exp, *train, *extra]
@@ -158,13 +148,13 @@ def main(argv: list[str] | None = None) -> int:
         from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
         rng, records = random.Random(seed), []
+        background = ["--async-checkpoint", "on"] if args.async_checkpoint else []
         for i in range(1, args.runs + 1):
-            rec = chaos_run(i, rng, cmd(f"run-{i}", *(["--async-checkpoint", "on"] if args.async_checkpoint else [])),
-                            args, logs)  # fmt: skip
+            rec = chaos_run(i, rng, cmd(f"run-{i}", *background), args, logs)
             try:
                 weights = checkpoint_weights(save / f"run-{i}" / final)
-                differ = sorted(set(reference) ^ set(weights)) + [k for k in reference if k in weights
-                                                                  and not reference[k].equal(weights[k])]  # fmt: skip
+                differ = sorted(set(reference) ^ set(weights))
+                differ += [k for k in reference if k in weights and not reference[k].equal(weights[k])]
                 rec["differ"] = f"{len(differ)} tensors differ: {', '.join(differ[:3])}" if differ else None
             except (Exception, CheckpointException) as e:  # a missing/unreadable checkpoint fails this run only
                 rec["differ"] = f"no readable {final}: {type(e).__name__}: {e}"
@@ -173,8 +163,8 @@ def main(argv: list[str] | None = None) -> int:
             print(describe(rec), flush=True)
         survived, identical = sum(r["survived"] for r in records), sum(r["identical"] for r in records)
         print(f"survived {survived}/{args.runs}, identical {identical}/{args.runs}")
-        payload.update(seed=seed, reference_s=round(ref.wall, 2), survived=survived, identical=identical,
-                       runs=records, passed=survived == identical == args.runs)  # fmt: skip
+        payload.update(seed=seed, reference_s=ref.wall, survived=survived, identical=identical, runs=records)
+        payload["passed"] = survived == identical == args.runs
     return 0 if payload["passed"] else 1
 
 

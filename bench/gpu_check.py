@@ -185,12 +185,8 @@ def step1_loss(exp: Path) -> None:
     model = load_model(cfg["model_name"])
     eos = AutoTokenizer.from_pretrained(cfg["model_name"]).eos_token_id
     perm = fsdp_train.epoch_permutation(len(data), cfg["seed"], 0)
-    rows = [
-        i
-        for rank in range(world)
-        for i in fsdp_train.rank_batch_indices(perm, 0, cfg["batch_size"], rank, world)
-        if i != fsdp_train.FILLER  # a step's free places (fewer blocks than a global batch) train nothing
-    ]
+    batches = [fsdp_train.rank_batch_indices(perm, 0, cfg["batch_size"], rank, world) for rank in range(world)]
+    rows = [i for batch in batches for i in batch if i != fsdp_train.FILLER]  # a step's free places train nothing
     total, count = 0.0, 0
     for row in data[rows]["input_ids"].long():
         for a, b in eos_cuts(row, eos):
@@ -203,9 +199,8 @@ def step1_loss(exp: Path) -> None:
     limit = bound("step1-loss")
     ok = abs(got - expected) <= limit
     names = {f.name for f in dataclasses.fields(fsdp_train.Config)}
-    compute = fsdp_train.Config(**{k: v for k, v in cfg.items() if k in names}).compute_dtype(
-        torch.device("cuda" if CUDA else "cpu")
-    )
+    run_cfg = fsdp_train.Config(**{k: v for k, v in cfg.items() if k in names})
+    compute = run_cfg.compute_dtype(torch.device("cuda" if CUDA else "cpu"))
     assert compute == torch.float32, f"the run computed in {compute}: step1-loss compares an fp32 run"
     report(f"loss {got:.6f} vs {expected:.6f}: |gap| {within(abs(got - expected), limit)} (fp32, {count} targets)", ok)
 
@@ -234,11 +229,8 @@ def resume(resumed: Path, straight: Path, at: int) -> None:
     limit = bound("resume")
     ok = once and max(before, after, wgap) <= limit
     logged = "logged once each" if once else f"NOT logged once each: {len(steps)} lines"
-    report(
-        f"steps 1..{last} {logged}; |loss gap| 1..{at} {within(before, limit)}, resumed {at + 1}..{last} "
-        f"{within(after, limit)}; |weight gap| at {last} {within(wgap, limit)}",
-        ok,
-    )
+    gaps = f"|loss gap| 1..{at} {within(before, limit)}, resumed {at + 1}..{last} {within(after, limit)}"
+    report(f"steps 1..{last} {logged}; {gaps}; |weight gap| at {last} {within(wgap, limit)}", ok)
 
 
 def dtypes(bf16: Path, fp32: Path) -> None:
@@ -249,11 +241,8 @@ def dtypes(bf16: Path, fp32: Path) -> None:
     gap = abs(a[last] - b[last])
     worst = max_gap(a, b, range(1, last + 1))
     limit = bound("dtypes")
-    report(
-        f"step {last}: bf16 {a[last]:.4f} vs fp32 {b[last]:.4f}: |gap| {within(gap, limit)} "
-        f"(steps 1..{last}: max {worst:.1e})",
-        gap <= limit,
-    )
+    figures = f"step {last}: bf16 {a[last]:.4f} vs fp32 {b[last]:.4f}: |gap| {within(gap, limit)}"
+    report(f"{figures} (steps 1..{last}: max {worst:.1e})", gap <= limit)
 
 
 def same_losses(run: Path, base: Path, name: str) -> None:
@@ -298,11 +287,9 @@ def export(exp: Path) -> None:
     exact = (exported_fp32 - logprobs(rounded)).abs().max().item()
     rounding = (own - logprobs(full)).abs().max().item()
     ok = not missing and exact == 0
-    report(
-        f"{ckpt.name} -> hf ({str(dtype)[6:]}){' ' + ', '.join(missing) if missing else ''}: gap {exact:.1e} "
-        f"(must be 0); computing in {str(dtype)[6:]} vs fp32 weights: {rounding:.2f} (reported)",
-        ok,
-    )
+    name, problems = str(dtype)[6:], " " + ", ".join(missing) if missing else ""
+    figures = f"{ckpt.name} -> hf ({name}){problems}: gap {exact:.1e} (must be 0)"
+    report(f"{figures}; computing in {name} vs fp32 weights: {rounding:.2f} (reported)", ok)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -322,45 +309,31 @@ def metrics(exp: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("prepare").add_argument("out", type=Path)
-    q = sub.add_parser("isolation")
-    q.add_argument("model", type=Path)
-    q.add_argument("lines", type=Path)
+
+    def command(name: str, fn, *paths: str) -> argparse.ArgumentParser:
+        """A subcommand running fn(args), with `paths` as its positional Path arguments."""
+        q = sub.add_parser(name)
+        q.set_defaults(fn=fn)
+        for path in paths:
+            q.add_argument(path, type=Path)
+        return q
+
+    command("prepare", lambda a: prepare(a.out), "out")
+    q = command("isolation", lambda a: isolation(a.model, a.lines, a.attn, a.rows, a.seq, a.broken), "model", "lines")
     q.add_argument("attn")
     q.add_argument("--rows", type=int, default=4, help="packed rows a micro-batch (4)")
     q.add_argument("--seq", type=int, default=256, help="tokens a row (256)")
     q.add_argument("--broken", action="store_true", help="feed the rows so that documents mix: the row must fail")
-    sub.add_parser("step1-loss").add_argument("exp", type=Path)
-    q = sub.add_parser("resume")
-    q.add_argument("resumed", type=Path)
-    q.add_argument("straight", type=Path)
+    command("step1-loss", lambda a: step1_loss(a.exp), "exp")
+    q = command("resume", lambda a: resume(a.resumed, a.straight, a.at), "resumed", "straight")
     q.add_argument("--at", type=int, default=20, help="the step the resumed run was continued from (20)")
-    sub.add_parser("export").add_argument("exp", type=Path)
-    q = sub.add_parser("dtypes")
-    q.add_argument("bf16", type=Path)
-    q.add_argument("fp32", type=Path)
-    q = sub.add_parser("same-losses")
-    q.add_argument("run", type=Path)
-    q.add_argument("base", type=Path)
+    command("export", lambda a: export(a.exp), "exp")
+    command("dtypes", lambda a: dtypes(a.bf16, a.fp32), "bf16", "fp32")
+    q = command("same-losses", lambda a: same_losses(a.run, a.base, a.bound), "run", "base")
     q.add_argument("--bound", default="compile", choices=sorted(BOUNDS), help="which BOUNDS entry (compile)")
-    sub.add_parser("metrics").add_argument("exp", type=Path)
-    a = p.parse_args()
-    if a.command == "prepare":
-        prepare(a.out)
-    elif a.command == "isolation":
-        isolation(a.model, a.lines, a.attn, a.rows, a.seq, a.broken)
-    elif a.command == "step1-loss":
-        step1_loss(a.exp)
-    elif a.command == "resume":
-        resume(a.resumed, a.straight, a.at)
-    elif a.command == "export":
-        export(a.exp)
-    elif a.command == "dtypes":
-        dtypes(a.bf16, a.fp32)
-    elif a.command == "same-losses":
-        same_losses(a.run, a.base, a.bound)
-    else:
-        metrics(a.exp)
+    command("metrics", lambda a: metrics(a.exp), "exp")
+    args = p.parse_args()
+    args.fn(args)
 
 
 if __name__ == "__main__":
