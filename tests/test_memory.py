@@ -86,14 +86,13 @@ ADAFACTOR = ("--optimizer", "adafactor", "--lr", "5e-2", "--max-norm", 0)
 
 @shared("module")
 def adafactor_runs(prep, tmp_path_factory) -> dict[str, Path]:
-    """6 Adafactor steps with checkpoints at 3 and 6: on 1 process (batch 4), on 2 ranks (batch 2 each), and on 2 ranks
-    with the optimizer in backward. The tests resume copies of them."""
+    """6 Adafactor steps with checkpoints at 3 and 6: on 1 process (batch 4) and on 2 ranks (batch 2 each). The tests
+    resume copies of them."""
     save_dir = tmp_path_factory.mktemp("adafactor")
     steps = (*ADAFACTOR, "--stop-at-step", 6, "--ckpt-freq", 3)
     ok(in_process(None, train_args(prep, save_dir, "one", *steps, "-b", 4)))  # one process: this one
-    for name, extra in [("two", ()), ("hooked", ("--optimizer-in-backward", "on"))]:
-        ok(torchrun(train_args(prep, save_dir, name, *steps, *extra)))
-    return {name: save_dir / name for name in ("one", "two", "hooked")}
+    ok(torchrun(train_args(prep, save_dir, "two", *steps)))
+    return {name: save_dir / name for name in ("one", "two")}
 
 
 def resume_copy_from_step_3(run: Path, dst: Path) -> Path:
@@ -116,21 +115,20 @@ def test_adafactor_on_shards_trains_like_one_process_and_reshards_its_state(prep
 
 
 @pytest.mark.slow
-def test_optimizer_in_backward_equals_normal_steps_and_resumes_exactly(prep, adafactor_runs, tmp_path):
-    # AdamW: the hooks step each parameter as its gradient is ready, the same update as one step at the end.
-    opt = ("--lr", "3e-3", "--max-norm", 0, "--stop-at-step", 5)
+def test_optimizer_in_backward_equals_normal_steps_and_resumes_exactly(prep, tmp_path):
+    # AdamW (the default): the hooks step each parameter as its gradient is ready, the same update as one step at the
+    # end. (Adafactor goes through the same per-parameter wrapper; its factored state is covered by the plan and
+    # resharding tests.)
+    opt = ("--lr", "3e-3", "--max-norm", 0, "--stop-at-step", 6, "--ckpt-freq", 3)
     ok(torchrun(train_args(prep, tmp_path, "normal", *opt)))
     ok(torchrun(train_args(prep, tmp_path, "hooked", *opt, "--optimizer-in-backward", "on")))
-    assert_runs_close(tmp_path / "normal", tmp_path / "hooked", step=5, atol=1e-6)
-    # Adafactor, which keeps per-parameter factored state.
-    normal, hooked = adafactor_runs["two"], adafactor_runs["hooked"]
+    normal, hooked = tmp_path / "normal", tmp_path / "hooked"
     assert_runs_close(normal, hooked, step=6, atol=1e-6)
-    for a, b in [(tmp_path / "normal", tmp_path / "hooked"), (normal, hooked)]:
-        norms = [[m["grad_norm"] for m in read_metrics(e)] for e in (a, b)]
-        assert norms[1] == pytest.approx(norms[0], rel=1e-6)  # the hooks still report the global gradient norm
+    norms = [[m["grad_norm"] for m in read_metrics(e)] for e in (normal, hooked)]
+    assert norms[1] == pytest.approx(norms[0], rel=1e-6)  # the hooks still report the global gradient norm
     # Resumed at step 3: the per-parameter optimizer states come back exactly.
     resumed = resume_copy_from_step_3(hooked, tmp_path / "resumed")
-    args = (*ADAFACTOR, "--optimizer-in-backward", "on", "--stop-at-step", 6, "--ckpt-freq", 3)
+    args = (*opt, "--optimizer-in-backward", "on")
     assert "Resuming from step 3" in ok(torchrun(train_args(prep, tmp_path / "resumed", "hooked", *args))).stdout
     a, b = (checkpoint_weights(e / "checkpoints/step-6") for e in (hooked, resumed))
     assert all(torch.equal(a[k], b[k]) for k in a)

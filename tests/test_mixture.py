@@ -85,15 +85,14 @@ def test_without_weights_each_source_is_taken_once():
 
 
 def two_sources(tmp_path) -> tuple[Path, Path]:
-    """The sample corpus's lines as two sources of unequal size: 'prose' (.txt lines) and 'records' (the rest)."""
+    """The sample corpus's lines as text documents ('prose'), and 80 short conversations ('chat')."""
     import datasets
 
     txt = [x.strip() for f in sorted((ROOT / "data").rglob("*.txt")) for x in f.read_text().splitlines() if x.strip()]
-    other = [f.read_text() for f in sorted((ROOT / "data").rglob("*")) if f.is_file() and f.suffix != ".txt"]
-    paths = tmp_path / "prose", tmp_path / "records"
-    for path, texts in zip(paths, (txt, other), strict=True):
-        datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(path))
-    return paths
+    datasets.Dataset.from_dict({"text": txt}).save_to_disk(str(tmp_path / "prose"))
+    turn = [{"role": "user", "content": "Name a root vegetable."}, {"role": "assistant", "content": "A carrot."}]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps({"messages": turn}) + "\n" for _ in range(80)))
+    return tmp_path / "prose", tmp_path / "chat.jsonl"
 
 
 def traced(folder: Path) -> dict[int, list[int]]:
@@ -117,69 +116,79 @@ def mixture_caches(save_dir: Path, sources: list[Path], role: str = "train") -> 
     return [found[str(s)] for s in sources]
 
 
+def resume_on(nproc: int, ref: Path, dst: Path, args: list, stop: int) -> dict[int, list[int]]:
+    """A copy of the 6-step run resumed from its step-2 checkpoint on `nproc` ranks to `stop`: its traced steps."""
+    shutil.copytree(ref, dst)
+    for step in (4, 6):
+        shutil.rmtree(dst / "mix" / "checkpoints" / f"step-{step}")
+    (dst / "trace").mkdir()
+    env = {"FSDP_TRAIN_TRACE_SAMPLES": str(dst / "trace")}
+    out = ok(torchrun([*args[: args.index("--save-dir") + 1], dst, *args[args.index("--save-dir") + 2 :],
+                       "--stop-at-step", stop], nproc=nproc, env=env)).stdout  # fmt: skip
+    assert "Resuming from step 2" in out
+    return traced(dst / "trace")
+
+
 @pytest.mark.slow
-def test_a_mixture_trains_its_seeded_order_logs_each_sources_loss_and_another_world_size_continues_it(
-    prep, tmp_path, capfd
-):
+def test_a_mixture_of_text_and_chat_trains_its_order_and_each_sources_loss_and_resumes_anywhere(prep, tmp_path, capfd):
     from transformers import AutoModelForCausalLM
 
-    prose, records = two_sources(tmp_path)
+    prose, chat = two_sources(tmp_path)
     # -d repeated: the first is train_args's own, the second adds to it
-    args = train_args(prep, tmp_path, "mix", "-d", f"{records}:0.25", "--ckpt-freq", 2, data=f"{prose}:0.75")
-    args += ["--val-split", 0.1, "--eval-freq", 3]
-    env = {"FSDP_TRAIN_TRACE_SAMPLES": str(tmp_path / "trace")}
+    args = train_args(prep, tmp_path / "ref", "mix", "-d", f"{chat}:0.4", data=f"{prose}:0.6")
+    args += ["--chat-template", "configs/chatml.jinja", "--ckpt-freq", 2, "--keep-latest-k", 3, "--val-split", 0.1]
+    args += ["--eval-freq", 3]
+    (tmp_path / "ref").mkdir()
     (tmp_path / "trace").mkdir()
-    first = ok(torchrun([*args, "--stop-at-step", 3], env=env))
-    assert "Mixture of 2 sources" in first.stdout and "  prose: " in first.stdout and "  records: " in first.stdout
-    blocks = mixture_caches(tmp_path, [prose, records])  # each source packed on its own: blocks never mix sources
+    first = ok(torchrun([*args, "--stop-at-step", 6], env={"FSDP_TRAIN_TRACE_SAMPLES": str(tmp_path / "trace")}))
+    assert "Mixture of 2 sources" in first.stdout and "  prose: " in first.stdout and "  chat: " in first.stdout
+    blocks = mixture_caches(tmp_path / "ref", [prose, chat])  # each source packed on its own: blocks never mix sources
     sizes = tuple(len(b) for b in blocks)
-    order = ft.mixture_order(sizes, (0.75, 0.25), 0, 0).tolist()
+    order = ft.mixture_order(sizes, (0.6, 0.4), 0, 0).tolist()
     steps = traced(tmp_path / "trace")
-    assert [i for s in (1, 2, 3) for i in steps[s]] == order[:12]  # 2 ranks x batch 2 a step, in the mixture's order
+    assert [i for s in range(1, 7) for i in steps[s]] == order[:24]  # 2 ranks x batch 2 a step, the mixture's order
 
-    # Step 1's loss of each source: plain transformers on that source's blocks of the step, each document alone.
+    # Step 1's loss of each source: plain transformers on that source's blocks of the step, each document (or
+    # conversation, on its assistant tokens) alone.
     model = AutoModelForCausalLM.from_pretrained(prep["model"], dtype=torch.float32)
-    sums = {"prose": [0.0, 0], "records": [0.0, 0]}
+    sums = {"prose": [0.0, 0], "chat": [0.0, 0]}
     for i in steps[1]:
-        name, k = ("prose", i) if i < sizes[0] else ("records", i - sizes[0])
-        row = blocks[0 if name == "prose" else 1][k]
+        name, row = ("prose", blocks[0][i]) if i < sizes[0] else ("chat", blocks[1][i - sizes[0]])
         ids, positions = row["input_ids"], row["position_ids"]
-        t, n = unpacked_loss(model, ids, ids, [*(positions == 0).nonzero().flatten().tolist(), len(ids)])
+        labels = row.get("labels", ids)
+        t, n = unpacked_loss(model, ids, labels, [*(positions == 0).nonzero().flatten().tolist(), len(ids)])
         sums[name][0] += t
         sums[name][1] += n
-    metrics = read_metrics(tmp_path / "mix")
+    metrics = read_metrics(tmp_path / "ref" / "mix")
+    assert all(n for _, n in sums.values()), sums  # both sources trained in step 1
     for name, (t, n) in sums.items():
-        if n:
-            assert metrics[0][f"loss/{name}"] == pytest.approx(t / n, abs=1e-5), name
-    assert {"val/loss/prose", "val/loss/records"} <= metrics[2].keys()
+        assert metrics[0][f"loss/{name}"] == pytest.approx(t / n, abs=1e-5), name
+    assert {"val/loss/prose", "val/loss/chat"} <= metrics[2].keys()
     assert "by source (train / validation): prose " in first.stdout
 
-    # Resumed from step 2 on 3 ranks: the same order from where it stopped (global batch 4 -> 6), nothing lost or
-    # taken twice.
-    shutil.rmtree(tmp_path / "mix" / "checkpoints" / "step-3")
-    shutil.rmtree(tmp_path / "trace")
-    (tmp_path / "trace").mkdir()
-    again = ok(torchrun([*args, "--stop-at-step", 4], nproc=3, env=env))
-    assert "Resuming from step 2" in again.stdout
-    steps = traced(tmp_path / "trace")
-    assert [i for s in (3, 4) for i in steps[s]] == order[8:20]
-    # ... and on 1 rank (global batch 2) from the same checkpoint.
-    shutil.rmtree(tmp_path / "mix" / "checkpoints" / "step-4")
-    shutil.rmtree(tmp_path / "trace")
-    (tmp_path / "trace").mkdir()
-    assert "Resuming from step 2" in ok(torchrun([*args, "--stop-at-step", 4], nproc=1, env=env)).stdout
-    steps = traced(tmp_path / "trace")
-    assert [i for s in (3, 4) for i in steps[s]] == order[8:12]
+    # kill -9 inside the save of step 4, then the same command: the same weights as the uninterrupted run.
+    killed = [*args[: args.index("--save-dir") + 1], tmp_path / "killed", *args[args.index("--save-dir") + 2 :]]
+    job = Job([*killed, "--stop-at-step", 6], env={"FSDP_TRAIN_FAULT": "sleep_in_save:4:4"})
+    try:
+        pids = {int(m[1]): int(m[2]) for m in job.wait_for(r"FAULT sleep_in_save step 4 rank (\d) pid (\d+)", 2)}
+        os.kill(pids[1], signal.SIGKILL)
+        assert job.wait(timeout=60) != 0
+    finally:
+        job.kill_all()
+    assert "Resuming from step 2" in ok(torchrun([*killed, "--stop-at-step", 6])).stdout
+    assert_same_weights(tmp_path / "killed/mix/checkpoints/step-6", tmp_path / "ref/mix/checkpoints/step-6")
+
+    # Resumed from step 2 on 3 ranks (global batch 4 -> 6), then on 1 (-> 2): the same order from where it stopped.
+    on3 = resume_on(3, tmp_path / "ref", tmp_path / "on3", args, stop=4)
+    assert [i for s in (3, 4) for i in on3[s]] == order[8:20]
+    on1 = resume_on(1, tmp_path / "ref", tmp_path / "on1", args, stop=4)
+    assert [i for s in (3, 4) for i in on1[s]] == order[8:12]
 
     # Bad input: one error line each, nothing written (a source that is missing, or chat without a template, is
     # found before the first source is packed).
-    chat = tmp_path / "chat.jsonl"
-    chat.write_text(
-        json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}) + "\n"
-    )
     save = tmp_path / "fresh"
     for second, error in [
-        (f"{records}:0", "a weight must be a positive number"),
+        (f"{chat}:0", "a weight must be a positive number"),
         (f"{tmp_path / 'nowhere'}:0.25", "cannot load dataset"),
         (f"{chat}:0.25", f"the train data {chat} is chat/instruction data but the tokenizer has no chat template"),
     ]:
@@ -193,27 +202,3 @@ def test_a_val_split_whose_token_share_is_far_from_the_fraction_is_warned_about(
     ft.warn_if_split_is_uneven(0.02, train_tokens=83_000, val_tokens=17_000, name="few-huge-files")
     warned = [r.getMessage() for r in caplog.records if "--val-split" in r.getMessage()]
     assert len(warned) == 1 and "few-huge-files's documents holds 17.0% of its tokens" in warned[0], warned
-
-
-@pytest.mark.slow
-def test_a_mixture_of_text_and_chat_killed_inside_a_save_reruns_to_the_same_weights(prep, tmp_path):
-    prose, _ = two_sources(tmp_path)
-    turn = [{"role": "user", "content": "Name a root vegetable."}, {"role": "assistant", "content": "A carrot."}]
-    chat = tmp_path / "chat.jsonl"
-    chat.write_text("".join(json.dumps({"messages": turn}) + "\n" for _ in range(80)))
-    mix = ["-d", f"{chat}:0.4", "--chat-template", "configs/chatml.jinja", "--stop-at-step", 6, "--ckpt-freq", 2]
-    ok(torchrun(train_args(prep, tmp_path / "ref", "mix", *mix, data=f"{prose}:0.6")))
-    records = read_metrics(tmp_path / "ref" / "mix")
-    assert any("loss/chat" in m for m in records) and any("loss/prose" in m for m in records)
-
-    args = train_args(prep, tmp_path / "killed", "mix", *mix, data=f"{prose}:0.6")
-    job = Job(args, env={"FSDP_TRAIN_FAULT": "sleep_in_save:4:4"})
-    try:
-        pids = {int(m[1]): int(m[2]) for m in job.wait_for(r"FAULT sleep_in_save step 4 rank (\d) pid (\d+)", 2)}
-        os.kill(pids[1], signal.SIGKILL)
-        assert job.wait(timeout=60) != 0
-    finally:
-        job.kill_all()
-    again = ok(torchrun(args))
-    assert "Resuming from step 2" in again.stdout
-    assert_same_weights(tmp_path / "killed/mix/checkpoints/step-6", tmp_path / "ref/mix/checkpoints/step-6")
