@@ -4346,8 +4346,7 @@ def prepare_run(cfg: Config, d: Dist) -> Run | None:
         data, val_data = prepare_sources(cfg, d, tokenizer, raw)
         steps_per_epoch, total_steps, stop_step = run_length(cfg, len(data), d.world_size, state, accum)
         parts = data.parts if isinstance(data, Mixture) else [data]
-        real = sum(int(np.sum(p.data.column("num_tokens").to_numpy())) for p in parts)
-        padding = 1 - real / (sum(len(p) for p in parts) * cfg.seq_length)
+        padding = 1 - sum(map(packed_tokens, parts)) / (sum(map(len, parts)) * cfg.seq_length)
         if d.is_main:
             log.warning(f"{problem}: training on padded blocks instead (--packing auto), one document per block: "
                         f"{padding:.1%} of the trained block tokens are padding, compute spent on nothing")  # fmt: skip
@@ -4414,11 +4413,12 @@ def next_batches(run: Run) -> tuple[list[dict], float, int, float, list]:
 
 
 def add_source_losses(tally: torch.Tensor, sources: torch.Tensor, targets: torch.Tensor) -> None:
-    """Add the rows of the forward just run (RowLoss) to `tally` (2 x sources: summed loss, trained targets)."""
-    keep = sources >= 0
-    at = sources[keep].to(tally.device)
-    tally[0].index_add_(0, at, RowLoss.rows[keep.to(tally.device)].detach().to(tally.dtype))
-    tally[1].index_add_(0, at, targets[keep].to(tally.device, tally.dtype))
+    """Add the rows of the forward just run (RowLoss) to `tally` (2 x sources: summed loss, trained targets). Filler
+    rows (source -1) add zeros; no boolean indexing of device tensors, so no device sync in the step."""
+    keep = (sources >= 0).to(tally.dtype)
+    at = sources.clamp(min=0).to(tally.device)
+    tally[0].index_add_(0, at, RowLoss.rows.detach().to(tally.dtype) * keep.to(tally.device))
+    tally[1].index_add_(0, at, (targets.to(tally.dtype) * keep).to(tally.device))
 
 
 def train_step(run: Run, batches, divisor: float, lr: float, params, timer: PhaseTimer, rows=(), tally=None):

@@ -439,6 +439,16 @@ def six_of_an_epoch(prep, tmp_path_factory) -> Path:
     return root
 
 
+def traced(folder: Path) -> list[dict]:
+    """Every batch each rank took, as FSDP_TRAIN_TRACE_SAMPLES=folder wrote them ({"step", "epoch", "indices"}), with
+    the rank ("rank") from the file name, rank by rank."""
+    return [
+        {**json.loads(line), "rank": int(f.stem.removeprefix("rank"))}
+        for f in sorted(folder.glob("rank*.jsonl"), key=lambda f: int(f.stem.removeprefix("rank")))
+        for line in f.read_text().splitlines()
+    ]
+
+
 def copy_run(src: Path, dst: Path) -> Path:
     """A private copy of a shared run's folder, to resume or damage without touching the original."""
     shutil.copytree(src, dst)

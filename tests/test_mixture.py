@@ -11,14 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import (
-    ROOT,
     Job,
     assert_same_weights,
     assert_single_error,
     in_process,
     ok,
     read_metrics,
+    short_documents,
     torchrun,
+    traced,
     train_args,
     unpacked_loss,
 )
@@ -86,24 +87,18 @@ def test_without_weights_each_source_is_taken_once():
 
 def two_sources(tmp_path) -> tuple[Path, Path]:
     """The sample corpus's lines as text documents ('prose'), and 80 short conversations ('chat')."""
-    import datasets
-
-    txt = [x.strip() for f in sorted((ROOT / "data").rglob("*.txt")) for x in f.read_text().splitlines() if x.strip()]
-    datasets.Dataset.from_dict({"text": txt}).save_to_disk(str(tmp_path / "prose"))
+    prose = short_documents(tmp_path).rename(tmp_path / "prose")
     turn = [{"role": "user", "content": "Name a root vegetable."}, {"role": "assistant", "content": "A carrot."}]
     (tmp_path / "chat.jsonl").write_text("".join(json.dumps({"messages": turn}) + "\n" for _ in range(80)))
-    return tmp_path / "prose", tmp_path / "chat.jsonl"
+    return prose, tmp_path / "chat.jsonl"
 
 
-def traced(folder: Path) -> dict[int, list[int]]:
+def global_batches(folder: Path) -> dict[int, list[int]]:
     """step -> the global batch's block indices, rank by rank (FSDP_TRAIN_TRACE_SAMPLES)."""
-    steps: dict[int, dict[int, list[int]]] = {}
-    for f in sorted(folder.glob("rank*.jsonl")):
-        rank = int(f.stem.removeprefix("rank"))
-        for line in f.read_text().splitlines():
-            r = json.loads(line)
-            steps.setdefault(r["step"], {})[rank] = r["indices"]
-    return {s: [i for rank in sorted(b) for i in b[rank]] for s, b in steps.items()}
+    steps: dict[int, list[int]] = {}
+    for record in traced(folder):  # rank 0's records first, then rank 1's, ...
+        steps.setdefault(record["step"], []).extend(record["indices"])
+    return steps
 
 
 def mixture_caches(save_dir: Path, sources: list[Path], role: str = "train") -> list:
@@ -126,7 +121,7 @@ def resume_on(nproc: int, ref: Path, dst: Path, args: list, stop: int) -> dict[i
     out = ok(torchrun([*args[: args.index("--save-dir") + 1], dst, *args[args.index("--save-dir") + 2 :],
                        "--stop-at-step", stop], nproc=nproc, env=env)).stdout  # fmt: skip
     assert "Resuming from step 2" in out
-    return traced(dst / "trace")
+    return global_batches(dst / "trace")
 
 
 @pytest.mark.slow
@@ -145,7 +140,7 @@ def test_a_mixture_of_text_and_chat_trains_its_order_and_each_sources_loss_and_r
     blocks = mixture_caches(tmp_path / "ref", [prose, chat])  # each source packed on its own: blocks never mix sources
     sizes = tuple(len(b) for b in blocks)
     order = ft.mixture_order(sizes, (0.6, 0.4), 0, 0).tolist()
-    steps = traced(tmp_path / "trace")
+    steps = global_batches(tmp_path / "trace")
     assert [i for s in range(1, 7) for i in steps[s]] == order[:24]  # 2 ranks x batch 2 a step, the mixture's order
 
     # Step 1's loss of each source: plain transformers on that source's blocks of the step, each document (or
@@ -163,7 +158,8 @@ def test_a_mixture_of_text_and_chat_trains_its_order_and_each_sources_loss_and_r
     assert all(n for _, n in sums.values()), sums  # both sources trained in step 1
     for name, (t, n) in sums.items():
         assert metrics[0][f"loss/{name}"] == pytest.approx(t / n, abs=1e-5), name
-    assert {"val/loss/prose", "val/loss/chat"} <= metrics[2].keys()
+    each = [metrics[2]["val/loss/prose"], metrics[2]["val/loss/chat"]]
+    assert min(each) < metrics[2]["val/loss"] < max(each)  # the overall one is their token-weighted mean
     assert "by source (train / validation): prose " in first.stdout
 
     # kill -9 inside the save of step 4, then the same command: the same weights as the uninterrupted run.

@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import time
-from pathlib import Path
 
 import pytest
 from conftest import (
@@ -23,6 +22,7 @@ from conftest import (
     read_metrics,
     shared,
     torchrun,
+    traced,
     train_args,
     tree_digest,
 )
@@ -152,10 +152,6 @@ def test_second_sigint_aborts_at_once_without_saving(prep, tmp_path):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Another number of ranks on resume
-
-
-def traced(folder: Path) -> list[dict]:
-    return [json.loads(line) for f in sorted(folder.glob("rank*.jsonl")) for line in f.read_text().splitlines()]
 
 
 @pytest.mark.parametrize("new_world", [1, 3])
