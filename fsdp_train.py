@@ -215,6 +215,9 @@ class AttentionChoice:
     # transformers builds from position_ids.
     segments: bool = False
     package: str | None = None  # the package it needs: auto picks it only where that is installed
+    # On CUDA: the kernel computes in bf16/fp16 only, and on GPUs of this compute capability or newer.
+    half_only: bool = False
+    min_capability: tuple[int, int] = (0, 0)
 
 
 ATTENTION = {
@@ -226,6 +229,8 @@ ATTENTION = {
         cuda_only=True,
         segments=True,
         package="flash_attn",
+        half_only=True,
+        min_capability=(8, 0),  # flash-attn 2: Ampere or newer
     ),
 }
 ATTN_IMPLEMENTATIONS = ("auto", *ATTENTION)
@@ -383,7 +388,8 @@ class Config:
     )
     dtype: str = _opt(
         "auto",
-        "compute dtype: bf16 (fp32 master weights and gradient reduction) or fp32; auto = bf16 on CUDA, fp32 on CPU",
+        "compute dtype: bf16 (fp32 master weights and gradient reduction) or fp32; auto = bf16 on GPUs that compute it "
+        "natively (compute capability 8.0, Ampere, or newer), else fp32",
         choices=("auto", "bf16", "fp32"),
     )
     pure_bf16: bool = _opt(
@@ -395,7 +401,7 @@ class Config:
     attn_implementation: str = _opt(
         "auto",
         "attention kernel; every choice keeps packed documents apart (checked at start-up). auto: "
-        "flash_attention_2 on CUDA in bf16 when the flash-attn package is installed, else sdpa. "
+        "flash_attention_2 in bf16 on an Ampere or newer GPU when the flash-attn package is installed, else sdpa. "
         + choices_help(ATTENTION),
         choices=ATTN_IMPLEMENTATIONS,
     )
@@ -528,8 +534,8 @@ class Config:
     def compute_dtype(self, device: torch.device) -> torch.dtype:
         if self.pure_bf16:
             return torch.bfloat16
-        if self.dtype == "auto":
-            return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if self.dtype == "auto":  # bf16 where the GPU computes it natively (Ampere on); older ones emulate it slowly
+            return torch.bfloat16 if cuda_capability(device, default=(8, 0)) >= (8, 0) else torch.float32
         return torch.bfloat16 if self.dtype == "bf16" else torch.float32
 
     def shard_unit_on(self, device: torch.device, num_params: int = 0, host_bytes: float = math.inf,
@@ -1262,20 +1268,44 @@ def incomplete_load_error(name: str, info: dict) -> InputError | None:
     )
 
 
+def cuda_capability(device: torch.device, default: tuple[int, int] = (0, 0)) -> tuple[int, int]:
+    """(major, minor) compute capability of a CUDA device; (0, 0) on other devices; `default` for a CUDA device this
+    host does not have (`plan --device cuda` on a CPU host plans for a current GPU)."""
+    if device.type != "cuda":
+        return (0, 0)
+    return torch.cuda.get_device_capability(device) if torch.cuda.is_available() else default
+
+
+def attention_problem(name: str, cfg: Config, device: torch.device) -> str | None:
+    """Why this attention implementation cannot train here (None: it can), from its ATTENTION entry."""
+    choice = ATTENTION[name]
+    if name in CUDA_ONLY_ATTENTION and device.type != "cuda":
+        return f"--attn-implementation {name} trains on CUDA only: use sdpa or eager"
+    if device.type != "cuda":
+        return None
+    if choice.half_only and cfg.compute_dtype(device) == torch.float32:
+        return f"--attn-implementation {name} has no fp32 kernel: use --dtype bf16, or sdpa"
+    have = cuda_capability(device, default=choice.min_capability)
+    if have < choice.min_capability:
+        need, this = (".".join(map(str, c)) for c in (choice.min_capability, have))
+        return f"--attn-implementation {name} needs a GPU of compute capability {need} or newer (this one: {this})"
+    return None
+
+
 def attn_implementation(cfg: Config, device: torch.device) -> str:
     """--attn-implementation, with auto resolved: flash-attention takes packed documents as variable-length segments
-    (no S x S mask, no wasted work across documents) but needs CUDA and the flash-attn package; sdpa is everywhere,
-    and with packed position_ids transformers gives it an explicit block-diagonal mask (B x 1 x S x S booleans)."""
+    (no S x S mask, no wasted work across documents) but needs a recent GPU, bf16 and the flash-attn package; sdpa is
+    everywhere, and with packed position_ids transformers gives it an explicit block-diagonal mask (B x 1 x S x S
+    booleans)."""
     import importlib.util
 
-    if cfg.attn_implementation in CUDA_ONLY_ATTENTION and device.type != "cuda":
-        raise InputError(f"--attn-implementation {cfg.attn_implementation} trains on CUDA only: use sdpa or eager")
     if cfg.attn_implementation != "auto":
+        if problem := attention_problem(cfg.attn_implementation, cfg, device):
+            raise InputError(problem)
         return cfg.attn_implementation
-    half = cfg.compute_dtype(device) == torch.bfloat16  # flash-attn has no fp32 kernel (--dtype fp32)
-    if device.type == "cuda" and half and importlib.util.find_spec(ATTENTION["flash_attention_2"].package) is not None:
-        return "flash_attention_2"
-    return "sdpa"
+    flash = "flash_attention_2"
+    usable = device.type == "cuda" and attention_problem(flash, cfg, device) is None
+    return flash if usable and importlib.util.find_spec(ATTENTION[flash].package) is not None else "sdpa"
 
 
 def takes_segments(attn: str) -> bool:
@@ -3163,8 +3193,8 @@ class Checkpointer:
             try:
                 check_compatible(path, model)
                 state = load_checkpoint(path, d, model, optimizer)
-            except InputError:
-                raise
+            except (InputError, torch.OutOfMemoryError, dist.DistError):
+                raise  # the run's own problem, not the checkpoint's: falling back would skip every good one
             except (CheckpointException, OSError, ValueError, RuntimeError, KeyError, EOFError) as e:
                 error = e
             if all_ok(error is None):
@@ -3368,15 +3398,17 @@ def schedule_change_causes(meta: CheckpointMeta, cfg: Config, global_batch: int)
 
 
 class PhaseTimer:
-    """Per-phase wall time. On CUDA it records events and reads them only at log time, so steps never sync."""
+    """Per-phase wall time. On CUDA it records events and reads them only at log time, so steps never sync. A `host`
+    phase (reading data) runs on the CPU while the GPU is still busy with queued work, which events around it would
+    time instead: it takes the host clock everywhere."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.pending: list[tuple[str, object, object]] = []
 
     @contextlib.contextmanager
-    def __call__(self, phase: str):
-        if self.cuda:
+    def __call__(self, phase: str, host: bool = False):
+        if self.cuda and not host:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             yield
@@ -3393,7 +3425,7 @@ class PhaseTimer:
             torch.cuda.synchronize()
         totals: dict[str, float] = {}
         for phase, start, end in self.pending:
-            ms = start.elapsed_time(end) if self.cuda else (end - start) * 1e3
+            ms = (end - start) * 1e3 if isinstance(start, float) else start.elapsed_time(end)
             totals[phase] = totals.get(phase, 0.0) + ms
         self.pending.clear()
         return {f"time/{k}": v / steps for k, v in totals.items()}
@@ -4414,11 +4446,13 @@ def next_batches(run: Run) -> tuple[list[dict], float, int, float, list]:
 
 def add_source_losses(tally: torch.Tensor, sources: torch.Tensor, targets: torch.Tensor) -> None:
     """Add the rows of the forward just run (RowLoss) to `tally` (2 x sources: summed loss, trained targets). Filler
-    rows (source -1) add zeros; no boolean indexing of device tensors, so no device sync in the step."""
+    rows (source -1) add zeros; no boolean indexing of device tensors and no blocking host-to-device copy, so no
+    device sync in the step."""
+    sources, targets = to_device(sources, tally.device), to_device(targets, tally.device)  # not a blocking copy
     keep = (sources >= 0).to(tally.dtype)
-    at = sources.clamp(min=0).to(tally.device)
-    tally[0].index_add_(0, at, RowLoss.rows.detach().to(tally.dtype) * keep.to(tally.device))
-    tally[1].index_add_(0, at, (targets.to(tally.dtype) * keep).to(tally.device))
+    at = sources.clamp(min=0)
+    tally[0].index_add_(0, at, RowLoss.rows.detach().to(tally.dtype) * keep)
+    tally[1].index_add_(0, at, targets.to(tally.dtype) * keep)
 
 
 def train_step(run: Run, batches, divisor: float, lr: float, params, timer: PhaseTimer, rows=(), tally=None):
@@ -4510,7 +4544,7 @@ def train_loop(run: Run) -> None:
         log.info(f"Start-up took {time.perf_counter() - run.t_start:.1f}s")
         while state.step < run.stop_step:
             watchdog.progress("data")
-            with timer("data"):
+            with timer("data", host=True):
                 batches, divisor, step_tokens, read_s, rows = next_batches(run)
             hook_for_tests("hang", state.step + 1, d.rank)
             watchdog.progress("step")

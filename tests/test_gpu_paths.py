@@ -223,13 +223,30 @@ def test_the_start_up_check_passes_correct_bf16_with_large_logits_and_refuses_bf
         ft.isolation_problem(model, cfg, d)
 
 
-def test_auto_picks_flash_attention_only_for_half_precision_on_cuda(monkeypatch):
-    """flash-attn has no fp32 kernel: `--dtype fp32` on CUDA with auto must get sdpa, not a crash."""
+def test_auto_picks_flash_attention_and_bf16_only_where_the_gpu_runs_them(monkeypatch):
+    """flash-attn has no fp32 kernel and runs on Ampere (compute capability 8.0) or newer; older GPUs emulate bf16
+    slowly. auto must pick what the GPU runs, and an explicit choice it cannot run is one error line, not a traceback
+    from the first forward."""
     import importlib.util
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" else real(name))
-    cuda = torch.device("cuda")  # only named: nothing runs on it
-    assert ft.attn_implementation(ft.Config(dataset_name="d", model_name="m"), cuda) == "flash_attention_2"
-    assert ft.attn_implementation(ft.Config(dataset_name="d", model_name="m", dtype="fp32"), cuda) == "sdpa"
-    assert ft.attn_implementation(ft.Config(dataset_name="d", model_name="m"), torch.device("cpu")) == "sdpa"
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # only named: nothing runs on them
+
+    def cfg(**flags):
+        return ft.Config(dataset_name="d", model_name="m", **flags)
+
+    # Planning for a GPU this host does not have: a current one.
+    assert cfg().compute_dtype(cuda) == torch.bfloat16 and ft.attn_implementation(cfg(), cuda) == "flash_attention_2"
+    assert ft.attn_implementation(cfg(dtype="fp32"), cuda) == "sdpa"
+    assert ft.attn_implementation(cfg(), cpu) == "sdpa"
+    with pytest.raises(ft.InputError, match="flash_attention_2 has no fp32 kernel"):
+        ft.attn_implementation(cfg(dtype="fp32", attn_implementation="flash_attention_2"), cuda)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))  # a V100
+    assert cfg().compute_dtype(cuda) == torch.float32
+    assert ft.attn_implementation(cfg(), cuda) == ft.attn_implementation(cfg(dtype="bf16"), cuda) == "sdpa"
+    with pytest.raises(ft.InputError, match=r"compute capability 8\.0 or newer \(this one: 7\.0\)"):
+        ft.attn_implementation(cfg(dtype="bf16", attn_implementation="flash_attention_2"), cuda)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # an H100
+    assert cfg().compute_dtype(cuda) == torch.bfloat16 and ft.attn_implementation(cfg(), cuda) == "flash_attention_2"

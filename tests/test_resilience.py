@@ -184,6 +184,22 @@ def test_truncated_checkpoint_falls_back_to_the_previous_one(prep, reference, fo
     assert_same_weights(save_dir / "exp/checkpoints/step-12", reference(12))
 
 
+def test_running_out_of_memory_while_resuming_is_not_taken_for_a_damaged_checkpoint(monkeypatch, tmp_path):
+    """A GPU out of memory (or a broken process group) while loading is the run's problem: skipping to older
+    checkpoints, and then advising to move the folder away, would throw good checkpoints after it."""
+    import torch
+
+    def load(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(ft, "check_compatible", lambda path, model: None)
+    monkeypatch.setattr(ft, "load_checkpoint", load)
+    monkeypatch.setattr(ft, "all_ok", lambda ok: ok)  # one process, no group: what every rank would agree
+    d = ft.Dist(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    with pytest.raises(torch.OutOfMemoryError):
+        ft.Checkpointer.resume([tmp_path / "step-4", tmp_path / "step-2"], d, None, None)
+
+
 def test_garbage_state_json_does_not_stop_a_resume(prep, four_steps, tmp_path, capfd):
     save_dir = copy_run(four_steps, tmp_path / "save")
     (save_dir / "exp/state.json").write_text("{not json")
