@@ -174,9 +174,8 @@ def test_a_mixture_of_text_and_chat_trains_its_order_and_each_sources_loss_and_r
     assert "Resuming from step 2" in ok(torchrun([*killed, "--stop-at-step", 6])).stdout
     assert_same_weights(tmp_path / "killed/mix/checkpoints/step-6", tmp_path / "ref/mix/checkpoints/step-6")
 
-    # Resumed from step 2 on 3 ranks (global batch 4 -> 6), then on 1 (-> 2): the same order from where it stopped.
-    on3 = resume_on(3, tmp_path / "ref", tmp_path / "on3", args, stop=4)
-    assert [i for s in (3, 4) for i in on3[s]] == order[8:20]
+    # Resumed from step 2 on 1 rank (global batch 4 -> 2): the same order from where it stopped. (More ranks, 2 -> 3, a
+    # whole epoch of one dataset: test_resume_on_another_world_size_loses_and_repeats_no_sample; the offset is one.)
     on1 = resume_on(1, tmp_path / "ref", tmp_path / "on1", args, stop=4)
     assert [i for s in (3, 4) for i in on1[s]] == order[8:12]
 
