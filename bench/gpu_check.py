@@ -44,6 +44,8 @@ BOUNDS = {
     "dtypes": (0.05, 0.05),
     # max |loss| gap per step, --compile on vs off (fused kernels round differently)
     "compile": (1e-4, 0.02),
+    # max |loss| gap per step, an option that changes no maths (async save, offload, in-backward steps) on vs off
+    "options": (1e-5, 1e-3),
 }
 
 
@@ -302,6 +304,7 @@ def metrics(exp: Path) -> None:
     mem = m.get("mem/peak_allocated_gib", m.get("mem/peak_rss_gib"))
     parts = [f"step {m['global_step']}", f"loss {m['loss']:.3f}", f"tok/s {m['tok/s']:,.0f}"]
     parts += [f"MFU {m['mfu']:.1%}"] if "mfu" in m else []
+    parts += [f"{k} {v:.3f}" for k, v in m.items() if k.startswith(("loss/", "val/loss"))]  # a mixture's sources
     parts += [f"peak {mem:.2f} GiB"] if mem is not None else []
     report(", ".join(parts), True)
 

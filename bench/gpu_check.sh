@@ -7,6 +7,7 @@
 #   3. resume: 20 steps (checkpoint at 10), then the same command to 30, vs one uninterrupted 30-step run;
 #   4. export: the Hugging Face export's logits vs the final checkpoint's weights; generate: generation from it;
 #   5. bf16-vs-fp32: the loss after 20 steps in each compute dtype; compile: --compile on vs off, step by step;
+#   7. async save, activation offload, CPU offload, optimizer-in-backward: losses vs the same run without; a mixture;
 #   6. throughput-ATTN: a ~1B Llama-shaped model at seq 4096 with each attention implementation: tok/s, MFU, peak
 #      memory (figures only: they settle what --attn-implementation auto should pick on CUDA).
 # Prints one table and exits non-zero if any check failed. Needs the CUDA build of torch and requirements.txt.
@@ -95,6 +96,19 @@ check bf16-vs-fp32 "${CHECK[@]}" dtypes "$OUT/$BF16.exp" "$OUT/$FP32.exp"
 # torch.compile of each block: the demo command with --compile on, 10 steps, against the demo's first 10.
 check compile train compile --stop-at-step 10 --compile on
 check compile-vs-eager "${CHECK[@]}" same-losses "$OUT/compile.exp" "$OUT/demo.exp" --bound compile
+# 7. Options whose CUDA paths (pinned copies, streams, offload) a CPU host never takes, and a mixture with validation
+# (its per-source tally on the device): each the demo command for 10 steps with the option on, against the demo's
+# first 10 (in-backward: against plain steps without clipping, which it requires).
+check async train async --stop-at-step 10 --ckpt-freq 5 --async-checkpoint on
+check async-vs-demo "${CHECK[@]}" same-losses "$OUT/async.exp" "$OUT/demo.exp" --bound options
+check activation-offload train actoff --stop-at-step 10 --activation-offload on
+check activation-offload-vs-demo "${CHECK[@]}" same-losses "$OUT/actoff.exp" "$OUT/demo.exp" --bound options
+check cpu-offload train cpuoff --stop-at-step 10 --cpu-offload on
+check cpu-offload-vs-demo "${CHECK[@]}" same-losses "$OUT/cpuoff.exp" "$OUT/demo.exp" --bound options
+check no-clip train noclip --stop-at-step 10 --max-norm 0
+check in-backward train inback --stop-at-step 10 --max-norm 0 --optimizer-in-backward on
+check in-backward-vs-steps "${CHECK[@]}" same-losses "$OUT/inback.exp" "$OUT/noclip.exp" --bound options
+check mixture train mixture --stop-at-step 10 -d "$OUT/dataset" --val-split 0.1 --eval-freq 5
 # 6. A Llama-shaped ~1B model (TinyLlama's shape: h2048, 22 layers, 32 heads, 4 KV heads, vocab 32000), random
 # weights in bf16, 4 x 4096 tokens a step, with each attention implementation; figures of steps 11-20 (quick: a
 # 2-layer h256 model at 4 x 256, steps 6-10).
