@@ -67,10 +67,12 @@ def pretrained_like(model):
     return model
 
 
-def torchrun_command(nproc: int = 2, script="fsdp_train.py", launcher_args: tuple = ()) -> list:
+def torchrun_command(nproc: int = 2, script="fsdp_train.py", launcher_args: tuple = (), warm: bool = False) -> list:
     """The launch every test uses: this interpreter's torchrun (python -m torch.distributed.run), one host unless
-    launcher_args say --nnodes, then the script."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
+    launcher_args say --nnodes, then the script. `warm`: the same torchrun with workers forked from a process that has
+    imported everything already (tests/warm_torchrun.py; fsdp_train.py only)."""
+    launcher = [str(ROOT / "tests" / "warm_torchrun.py")] if warm else ["-m", "torch.distributed.run"]
+    cmd = [sys.executable, *launcher, f"--nproc_per_node={nproc}"]
     cmd += [] if "--nnodes" in launcher_args else ["--standalone"]
     return [*cmd, *launcher_args, str(script)]
 
@@ -78,7 +80,10 @@ def torchrun_command(nproc: int = 2, script="fsdp_train.py", launcher_args: tupl
 def torchrun(
     args: list, nproc: int = 2, env: dict | None = None, script="fsdp_train.py"
 ) -> subprocess.CompletedProcess:
-    return run(torchrun_command(nproc, script) + list(args), env={"OMP_NUM_THREADS": "1", **(env or {})})
+    """A finished torchrun job. fsdp_train.py runs with warm workers (~5 s of CPU less a rank); the jobs that are
+    signalled or killed (Job) start fresh interpreters, as users' do."""
+    cmd = torchrun_command(nproc, script, warm=Path(script).name == "fsdp_train.py")
+    return run(cmd + list(args), env={"OMP_NUM_THREADS": "1", **(env or {})})
 
 
 def in_process(capfd, argv: list) -> subprocess.CompletedProcess:
