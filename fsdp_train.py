@@ -4223,6 +4223,7 @@ def check_inputs(cfg: Config, d: Dist) -> tuple[int, object]:
     if limit is not None and cfg.seq_length > limit:
         raise InputError(f"--seq-length {cfg.seq_length} exceeds the model's maximum of {limit} positions")
     accum = cfg.resolve_grad_accum(d.world_size)
+    attn_implementation(cfg, d.device)  # an attention kernel this GPU (or a CPU host) cannot run
     if d.world_size % cfg.replicate_degree:
         raise InputError(f"--replicate-degree {cfg.replicate_degree} does not divide the world size {d.world_size}")
     return accum, load_tokenizer(cfg.model_name, cfg.trust_remote_code)

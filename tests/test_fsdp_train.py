@@ -527,6 +527,7 @@ BAD_INPUTS = {
         "nothing to accumulate",  # 2 (4 in one process) micro-batches
     ),
     "unwritable save dir": (lambda p, t: ["--save-dir", t / "afile" / "sub"], "cannot write to --save-dir"),
+    "attention this host cannot run": (lambda p, t: ["--attn-implementation", "flex_attention"], "on CUDA only"),
 }
 
 
