@@ -4335,14 +4335,53 @@ def check_shared_save_dir(cfg: Config, d: Dist, wait: float = 5.0) -> None:
         raise InputError(message)
 
 
-def prepare_run(cfg: Config, d: Dist) -> Run | None:
-    """Collective: check the inputs, prepare the data, find where to resume, build the sharded model and optimizer,
-    record this start. None when the run is already complete."""
+@contextlib.contextmanager
+def experiment_lock(cfg: Config, d: Dist):
+    """Collective: rank 0 holds an exclusive lock on SAVE_DIR/EXP for the whole job, so that a second job on it (the
+    same command started twice, another run given the same -e) is refused before it writes, instead of pruning the
+    first one's checkpoints, interleaving its metrics and overwriting its export. An flock: the kernel drops it when
+    the process dies, so a killed job leaves nothing stale. Kept under .cache, so a refused job adds nothing to EXP."""
+    import fcntl
+    import socket
+
+    fd, error = None, None
+    if d.is_main:
+        path = Path(cfg.save_dir) / ".cache" / "running" / f"{cfg.experiment_name}.lock"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%H:%M:%S')}".encode())
+        except BlockingIOError:
+            error = InputError(
+                f"{cfg.exp_dir} is in use by a running job ({path.read_text().strip()}): wait for it to end, stop "
+                f"it (python fsdp_train.py control stop {cfg.exp_dir}), or give this run another -e"
+            )
+        except OSError as e:  # a file system without flock (some network mounts): go on unguarded, and say so
+            log.warning(f"Could not lock {path} ({first_line(e)}): a second job on {cfg.exp_dir} would not be refused")
+            error = e
+        if error is not None and fd is not None:
+            os.close(fd)
+            fd = None
+    raise_if_any_failed(error if isinstance(error, InputError) else None)
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # drops the lock
+
+
+def prepare_run(cfg: Config, d: Dist, held: contextlib.ExitStack) -> Run | None:
+    """Collective: check the inputs, take the experiment (experiment_lock, held by `held` until the job ends), prepare
+    the data, find where to resume, build the sharded model and optimizer, record this start. None when the run is
+    already complete."""
     t_start = time.perf_counter()
     autos = [f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) == "auto"]
     quiet_library_progress_bars()
     accum, tokenizer = check_inputs(cfg, d)
     check_shared_save_dir(cfg, d)
+    held.enter_context(experiment_lock(cfg, d))
     log.info(f"Config {json.dumps(dataclasses.asdict(cfg))}")
     raw = load_sources(cfg)
     candidates, meta = ([], None) if cfg.fresh else Checkpointer.candidates(cfg, d)
@@ -4519,9 +4558,10 @@ def train(cfg: Config, d: Dist | None = None) -> None:
     own_group = d is None
     d = d or setup_distributed(cfg.dist_timeout)
     try:
-        run = prepare_run(cfg, d)
-        if run is not None:
-            train_loop(run)
+        with contextlib.ExitStack() as held:
+            run = prepare_run(cfg, d, held)
+            if run is not None:
+                train_loop(run)
     finally:
         if own_group:
             teardown_distributed()

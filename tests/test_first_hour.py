@@ -74,6 +74,31 @@ def test_two_jobs_building_the_same_cache_at_once_both_train(prep, tmp_path):
     assert len(caches) == 1 and (caches[0] / "info.json").is_file()  # no temp folder left behind
 
 
+@pytest.mark.slow
+def test_a_second_job_on_a_running_experiment_is_refused_before_it_writes(prep, four_steps, tmp_path, capfd):
+    """The same command started twice (or another run given the same -e) used to train into the same folder: the
+    first job pruned the second's checkpoints, their metrics interleaved, the last export won. The running job holds
+    an flock (here held by this test, from another open file: what another process holds, as the kernel sees it)."""
+    import fcntl
+
+    from conftest import copy_run, tree_digest
+
+    save_dir = copy_run(four_steps, tmp_path / "save")
+    args = train_args(prep, save_dir, "exp", "--stop-at-step", 5)
+    lock = save_dir / ".cache" / "running" / "exp.lock"  # the path a running job holds (an flock: see the docstring)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as running:
+        fcntl.flock(running, fcntl.LOCK_EX)
+        running.write("pid 4242 on node7 since 10:00:00")
+        running.flush()
+        before = tree_digest(save_dir)
+        line = assert_single_error(in_process(capfd, args), "exp is in use by a running job (pid 4242 on node7")
+        assert tree_digest(save_dir) == before  # nothing written, the holder's line included
+    assert f"control stop {save_dir / 'exp'}" in line and "another -e" in line
+    # Once that job has ended (or died: the kernel drops an flock with its process), the same command carries on.
+    assert "Resuming from step 4" in ok(in_process(capfd, args)).stdout
+
+
 def test_flags_are_never_abbreviated_and_a_typo_gets_a_did_you_mean():
     for typo, meant in (("--max-step", "--max-steps"), ("--warmup", "--warmup-steps"), ("--seq-len", "--seq-length")):
         with pytest.raises(
