@@ -871,6 +871,26 @@ def first_line(e: BaseException) -> str:
     return text.splitlines()[0]
 
 
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt", ".arrow")
+
+
+def reads_as_path(name: str) -> bool:
+    """Whether a -m or -d name that is not here can only be a local path with a typo, never a hub id (ORG/NAME): asking
+    the hub for it would spend ~30 s in retries on an offline node and end in a message about the hub."""
+    path = Path(name).expanduser()
+    one_folder_down = name.count("/") == 1 and path.parent.is_dir()
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or one_folder_down or path.suffix in DATA_SUFFIXES
+
+
+def did_you_mean(path: Path) -> str:
+    """'; did you mean FOLDER/NAME?' for the closest entry of a missing path's folder, or ''."""
+    import difflib
+
+    names = [p.name for p in path.parent.iterdir()] if path.parent.is_dir() else []
+    close = difflib.get_close_matches(path.name, names, n=1)
+    return f"; did you mean {path.parent / close[0]}?" if close else ""
+
+
 def model_problem(name: str, cache_dir: str | None = None) -> str | None:
     """Why --model-name names no model on this host, found without touching the network (an offline node would spend
     ~30 s in retries before saying so), or None. A name that reads as a path must be a folder; a hub id (ORG/NAME)
@@ -880,11 +900,8 @@ def model_problem(name: str, cache_dir: str | None = None) -> str | None:
     path = Path(name).expanduser()
     if path.is_dir():
         return None if (path / "config.json").is_file() else f"model folder {name} has no config.json"
-    if name.startswith((".", "/", "~")) or name.count("/") > 1 or (name.count("/") == 1 and path.parent.is_dir()):
-        siblings = [p.name for p in path.parent.iterdir() if p.is_dir()] if path.parent.is_dir() else []
-        close = difflib.get_close_matches(path.name, siblings, n=1)
-        hint = f"; did you mean {path.parent / close[0]}?" if close else ""
-        return f"model folder {name} does not exist{hint}"
+    if reads_as_path(name):
+        return f"model folder {name} does not exist{did_you_mean(path)}"
     from huggingface_hub import try_to_load_from_cache
     from huggingface_hub.constants import HF_HUB_CACHE
 
@@ -1532,6 +1549,8 @@ def load_dataset_any(name: str, columns: dict | None = None):
             ds = datasets.load_dataset(builder, data_files=str(path), split="train")
         elif path.exists():
             ds = datasets.load_from_disk(name)
+        elif reads_as_path(name):
+            raise FileNotFoundError(f"no such folder or .jsonl/.json/.parquet file: {name}{did_you_mean(path)}")
         elif re.fullmatch(r"[\w.\-]+(/[\w.\-]+)?", name) and not name.startswith("."):
             ds = datasets.load_dataset(name)
         else:

@@ -138,6 +138,24 @@ def _plan(capsys, *argv) -> str:
     return capsys.readouterr().out
 
 
+def test_a_mistyped_local_data_path_is_refused_at_once_without_asking_the_hub(tmp_path, monkeypatch):
+    """`-d outputs/my-datset` read as a hub id spent ~25 s in retries, then blamed the hub."""
+    import datasets
+
+    def hub(*args, **kwargs):
+        raise AssertionError(f"asked the hub for {args}")
+
+    (tmp_path / "outputs" / "my-dataset").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(datasets, "load_dataset", hub)
+    with pytest.raises(ft.InputError, match=r"no such .*: outputs/my-datset; did you mean outputs/my-dataset\?"):
+        ft.load_dataset_any("outputs/my-datset")
+    with pytest.raises(ft.InputError, match="no such folder or .jsonl/.json/.parquet file: data/chat.jsonl"):
+        ft.load_dataset_any("data/chat.jsonl")  # a file name, though its folder is not here either
+    with pytest.raises(AssertionError, match="asked the hub"):  # a hub id (ORG/NAME) still goes to the hub's cache
+        ft.load_dataset_any("HuggingFaceH4/ultrachat_200k")
+
+
 def test_plan_works_offline_for_the_presets_and_gives_host_disk_and_batch_figures(capsys, prep):
     argv = ["--config", "configs/llama3-8b-8gpu.yaml", "--nproc", 8, "--gpu-mem", 80]
     out = _plan(capsys, *argv, "--cpu-offload", "on")
