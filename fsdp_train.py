@@ -19,7 +19,7 @@ Per-GPU memory of a configuration from the model config alone, and which memory 
     python fsdp_train.py plan -m configs/models/llama-2-7b --nproc 1 -b 1 -s 2048 --gpu-mem 24
 
 Export a checkpoint to a Hugging Face folder (one process, no GPU; a finished run writes SAVE_DIR/EXP/hf itself):
-    python fsdp_train.py export --checkpoint outputs/demo/checkpoints/step-99 --out outputs/demo-hf
+    python fsdp_train.py export --checkpoint outputs/demo/checkpoints/step-100 --out outputs/demo-hf
 
 Subcommands (each has its own --help); without one, the flags below train:
     prepare   tokenize and pack the data into SAVE_DIR/.cache as a CPU job, before the GPU job (same flags)
@@ -3833,6 +3833,7 @@ def run_summary(
     tok_s: float,
     plotted: bool,
     mfu: float | None = None,
+    head: str = "Done.",
 ) -> str:
     seen, exp = metrics.seen, cfg.exp_dir
     val = f", validation loss {seen['val/loss']:.4f}" if "val/loss" in seen else ""
@@ -3848,7 +3849,7 @@ def run_summary(
     ]
     if metrics.tensorboard:
         lines.append(f"TensorBoard: tensorboard --logdir {exp / 'tb'}")
-    return "Done.\n    " + "\n    ".join(lines)
+    return f"{head}\n    " + "\n    ".join(lines)
 
 
 def by_source(seen: dict) -> str:
@@ -4051,6 +4052,11 @@ def export_checkpoint(checkpoint: Path, out: Path) -> None:
     import torch.distributed.checkpoint as dcp
     from transformers import AutoModelForCausalLM
 
+    if not checkpoint.is_dir():  # a pruned or mistyped step: name the ones there are
+        there = sorted(
+            (p.name for p in checkpoint.parent.glob("step-*")), key=lambda n: int(n[5:]) if n[5:].isdigit() else -1
+        )
+        raise InputError(f"{checkpoint} does not exist" + (f"; checkpoints there: {', '.join(there)}" if there else ""))
     meta = read_meta(checkpoint)
     if meta is None or not (checkpoint / COMPLETE).is_file():
         raise InputError(f"{checkpoint} is not a complete checkpoint (no COMPLETE marker or readable meta.json)")
@@ -4414,7 +4420,8 @@ def prepare_run(cfg: Config, d: Dist, held: contextlib.ExitStack) -> Run | None:
     steps_per_epoch, total_steps, stop_step = run_length(cfg, len(data), d.world_size, state, accum)
     if meta is not None:
         if state.step >= stop_step:
-            log.info(f"Run already complete at step {state.step} ({candidates[0]}); nothing to do")
+            why = "complete" if stop_step >= total_steps else f"at its --stop-at-step (the schedule has {total_steps})"
+            log.info(f"Run already {why} at step {state.step} ({candidates[0]}); nothing to do")
             return None
         warn_about_resume(meta, cfg, d, accum, total_steps)
 
@@ -4726,14 +4733,21 @@ def finish(run: Run, metrics: MetricsLogger, heartbeat: Heartbeat, window: Throu
     metrics.close()
     train_s = time.perf_counter() - window.t_loop
     export_hf(run.model, cfg, d, cfg.exp_dir / "hf")
-    heartbeat.beat(force=True, state="finished")
+    # --stop-at-step before the schedule's end: "paused", not "finished" (done) nor "stopped" (a requeue script's
+    # cue: the same command would stop there again); the export is of that step.
+    paused = run.stop_step < run.total_steps
+    heartbeat.beat(
+        force=True, **({"state": "paused", "schedule_steps": run.total_steps} if paused else {"state": "finished"})
+    )
     if d.is_main:
         plotted = plot_losses(cfg.exp_dir / "metrics.jsonl", cfg.exp_dir / "loss.png")
         total_s = time.perf_counter() - run.t_start
         tokens = f"{window.total_tokens:,} tokens in {train_s:.1f}s of training, {total_s:.1f}s in all"
         tok_s = window.total_tokens / max(train_s, 1e-9)
         mfu = window.mfu(tok_s) if window.peak else None
-        log.info(run_summary(cfg, metrics, window.first_step, run.state.step, tokens, tok_s, plotted, mfu))
+        head = (f"Paused at step {run.state.step} of the schedule's {run.total_steps} (--stop-at-step): the same "
+                "command without it, or with a larger one, continues" if paused else "Done.")  # fmt: skip
+        log.info(run_summary(cfg, metrics, window.first_step, run.state.step, tokens, tok_s, plotted, mfu, head))
     dist.barrier()  # leave together: a rank tearing down while another still talks to it can abort at exit
 
 
@@ -5311,7 +5325,8 @@ def job_status(exp_dir: Path) -> dict:
 def describe_status(name: str, st: dict) -> str:
     parts = [f"{name}: {st['state']}"]
     if st.get("step") is not None:
-        parts.append(f"step {st['step']}/{st.get('total_steps')}")
+        schedule = f" (--stop-at-step; the schedule has {st['schedule_steps']})" if st.get("schedule_steps") else ""
+        parts.append(f"step {st['step']}/{st.get('total_steps')}{schedule}")
     if st.get("loss") is not None:
         parts.append(f"loss {st['loss']:.4f}")
     if st.get("tok/s"):

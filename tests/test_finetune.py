@@ -185,6 +185,10 @@ def test_export_loads_in_transformers_with_the_trained_weights(reference_run, ti
 def test_export_of_a_folder_that_is_no_checkpoint(tmp_path, capfd):
     proc = in_process(capfd, ["export", "--checkpoint", tmp_path, "--out", tmp_path / "out"])
     assert_single_error(proc, "is not a complete checkpoint")
+    for step in (10, 100, 2):
+        (tmp_path / "checkpoints" / f"step-{step}").mkdir(parents=True)
+    proc = in_process(capfd, ["export", "--checkpoint", tmp_path / "checkpoints" / "step-50", "--out", tmp_path / "o"])
+    assert_single_error(proc, "step-50 does not exist; checkpoints there: step-2, step-10, step-100")  # pruned
 
 
 @pytest.mark.slow

@@ -69,7 +69,13 @@ def test_control_save_status_stop_then_resume(prep, tmp_path):
 
     resumed = ok(torchrun([*args, "--stop-at-step", step + 2]))
     assert f"Resuming from step {step}" in resumed.stdout
-    assert json.loads((exp / "status.json").read_text())["state"] == "finished"
+    # --stop-at-step short of the schedule: "paused", which a requeue script must not take for a stop to resume
+    status = json.loads((exp / "status.json").read_text())
+    assert (status["state"], status["step"], status["schedule_steps"]) == ("paused", step + 2, 5000)
+    assert (
+        f"exp: paused | step {step + 2}/{step + 2} (--stop-at-step; the schedule has 5000)"
+        in ok(control("status", exp)).stdout
+    )
 
 
 def test_control_abort_exits_without_saving(prep, tmp_path):
@@ -187,7 +193,7 @@ def test_progress_bar_summary_tensorboard_and_loss_curve(reference_run, validate
     bar = [line for line in out.replace("\r", "\n").splitlines() if "4/4 [" in line]
     assert bar and "step/s" in bar[-1] and "loss=" in bar[-1] and "val=" in bar[-1]
     assert "step 2/4 |" not in out  # on a terminal the bar replaces the per-step lines
-    for part in ("Done.", "steps 0 -> 4 (4 in this run)", "tok/s", "final train loss", "validation loss",
+    for part in ("Paused at step 4 of the schedule's ", "steps 0 -> 4 (4 in this run)", "tok/s", "final train loss", "validation loss",
                  "peak memory (rank 0)", "checkpoints/step-4", "loss curve", "TensorBoard: tensorboard --logdir"):  # fmt: skip
         assert part in out, part
 
