@@ -2477,7 +2477,10 @@ def folder_bytes(pattern: Path) -> int:
 
 def source_label(role: str, source: str, cfg: Config) -> str:
     """'train', or in a mixture 'train <source name>', for the packing lines."""
-    return role if SOURCE_SEP not in cfg.dataset_name else f"{role} {source_name(source)}"
+    if SOURCE_SEP not in cfg.dataset_name:
+        return role
+    names = {s.path: s.name for s in parse_sources(cfg.dataset_name)}
+    return f"{role} {names.get(source, Path(source).name)}"
 
 
 def template_for(cfg: Config, tokenizer, ds, role: str, source: str = "") -> str | None:
@@ -2641,9 +2644,22 @@ class Source:
     weight: float | None  # None: no weight given (every source then trains its own blocks once an epoch)
 
 
-def source_name(path: str) -> str:
-    """What a source's loss is logged as: its file name without .jsonl/.json/.parquet, or its folder's name."""
-    return Path(path).stem if Path(path).suffix in (".jsonl", ".json", ".parquet") else Path(path).name
+def source_names(paths: list[str]) -> list[str]:
+    """What each source's loss is logged as: its file name without .jsonl/.json/.parquet, or its folder's name; where
+    two share one (data_to_hf.py outputs are often all called `dataset`), as many of their parent folders as tell
+    them apart: corpus/dataset, chat/dataset."""
+    parts = [Path(p).with_suffix("").parts if Path(p).suffix in (".jsonl", ".json", ".parquet") else Path(p).parts
+             for p in paths]  # fmt: skip
+    depth = [1] * len(paths)
+    while True:
+        names = ["/".join(x for x in p[-k:] if x != "/") for p, k in zip(parts, depth, strict=True)]
+        clash = [i for i, n in enumerate(names) if names.count(n) > 1]
+        if not clash:
+            return names
+        if all(depth[i] >= len(parts[i]) for i in clash):
+            raise InputError(f"-d: {paths[clash[0]]} is given twice")
+        for i in clash:
+            depth[i] = min(depth[i] + 1, len(parts[i]))
 
 
 def parse_sources(spec: str) -> list[Source]:
@@ -2666,15 +2682,11 @@ def parse_sources(spec: str) -> list[Source]:
                 raise InputError(f"-d {item}: a weight must be a positive number, not {tail}")
         if not path:
             raise InputError(f"-d '{spec}': an empty source")
-        sources.append(Source(source_name(path), path, weight))
-    if len(sources) > 1:
-        if len({s.weight is None for s in sources}) > 1:
-            raise InputError(f"-d {spec}: give every source a weight (PATH:WEIGHT), or none")
-        names = [s.name for s in sources]
-        twice = sorted({n for n in names if names.count(n) > 1})
-        if twice:
-            raise InputError(f"-d {spec}: two sources are named {twice[0]} (their losses would share one name)")
-    return sources
+        sources.append(Source("", path, weight))
+    if len(sources) > 1 and len({s.weight is None for s in sources}) > 1:
+        raise InputError(f"-d {spec}: give every source a weight (PATH:WEIGHT), or none")
+    names = source_names([s.path for s in sources])
+    return [dataclasses.replace(s, name=name) for s, name in zip(sources, names, strict=True)]
 
 
 def mixture_counts(sizes: list[int], weights: list[float] | None) -> list[int]:

@@ -38,18 +38,21 @@ def test_sources_parse_with_weights_names_and_one_clear_error_each(tmp_path):
         ("a:0.7 + b:-1", "a weight must be a positive number"),
         ("a:0.7 + b:x", "the weight 'x' is not a number"),
         ("a:0.7 + b", "give every source a weight"),
-        ("x/a:1 + y/a:1", "two sources are named a"),
+        ("x/a:1 + x/a:2", "x/a is given twice"),
     ]:
         with pytest.raises(ft.InputError, match=error):
             ft.parse_sources(spec)
+    # Folders of one name (data_to_hf.py outputs called `dataset`) are told apart by their parents, as far as needed.
+    same = ft.parse_sources("out/chat/dataset:1 + out/corpus/dataset:1 + more/corpus/dataset:1 + /abs/notes.jsonl:1")
+    assert [s.name for s in same] == ["chat/dataset", "out/corpus/dataset", "more/corpus/dataset", "notes"]
 
 
 def test_d_repeated_and_a_yaml_list_are_the_same_mixture_and_the_command_line_replaces_the_file():
     preset = ["--config", "configs/mixture-chat-replay.yaml", "-m", "m"]
     listed = ft.parse_args(preset).dataset_name
-    repeated = ft.parse_args(["-d", "data/chat.jsonl:0.7", "-d", "outputs/corpus/dataset:0.3", "-m", "m"])
-    assert listed == repeated.dataset_name == "data/chat.jsonl:0.7 + outputs/corpus/dataset:0.3"
-    assert [(s.name, s.weight) for s in ft.parse_sources(listed)] == [("chat", 0.7), ("dataset", 0.3)]
+    repeated = ft.parse_args(["-d", "data/chat.jsonl:0.7", "-d", "outputs/corpus:0.3", "-m", "m"])
+    assert listed == repeated.dataset_name == "data/chat.jsonl:0.7 + outputs/corpus:0.3"
+    assert [(s.name, s.weight) for s in ft.parse_sources(listed)] == [("chat", 0.7), ("corpus", 0.3)]
     assert ft.parse_args([*preset, "-d", "mine"]).dataset_name == "mine"
 
 
