@@ -4153,6 +4153,18 @@ def describe_length(
     return line + (f"; stopping at step {stop} (--stop-at-step)" if stop < total else "")
 
 
+def short_schedule(cfg: Config, total_steps: int) -> str | None:
+    """A warning when the warmup does not fit the schedule: the LR would never reach --lr (a small dataset, or a big
+    batch, makes a short run of a default --warmup-steps)."""
+    if cfg.warmup_steps < total_steps:
+        return None
+    peak = cfg.lr * lr_factor(total_steps - 1, cfg.warmup_steps, total_steps, cfg.min_lr_ratio, cfg.lr_scheduler)
+    return (
+        f"--warmup-steps {cfg.warmup_steps} is not shorter than the schedule's {total_steps} step(s): the LR peaks at "
+        f"{peak:.2e}, never --lr {cfg.lr:g}. Lower --warmup-steps, or train longer (--num-epochs, --max-steps)"
+    )
+
+
 def quiet_library_progress_bars() -> None:
     """Progress bars from datasets/transformers are noise in Slurm/CI logs; keep them only on a terminal."""
     if not sys.stderr.isatty():
@@ -4468,6 +4480,8 @@ def prepare_run(cfg: Config, d: Dist, held: contextlib.ExitStack) -> Run | None:
     )
     lengths = (steps_per_epoch, total_steps, stop_step)
     log.info(describe_length(cfg, len(data), d.world_size * cfg.batch_size * accum, state, lengths))
+    if problem := short_schedule(cfg, lengths[1]):
+        log.warning(problem)
     if cfg.fresh:
         move_aside(cfg, d)
     record_start(cfg, d, state)

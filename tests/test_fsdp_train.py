@@ -146,6 +146,15 @@ def test_lr_schedule_warmup_then_cosine_to_floor():
     assert ft.lr_factor(12, 4, 20, 0.1) == pytest.approx(0.55)  # half-way through the decay
 
 
+def test_a_warmup_that_does_not_fit_the_schedule_is_warned_about():
+    """A small dataset (or a big batch) made a 7-step run of the default 10 warmup steps: the LR peaked at 0.7 x --lr
+    without a word."""
+    cfg = ft.Config(dataset_name="d", model_name="m", lr=1e-3, warmup_steps=10)
+    assert ft.short_schedule(cfg, 11) is None
+    assert "the LR peaks at 7.00e-04, never --lr 0.001" in ft.short_schedule(cfg, 7)
+    assert "schedule's 1 step(s): the LR peaks at 1.00e-04" in ft.short_schedule(cfg, 1)
+
+
 @pytest.mark.parametrize("kind", ft.LR_SCHEDULES)
 def test_lr_schedulers_share_the_warmup_and_end_where_they_should(kind):
     f = [ft.lr_factor(s, 2, 12, 0.1, kind=kind, decay_fraction=0.5) for s in range(13)]
