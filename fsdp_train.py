@@ -1547,6 +1547,11 @@ def load_dataset_any(name: str, columns: dict | None = None):
         if path.is_file() and path.suffix in (".jsonl", ".json", ".parquet"):
             builder = "parquet" if path.suffix == ".parquet" else "json"
             ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+        elif path.is_dir() and not any((path / f).is_file() for f in ("dataset_info.json", "dataset_dict.json")):
+            raise FileNotFoundError(
+                f"{name} is a folder of files, not a saved dataset: make one with python data_to_hf.py --data_folder "
+                f"{name} --save_dir OUT, then -d OUT"
+            )
         elif path.exists():
             ds = datasets.load_from_disk(name)
         elif reads_as_path(name):
@@ -5312,7 +5317,7 @@ def plan_main(argv: list[str]) -> int:
         print(f"Largest --batch-size within 85% of --gpu-mem at --seq-length {cfg.seq_length}, as given: "
               f"{mine['largest batch'] or 'none (not even 1)'}")  # fmt: skip
         print(f"Option sets within 85% of --gpu-mem {args.gpu_mem:g} GiB ({usable:.1f} GiB), cheapest first "
-              "(and the largest --batch-size each fits):")  # fmt: skip
+              "in speed, not in memory (and the largest --batch-size each fits):")  # fmt: skip
         fits = [(k, v) for k, v in plans.items() if k != "as given" and v["peak"] / gib <= usable]
         for flags, plan in fits:
             print(f"  {size(plan['peak'])}  (-b {plan['largest batch']:>3})  {flags}")

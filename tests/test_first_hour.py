@@ -152,6 +152,9 @@ def test_a_mistyped_local_data_path_is_refused_at_once_without_asking_the_hub(tm
         ft.load_dataset_any("outputs/my-datset")
     with pytest.raises(ft.InputError, match="no such folder or .jsonl/.json/.parquet file: data/chat.jsonl"):
         ft.load_dataset_any("data/chat.jsonl")  # a file name, though its folder is not here either
+    (tmp_path / "outputs" / "splits" / "split_00").mkdir(parents=True)  # organize_data.py's output, not a dataset
+    with pytest.raises(ft.InputError, match="outputs/splits is a folder of files, not a saved dataset: .* data_to_hf"):
+        ft.load_dataset_any("outputs/splits")
     with pytest.raises(AssertionError, match="asked the hub"):  # a hub id (ORG/NAME) still goes to the hub's cache
         ft.load_dataset_any("HuggingFaceH4/ultrachat_200k")
 
