@@ -4449,8 +4449,8 @@ def prepare_run(cfg: Config, d: Dist, held: contextlib.ExitStack) -> Run | None:
     steps_per_epoch, total_steps, stop_step = run_length(cfg, len(data), d.world_size, state, accum)
     if meta is not None:
         if state.step >= stop_step:
-            why = "complete" if stop_step >= total_steps else f"at its --stop-at-step (the schedule has {total_steps})"
-            log.info(f"Run already {why} at step {state.step} ({candidates[0]}); nothing to do")
+            paused = f", its --stop-at-step (the schedule has {total_steps})" if stop_step < total_steps else ""
+            log.info(f"Run already complete at step {state.step}{paused} ({candidates[0]}); nothing to do")
             return None
         warn_about_resume(meta, cfg, d, accum, total_steps)
 
