@@ -3337,11 +3337,23 @@ def load_checkpoint(path: Path, d: Dist, model, optimizer) -> TrainState:
     set_state_dict(model, dcp_optimizers(optimizer), model_state_dict=state_dict["model"],
                    optim_state_dict=state_dict["optim"])  # fmt: skip
     rng_file = path / f"rng-rank{d.rank}.pt"
-    if meta.world_size == d.world_size and rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=True))
-    else:
-        torch.manual_seed(meta.config["seed"] + d.rank + meta.state.step)
+    same_world = meta.world_size == d.world_size and rng_file.is_file()
+    restore_rng(
+        torch.load(rng_file, weights_only=True) if same_world else None, meta.config["seed"] + d.rank + meta.state.step
+    )
     return dataclasses.replace(meta.state)
+
+
+def restore_rng(state: dict | None, seed: int) -> None:
+    """This rank's RNG streams from its checkpoint; what the checkpoint lacks is seeded from `seed` (per rank and
+    step): everything after a world-size change, CUDA's stream when a CPU host wrote it (else every rank's dropout
+    would draw the same default-seeded numbers)."""
+    if state is None:
+        torch.manual_seed(seed)  # CPU and every CUDA device
+        return
+    set_rng_state(state)
+    if "cuda" not in state and torch.cuda.is_available():
+        torch.cuda.manual_seed(seed)
 
 
 def resume_from_path(path: Path, own: list[Path]) -> tuple[list[Path], CheckpointMeta]:
@@ -4408,9 +4420,10 @@ def experiment_lock(cfg: Config, d: Dist):
             os.ftruncate(fd, 0)
             os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%H:%M:%S')}".encode())
         except BlockingIOError:
+            holder = path.read_text().strip() or "starting"  # the holder writes its line just after it locks
             error = InputError(
-                f"{cfg.exp_dir} is in use by a running job ({path.read_text().strip()}): wait for it to end, stop "
-                f"it (python fsdp_train.py control stop {cfg.exp_dir}), or give this run another -e"
+                f"{cfg.exp_dir} is in use by a running job ({holder}): wait for it to end, stop it (python "
+                f"fsdp_train.py control stop {cfg.exp_dir}), or give this run another -e"
             )
         except OSError as e:  # a file system without flock (some network mounts): go on unguarded, and say so
             log.warning(f"Could not lock {path} ({first_line(e)}): a second job on {cfg.exp_dir} would not be refused")

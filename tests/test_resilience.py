@@ -200,6 +200,22 @@ def test_running_out_of_memory_while_resuming_is_not_taken_for_a_damaged_checkpo
         ft.Checkpointer.resume([tmp_path / "step-4", tmp_path / "step-2"], d, None, None)
 
 
+def test_a_checkpoint_written_on_a_cpu_host_seeds_the_gpus_stream_on_resume(monkeypatch):
+    import random
+
+    import torch
+
+    seeded, restored = [], []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "manual_seed", seeded.append)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", restored.append)
+    cpu_written = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    ft.restore_rng(cpu_written, seed=7)
+    assert seeded == [7] and restored == []  # per rank and step, not CUDA's default seed on every rank
+    ft.restore_rng({**cpu_written, "cuda": torch.zeros(16, dtype=torch.uint8)}, seed=8)
+    assert seeded == [7] and len(restored) == 1  # a GPU host's checkpoint: its own stream back, exactly
+
+
 def test_garbage_state_json_does_not_stop_a_resume(prep, four_steps, tmp_path, capfd):
     save_dir = copy_run(four_steps, tmp_path / "save")
     (save_dir / "exp/state.json").write_text("{not json")
