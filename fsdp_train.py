@@ -2662,7 +2662,10 @@ def source_names(paths: list[str]) -> list[str]:
         if not clash:
             return names
         if all(depth[i] >= len(parts[i]) for i in clash):
-            raise InputError(f"-d: {paths[clash[0]]} is given twice")
+            twins = [paths[i] for i in clash if names[i] == names[clash[0]]]
+            same = len({Path(p).resolve() for p in twins}) == 1
+            raise InputError(f"-d: {twins[0]} is given twice" if same else f"-d: {' and '.join(twins)} would both "
+                             f"log as loss/{names[clash[0]]}: rename one")  # fmt: skip
         for i in clash:
             depth[i] = min(depth[i] + 1, len(parts[i]))
 
@@ -3224,15 +3227,26 @@ class Checkpointer:
         """Load the newest checkpoint that loads on every rank; a corrupted one is skipped with a warning."""
         from torch.distributed.checkpoint.api import CheckpointException
 
+        # The run's own problems, not the checkpoint's (falling back would skip every good one): out of memory, a
+        # broken process group; DCP hands them over wrapped in a CheckpointException.
+        own = (torch.OutOfMemoryError, dist.DistError)
         for path in candidates:
-            error = None
+            error, fatal = None, None
             try:
                 check_compatible(path, model)
                 state = load_checkpoint(path, d, model, optimizer)
-            except (InputError, torch.OutOfMemoryError, dist.DistError):
-                raise  # the run's own problem, not the checkpoint's: falling back would skip every good one
-            except (CheckpointException, OSError, ValueError, RuntimeError, KeyError, EOFError) as e:
+            except InputError:
+                raise
+            except own as e:
+                fatal = e
+            except CheckpointException as e:
+                wrapped = [x for x, _ in e.failures.values() if isinstance(x, own)]
+                fatal, error = (wrapped[0], None) if wrapped else (None, e)
+            except (OSError, ValueError, RuntimeError, KeyError, EOFError) as e:
                 error = e
+            if isinstance(fatal, dist.DistError):
+                raise fatal  # no collective can agree on it
+            raise_if_any_failed(fatal)  # every rank stops, not only the one that ran out of memory
             if all_ok(error is None):
                 log.info(f"Resuming from step {state.step} ({path})")
                 return state
@@ -4082,10 +4096,8 @@ def export_checkpoint(checkpoint: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     if not checkpoint.is_dir():  # a pruned or mistyped step: name the ones there are
-        there = sorted(
-            (p.name for p in checkpoint.parent.glob("step-*")), key=lambda n: int(n[5:]) if n[5:].isdigit() else -1
-        )
-        raise InputError(f"{checkpoint} does not exist" + (f"; checkpoints there: {', '.join(there)}" if there else ""))
+        there = ", ".join(p.name for p in complete_checkpoints(checkpoint.parent))
+        raise InputError(f"{checkpoint} does not exist" + (f"; complete checkpoints there: {there}" if there else ""))
     meta = read_meta(checkpoint)
     if meta is None or not (checkpoint / COMPLETE).is_file():
         raise InputError(f"{checkpoint} is not a complete checkpoint (no COMPLETE marker or readable meta.json)")
@@ -4173,11 +4185,11 @@ def describe_length(
 def short_schedule(cfg: Config, total_steps: int) -> str | None:
     """A warning when the warmup does not fit the schedule: the LR would never reach --lr (a small dataset, or a big
     batch, makes a short run of a default --warmup-steps)."""
-    if cfg.warmup_steps < total_steps:
+    if cfg.warmup_steps <= total_steps:  # equal: the last step reaches --lr
         return None
     peak = cfg.lr * lr_factor(total_steps - 1, cfg.warmup_steps, total_steps, cfg.min_lr_ratio, cfg.lr_scheduler)
     return (
-        f"--warmup-steps {cfg.warmup_steps} is not shorter than the schedule's {total_steps} step(s): the LR peaks at "
+        f"--warmup-steps {cfg.warmup_steps} is longer than the schedule's {total_steps} step(s): the LR peaks at "
         f"{peak:.2e}, never --lr {cfg.lr:g}. Lower --warmup-steps, or train longer (--num-epochs, --max-steps)"
     )
 
@@ -4406,7 +4418,9 @@ def experiment_lock(cfg: Config, d: Dist):
     """Collective: rank 0 holds an exclusive lock on SAVE_DIR/EXP for the whole job, so that a second job on it (the
     same command started twice, another run given the same -e) is refused before it writes, instead of pruning the
     first one's checkpoints, interleaving its metrics and overwriting its export. An flock: the kernel drops it when
-    the process dies, so a killed job leaves nothing stale. Kept under .cache, so a refused job adds nothing to EXP."""
+    the process dies, so a killed job leaves nothing stale (once rank 0's forked children, e.g. tokenizing workers,
+    are gone too). Kept under .cache, so a refused job adds nothing to EXP. Needs an flock that spans nodes on shared
+    storage (NFS does; Lustre with `localflock` only guards jobs whose rank 0 shares a node)."""
     import fcntl
     import socket
 

@@ -7,9 +7,10 @@
 #   3. resume: 20 steps (checkpoint at 10), then the same command to 30, vs one uninterrupted 30-step run;
 #   4. export: the Hugging Face export's logits vs the final checkpoint's weights; generate: generation from it;
 #   5. bf16-vs-fp32: the loss after 20 steps in each compute dtype; compile: --compile on vs off, step by step;
-#   7. async save, activation offload, CPU offload, optimizer-in-backward: losses vs the same run without; a mixture;
 #   6. throughput-ATTN: a ~1B Llama-shaped model at seq 4096 with each attention implementation: tok/s, MFU, peak
 #      memory (figures only: they settle what --attn-implementation auto should pick on CUDA).
+#   7. async save, activation offload, CPU offload, optimizer-in-backward: losses vs the same run without; a mixture
+#      with validation (its per-source losses).
 # Prints one table and exits non-zero if any check failed. Needs the CUDA build of torch and requirements.txt.
 #   bench/gpu_check.sh                  # PY=python OUT=/tmp/gpu_check by default
 #   DEVICE_CHECK_QUICK=1 bench/gpu_check.sh   # tiny throughput shapes (the script's own smoke test; also runs on CPU)

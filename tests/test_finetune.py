@@ -185,10 +185,12 @@ def test_export_loads_in_transformers_with_the_trained_weights(reference_run, ti
 def test_export_of_a_folder_that_is_no_checkpoint(tmp_path, capfd):
     proc = in_process(capfd, ["export", "--checkpoint", tmp_path, "--out", tmp_path / "out"])
     assert_single_error(proc, "is not a complete checkpoint")
-    for step in (10, 100, 2):
+    for step in (10, 100, 2, 7):
         (tmp_path / "checkpoints" / f"step-{step}").mkdir(parents=True)
+        if step != 7:  # step-7: a save that never finished
+            (tmp_path / "checkpoints" / f"step-{step}" / ft.COMPLETE).touch()
     proc = in_process(capfd, ["export", "--checkpoint", tmp_path / "checkpoints" / "step-50", "--out", tmp_path / "o"])
-    assert_single_error(proc, "step-50 does not exist; checkpoints there: step-2, step-10, step-100")  # pruned
+    assert_single_error(proc, "step-50 does not exist; complete checkpoints there: step-2, step-10, step-100")
 
 
 @pytest.mark.slow

@@ -150,7 +150,7 @@ def test_a_warmup_that_does_not_fit_the_schedule_is_warned_about():
     """A small dataset (or a big batch) made a 7-step run of the default 10 warmup steps: the LR peaked at 0.7 x --lr
     without a word."""
     cfg = ft.Config(dataset_name="d", model_name="m", lr=1e-3, warmup_steps=10)
-    assert ft.short_schedule(cfg, 11) is None
+    assert ft.short_schedule(cfg, 11) is None and ft.short_schedule(cfg, 10) is None  # the last step reaches --lr
     assert "the LR peaks at 7.00e-04, never --lr 0.001" in ft.short_schedule(cfg, 7)
     assert "schedule's 1 step(s): the LR peaks at 1.00e-04" in ft.short_schedule(cfg, 1)
 
@@ -536,7 +536,6 @@ BAD_INPUTS = {
         "nothing to accumulate",  # 2 (4 in one process) micro-batches
     ),
     "unwritable save dir": (lambda p, t: ["--save-dir", t / "afile" / "sub"], "cannot write to --save-dir"),
-    "attention this host cannot run": (lambda p, t: ["--attn-implementation", "flex_attention"], "on CUDA only"),
 }
 
 
@@ -556,6 +555,13 @@ def test_bad_input_one_line_from_rank0_and_checkpoint_untouched(prep, four_steps
     assert len(errors) == 1 and message in errors[0], proc.stdout[-3000:]
     assert 'fsdp_train.py", line' not in proc.stdout  # no Python traceback from any rank
     assert tree_digest(save_dir / "exp") == before
+
+
+@pytest.mark.slow
+def test_an_attention_kernel_this_host_cannot_run_is_refused_before_any_data_is_packed(prep, tmp_path, capfd):
+    proc = in_process(capfd, train_args(prep, tmp_path, "exp", "--attn-implementation", "flex_attention"))
+    assert_single_error(proc, "--attn-implementation flex_attention trains on CUDA only")
+    assert not (tmp_path / ".cache").exists() and not (tmp_path / "exp").exists()  # nothing tokenized, no folder
 
 
 @pytest.mark.slow

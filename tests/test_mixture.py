@@ -39,6 +39,7 @@ def test_sources_parse_with_weights_names_and_one_clear_error_each(tmp_path):
         ("a:0.7 + b:x", "the weight 'x' is not a number"),
         ("a:0.7 + b", "give every source a weight"),
         ("x/a:1 + x/a:2", "x/a is given twice"),
+        ("x/a.jsonl:1 + x/a.json:2", "x/a.jsonl and x/a.json would both log as loss/x/a: rename one"),
     ]:
         with pytest.raises(ft.InputError, match=error):
             ft.parse_sources(spec)

@@ -199,6 +199,18 @@ def test_running_out_of_memory_while_resuming_is_not_taken_for_a_damaged_checkpo
     with pytest.raises(torch.OutOfMemoryError):
         ft.Checkpointer.resume([tmp_path / "step-4", tmp_path / "step-2"], d, None, None)
 
+    def load_in_dcp(*args):  # where it happens most: inside dcp.load, which wraps every rank's error
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        try:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        except torch.OutOfMemoryError as e:
+            raise CheckpointException("load", {0: (e, None)}) from None
+
+    monkeypatch.setattr(ft, "load_checkpoint", load_in_dcp)
+    with pytest.raises(torch.OutOfMemoryError):
+        ft.Checkpointer.resume([tmp_path / "step-4", tmp_path / "step-2"], d, None, None)
+
 
 def test_a_checkpoint_written_on_a_cpu_host_seeds_the_gpus_stream_on_resume(monkeypatch):
     import random

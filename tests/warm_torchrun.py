@@ -7,6 +7,11 @@ interpreter that imports them all again (~5 s of CPU a rank, most of what a tiny
 runs use it (conftest.torchrun); the jobs that are signalled or killed (conftest.Job), the demo and the elastic-launcher
 test start real torchrun with fresh interpreters, so the launcher is still tested as users run it.
 
+Where a forked worker differs from a fresh one, and why only finished jobs use it: it inherits torchelastic's signal
+handlers (a signal before training installs its own raises SignalException, where a fresh process would die of it),
+transformers' logging as configured here (ranks other than 0 are noisier: their TRANSFORMERS_VERBOSITY comes too late),
+and runs.jsonl records this launcher's command line.
+
 It swaps torchrun's `config_from_args` (public in torch.distributed.run; 2.13 calls it once from `run`): if a later
 torch renames it, this fails loudly; if `run` stops calling it, the workers are fresh interpreters again (slower, not
 wrong).
