@@ -871,7 +871,8 @@ def first_line(e: BaseException) -> str:
     return text.splitlines()[0]
 
 
-DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt", ".arrow")
+DATA_FILES = (".jsonl", ".json", ".parquet")  # the data files -d loads (load_dataset_any)
+DATA_SUFFIXES = (*DATA_FILES, ".csv", ".txt", ".arrow")  # what makes a missing name a file, not a hub id
 
 
 def reads_as_path(name: str) -> bool:
@@ -1544,7 +1545,7 @@ def load_dataset_any(name: str, columns: dict | None = None):
 
     path = Path(name)
     try:
-        if path.is_file() and path.suffix in (".jsonl", ".json", ".parquet"):
+        if path.is_file() and path.suffix in DATA_FILES:
             builder = "parquet" if path.suffix == ".parquet" else "json"
             ds = datasets.load_dataset(builder, data_files=str(path), split="train")
         elif path.is_dir() and not any((path / f).is_file() for f in ("dataset_info.json", "dataset_dict.json")):
@@ -2653,7 +2654,7 @@ def source_names(paths: list[str]) -> list[str]:
     """What each source's loss is logged as: its file name without .jsonl/.json/.parquet, or its folder's name; where
     two share one (data_to_hf.py outputs are often all called `dataset`), as many of their parent folders as tell
     them apart: corpus/dataset, chat/dataset."""
-    parts = [Path(p).with_suffix("").parts if Path(p).suffix in (".jsonl", ".json", ".parquet") else Path(p).parts
+    parts = [Path(p).with_suffix("").parts if Path(p).suffix in DATA_FILES else Path(p).parts
              for p in paths]  # fmt: skip
     depth = [1] * len(paths)
     while True:
